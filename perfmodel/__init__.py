@@ -1,0 +1,1 @@
+"""ServeGym performance model: what one engine step of an LLM server costs."""

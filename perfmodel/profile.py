@@ -1,0 +1,196 @@
+"""Fitted coefficients of the structural model, per GPU, and the profiles that ship them.
+
+Every coefficient is dimensionless (a fraction of a datasheet peak) or a time in ms, so a GPU without
+measurements borrows the efficiencies of its family and keeps its own datasheet peaks. The defaults
+below are priors: what a GPU gets when neither it nor its family has been measured. Their values and
+reasons are in ``docs/perfmodel.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perfmodel.catalog import DATA_DIR, CatalogError, GpuSpec, get_gpu
+
+ELEMENTWISE_KINDS = ("norm", "rope", "act", "add", "emb")
+
+# Families without a measured member borrow from the nearest measured architecture.
+FAMILY_FALLBACK = {"ada": "ampere", "blackwell": "hopper", "cdna3": "hopper"}
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """The fitted constants of one GPU (efficiencies are fractions of the datasheet peak).
+
+    GEMMs take ``launch + smoothmax(flops / (eff_f * peak), bytes / (eff_b * bandwidth))`` with a
+    p-norm smooth maximum of order ``gemm_smoothness``, FLOPs counted on ``tokens + gemm_pad_tokens``
+    rows (the tiles a small batch leaves idle); each elementwise kind ``launch + bytes /
+    (eff * bandwidth)``; attention ``launch + flops / (eff_f * peak) + kv_bytes / (eff_b * bandwidth)``;
+    an all-reduce ``latency + ring_bytes / (eff * link_bandwidth)``; every step pays ``step_overhead_ms``
+    plus ``seq_overhead_ms`` per sequence for scheduling, input preparation and sampling on the CPU.
+    """
+
+    gemm_flops_eff: float = 0.70
+    gemm_mem_eff: float = 0.80
+    gemm_launch_ms: float = 0.006
+    gemm_smoothness: float = 3.0
+    gemm_pad_tokens: float = 64.0
+    elem_mem_eff: dict[str, float] = field(
+        default_factory=lambda: {"norm": 0.35, "rope": 0.45, "act": 0.55, "add": 0.8, "emb": 0.1}
+    )
+    elem_launch_ms: dict[str, float] = field(
+        default_factory=lambda: {"norm": 0.003, "rope": 0.003, "act": 0.003, "add": 0.001, "emb": 0.002}
+    )
+    attn_flops_eff: float = 0.50
+    attn_mem_eff: float = 0.60
+    attn_launch_ms: float = 0.010
+    comm_link_eff: float = 0.70
+    comm_latency_ms: float = 0.020
+    step_overhead_ms: float = 1.0
+    seq_overhead_ms: float = 0.005
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], origin: str = "profile") -> Coefficients:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise CatalogError(f"{origin}: unknown coefficient(s) {sorted(unknown)}")
+        base = cls()
+        merged = {}
+        for name in known:
+            if name not in values:
+                continue
+            value = values[name]
+            if isinstance(getattr(base, name), dict):
+                merged[name] = {**getattr(base, name), **{k: float(v) for k, v in value.items()}}
+            else:
+                merged[name] = float(value)
+        return replace(base, **merged)
+
+    def as_vector(self) -> np.ndarray:
+        """Flat vector of all coefficients, in :meth:`vector_names` order (for fitting)."""
+        return np.array([_get_path(self, name) for name in self.vector_names()], dtype=np.float64)
+
+    @staticmethod
+    def vector_names() -> list[str]:
+        names = []
+        for f in fields(Coefficients):
+            if f.name in ("elem_mem_eff", "elem_launch_ms"):
+                names += [f"{f.name}.{kind}" for kind in ELEMENTWISE_KINDS]
+
+            else:
+                names.append(f.name)
+        return names
+
+    def with_values(self, values: dict[str, float]) -> Coefficients:
+        """A copy with some coefficients (dotted names for elementwise kinds) replaced."""
+        scalars: dict[str, Any] = {}
+        nested = {
+            "elem_mem_eff": dict(self.elem_mem_eff),
+            "elem_launch_ms": dict(self.elem_launch_ms),
+        }
+        for name, value in values.items():
+            if "." in name:
+                group, kind = name.split(".", 1)
+                nested[group][kind] = float(value)
+            else:
+                scalars[name] = float(value)
+        return replace(self, **scalars, **nested)
+
+
+def _get_path(coefficients: Coefficients, name: str) -> float:
+    if "." in name:
+        group, kind = name.split(".", 1)
+        return getattr(coefficients, group)[kind]
+    return getattr(coefficients, name)
+
+
+def geometric_mean(sets: list[Coefficients]) -> Coefficients:
+    """Coefficient-wise geometric mean: how a family summarises its measured members."""
+    names = Coefficients.vector_names()
+    stacked = np.array([c.as_vector() for c in sets])
+    means = np.exp(np.log(stacked).mean(axis=0))
+    return Coefficients().with_values(dict(zip(names, means, strict=True)))
+
+
+@dataclass
+class Profile:
+    """Coefficients per GPU name, with provenance, and the family fallback for unmeasured GPUs."""
+
+    name: str
+    gpus: dict[str, Coefficients] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def coefficients(self, gpu: str | GpuSpec) -> Coefficients:
+        """Coefficients of ``gpu``: its own if measured, else its family's, else the nearest family's, else priors."""
+        spec = get_gpu(gpu)
+        if spec.name in self.gpus:
+            return self.gpus[spec.name]
+        family = spec.family
+        while family is not None:
+            members = [c for name, c in self.gpus.items() if _family_of(name) == family]
+            if members:
+                return geometric_mean(members)
+            family = FAMILY_FALLBACK.get(family)
+        if self.gpus:
+            return geometric_mean(list(self.gpus.values()))
+        return Coefficients()
+
+    def source_of(self, gpu: str | GpuSpec) -> str:
+        """Where :meth:`coefficients` takes ``gpu``'s values from, for reports."""
+        spec = get_gpu(gpu)
+        if spec.name in self.gpus:
+            return "measured"
+        family = spec.family
+        while family is not None:
+            members = sorted(name for name in self.gpus if _family_of(name) == family)
+            if members:
+                return f"family {family} ({', '.join(members)})"
+            family = FAMILY_FALLBACK.get(family)
+        return "all measured GPUs" if self.gpus else "priors"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "provenance": self.provenance,
+            "gpus": {name: c.to_dict() for name, c in sorted(self.gpus.items())},
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """Read a profile JSON; a bare name loads a shipped profile (``default``)."""
+        path = Path(path)
+        if not path.suffix and not path.exists():
+            path = DATA_DIR / "profiles" / f"{path}.json"
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CatalogError(f"{path}: cannot read profile ({error})") from None
+        if not isinstance(document, dict) or "gpus" not in document:
+            raise CatalogError(f"{path}: a profile is a JSON object with a 'gpus' mapping")
+        gpus = {}
+        for name, values in document["gpus"].items():
+            gpus[get_gpu(name).name] = Coefficients.from_dict(values, origin=f"{path} gpus.{name}")
+        return cls(name=document.get("name", path.stem), gpus=gpus, provenance=document.get("provenance", {}))
+
+
+def _family_of(gpu_name: str) -> str:
+    return get_gpu(gpu_name).family
+
+
+def default_profile() -> Profile:
+    """The shipped profile fitted on Vidur's A100/A40/H100 measurements (priors if it is missing)."""
+    path = DATA_DIR / "profiles" / "default.json"
+    return Profile.load(path) if path.exists() else Profile(name="priors")
