@@ -13,8 +13,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from perfmodel.errors import PerfModelError
 
-class BatchError(ValueError):
+
+class BatchError(PerfModelError):
     """A malformed batch: the message names the offending sequence."""
 
 
@@ -79,8 +81,8 @@ def _check_seq(index: int, seq: Sequence[int]) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise BatchError(f"sequence {index}: expected [new_tokens, context_tokens], got {seq!r}") from None
     for name, value in (("new_tokens", new), ("context_tokens", context)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
-            isinstance(value, float) and value.is_integer()
+        if isinstance(value, bool) or (
+            not isinstance(value, (int, np.integer)) and not (isinstance(value, float) and value.is_integer())
         ):
             raise BatchError(f"sequence {index}: {name} must be an integer, got {value!r}")
         if value < 0:
@@ -120,5 +122,5 @@ class StepBatchArray:
         return self.num_tokens - self.num_decodes
 
     def __getitem__(self, index: int) -> StepBatch:
-        values = [getattr(self, f.name)[index] for f in fields(self)]
-        return StepBatch(int(values[0]), int(values[1]), int(values[2]), float(values[3]), int(values[4]), int(values[5]))
+        n, s, d, pairs, kv, decode_kv = (getattr(self, f.name)[index] for f in fields(self))
+        return StepBatch(int(n), int(s), int(d), float(pairs), int(kv), int(decode_kv))

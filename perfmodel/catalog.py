@@ -17,12 +17,14 @@ from typing import Any
 
 import yaml
 
+from perfmodel.errors import PerfModelError
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 
 
-class CatalogError(ValueError):
+class CatalogError(PerfModelError):
     """An unknown or malformed GPU or model entry; the message names it and what is wrong."""
 
 
@@ -89,8 +91,17 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "intermediate_size", "vocab_size", "head_dim", "num_local_experts", "num_experts_per_tok"):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "head_dim",
+            "num_local_experts",
+            "num_experts_per_tok",
+        ):
             if getattr(self, name) <= 0:
                 raise CatalogError(f"model {self.name}: {name} must be positive, got {getattr(self, name)}")
         if self.num_experts_per_tok > self.num_local_experts:
@@ -238,9 +249,7 @@ def get_model(name: str | ModelSpec) -> ModelSpec:
     if spec is None and name.endswith(".json") and Path(name).is_file():
         spec = model_from_hf_config(Path(name))
     if spec is None:
-        raise CatalogError(
-            f"unknown model {name!r}; known: {', '.join(model_names())} (or give a config.json path)"
-        )
+        raise CatalogError(f"unknown model {name!r}; known: {', '.join(model_names())} (or give a config.json path)")
     return spec
 
 
@@ -262,8 +271,10 @@ def model_from_hf_config(path: Path, name: str | None = None) -> ModelSpec:
         "num_attention_heads": config.get("num_attention_heads", config.get("n_head")),
         "num_key_value_heads": config.get("num_key_value_heads"),
         "head_dim": config.get("head_dim"),
-        "intermediate_size": config.get("moe_intermediate_size") or config.get("intermediate_size")
-        or config.get("ffn_hidden_size") or 4 * int(config.get("hidden_size", 0) or 0),
+        "intermediate_size": config.get("moe_intermediate_size")
+        or config.get("intermediate_size")
+        or config.get("ffn_hidden_size")
+        or 4 * int(config.get("hidden_size", 0) or 0),
         "vocab_size": config.get("vocab_size"),
         "num_local_experts": config.get("num_local_experts") or config.get("num_experts") or 1,
         "num_experts_per_tok": config.get("num_experts_per_tok", 1),

@@ -94,8 +94,10 @@ class StructuralModel:
             "attn_pre_proj": Gemm.of_shape(m.hidden_size, m.q_size / tp + 2 * kv_per_gpu, b),
             "attn_post_proj": Gemm.of_shape(m.q_size / tp, m.hidden_size, b),
         }
-        experts = {"mlp_up_proj": Gemm.of_shape(m.hidden_size, up_width, b),
-                   "mlp_down_proj": Gemm.of_shape(m.intermediate_size / tp, m.hidden_size, b)}
+        experts = {
+            "mlp_up_proj": Gemm.of_shape(m.hidden_size, up_width, b),
+            "mlp_down_proj": Gemm.of_shape(m.intermediate_size / tp, m.hidden_size, b),
+        }
         if m.is_moe:
             self.gemms["moe_router"] = Gemm.of_shape(m.hidden_size, m.num_local_experts, b)
             self.expert_gemms = experts
@@ -124,7 +126,9 @@ class StructuralModel:
         self.elem_ms_per_token = {k: v * 1e3 / (c.elem_mem_eff[k] * bw) for k, v in bytes_per_token.items()}
         self.elem_launch = dict(c.elem_launch_ms)
         norms = 2
-        self._layer_elem_launch = sum(self.elem_launch[k] for k in ("rope", "act", "add")) + norms * self.elem_launch["norm"]
+        self._layer_elem_launch = norms * self.elem_launch["norm"] + sum(
+            self.elem_launch[k] for k in ("rope", "act", "add")
+        )
         self._layer_elem_per_token = (
             norms * self.elem_ms_per_token["norm"]
             + self.elem_ms_per_token["rope"]
@@ -151,7 +155,7 @@ class StructuralModel:
         """One GEMM over ``n`` tokens: launch + p-norm smooth maximum of compute and memory time."""
         compute = (n * token_scale + self._pad) * gemm.flops_per_token * self._inv_gemm_flops
         memory = (gemm.weight_bytes * weight_scale + n * token_scale * gemm.act_bytes_per_token) * self._inv_gemm_bw
-        return (self._gemm_launch + (compute**self._p + memory**self._p) ** self._inv_p)
+        return self._gemm_launch + (compute**self._p + memory**self._p) ** self._inv_p
 
     def layer_linear_ms(self, n: Any) -> Any:
         """GEMMs and elementwise kernels of one layer over ``n`` tokens (ms)."""
@@ -199,7 +203,13 @@ class StructuralModel:
         ops = {name: self.gemm_ms(n, self.gemms[name]) for name in ("attn_pre_proj", "attn_post_proj")}
         for name in ("mlp_up_proj", "mlp_down_proj"):
             ops[name] = self.gemm_ms(n, (self.expert_gemms or self.gemms)[name])
-        for name, kind in (("input_layernorm", "norm"), ("post_attention_layernorm", "norm"), ("attn_rope", "rope"),
-                           ("mlp_act", "act"), ("add", "add"), ("emb", "emb")):
+        for name, kind in (
+            ("input_layernorm", "norm"),
+            ("post_attention_layernorm", "norm"),
+            ("attn_rope", "rope"),
+            ("mlp_act", "act"),
+            ("add", "add"),
+            ("emb", "emb"),
+        ):
             ops[name] = self.elem_launch[kind] + n * self.elem_ms_per_token[kind]
         return ops

@@ -12,6 +12,7 @@ overhead are not in these files; they keep their priors until step logs are cali
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
@@ -64,8 +65,9 @@ def predict_ops(rows: pd.DataFrame, coefficients: Coefficients, gpu: str) -> np.
     return predicted
 
 
-def _fit(rows: pd.DataFrame, gpu: str, base: Coefficients, names: list[str], lower: list[float],
-         upper: list[float]) -> Coefficients:
+def _fit(
+    rows: pd.DataFrame, gpu: str, base: Coefficients, names: list[str], lower: list[float], upper: list[float]
+) -> Coefficients:
     """Least squares on log time over ``rows`` for the named coefficients (fitted in log space)."""
     measured = np.log(rows["measured_ms"].to_numpy())
 
@@ -93,15 +95,19 @@ def fit_gpu_ops(ops: pd.DataFrame, gpu: str, base: Coefficients | None = None) -
         raise ValueError(f"no Vidur operator measurements for GPU {gpu}")
     gemm_rows = long_form(mine, GEMM_OPS)
     fitted = _fit(
-        gemm_rows, gpu, base,
+        gemm_rows,
+        gpu,
+        base,
         ["gemm_flops_eff", "gemm_mem_eff", "gemm_launch_ms", "gemm_smoothness", "gemm_pad_tokens"],
-        [0.05, 0.05, 1e-4, 1.0, 0.01], [1.0, 1.0, 0.1, 20.0, 1024.0],
+        [0.05, 0.05, 1e-4, 1.0, 0.01],
+        [1.0, 1.0, 0.1, 20.0, 1024.0],
     )
     for kind in sorted(set(ELEMENT_OPS.values())):
         op_names = [op for op, k in ELEMENT_OPS.items() if k == kind]
         kind_rows = long_form(mine, op_names)
-        fitted = _fit(kind_rows, gpu, fitted, [f"elem_mem_eff.{kind}", f"elem_launch_ms.{kind}"],
-                      [0.01, 1e-4], [1.5, 0.1])
+        fitted = _fit(
+            kind_rows, gpu, fitted, [f"elem_mem_eff.{kind}", f"elem_launch_ms.{kind}"], [0.01, 1e-4], [1.5, 0.1]
+        )
     return fitted
 
 
@@ -121,14 +127,16 @@ def fit_allreduce(collectives: pd.DataFrame, gpu: str, base: Coefficients) -> Co
         return np.log(latency + ring_bytes.to_numpy() * 1e3 / (eff * link)) - measured
 
     start = np.log([base.comm_latency_ms, base.comm_link_eff])
-    result = least_squares(residuals, start, bounds=(np.log([1e-4, 0.01]), np.log([1.0, 1.5])), loss="soft_l1",
-                           f_scale=0.1)
+    result = least_squares(
+        residuals, start, bounds=(np.log([1e-4, 0.01]), np.log([1.0, 1.5])), loss="soft_l1", f_scale=0.1
+    )
     latency, eff = np.exp(result.x)
     return base.with_values({"comm_latency_ms": latency, "comm_link_eff": eff})
 
 
-def fit_vidur_profile(ops: pd.DataFrame | None = None, collectives: pd.DataFrame | None = None,
-                      gpus: Sequence[str] | None = None) -> Profile:
+def fit_vidur_profile(
+    ops: pd.DataFrame | None = None, collectives: pd.DataFrame | None = None, gpus: Sequence[str] | None = None
+) -> Profile:
     """The shipped profile: every measured GPU's coefficients, with provenance."""
     ops = load_ops() if ops is None else ops
     collectives = load_allreduce() if collectives is None else collectives
@@ -139,7 +147,7 @@ def fit_vidur_profile(ops: pd.DataFrame | None = None, collectives: pd.DataFrame
             "fitted_by": "python -m perfmodel fit-vidur",
             "fitted_terms": "GEMM and elementwise efficiencies per GPU; all-reduce latency and link efficiency",
             "prior_terms": "attention efficiencies, step and per-sequence CPU overhead (not in Vidur's files)",
-            "rows": int(len(ops)),
+            "rows": len(ops),
         },
     )
     for gpu in gpus or sorted(ops["gpu"].unique()):
