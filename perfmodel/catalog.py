@@ -237,7 +237,9 @@ def get_gpu(name: str | GpuSpec) -> GpuSpec:
         return name
     spec = _user_gpus.get(_key(name)) or _builtin_gpus().get(_key(name))
     if spec is None:
-        raise CatalogError(f"unknown GPU {name!r}; known: {', '.join(gpu_names())} (add one with register_catalog)")
+        raise CatalogError(
+            f"unknown GPU {name!r}; known: {', '.join(gpu_names())} (add one with --catalog YAML or register_catalog)"
+        )
     return spec
 
 

@@ -199,15 +199,18 @@ def measure_host(device: str = "cpu") -> dict[str, float | str]:
     size = 2048
     a = torch.randn(size, size, dtype=torch.bfloat16)
     b = torch.randn(size, size, dtype=torch.bfloat16)
+    for _ in range(3):  # warm the BLAS threads and caches
+        a @ b
     flops = []
-    for _ in range(5):
+    for _ in range(10):
         begin = time.perf_counter()
         a @ b
         flops.append(2 * size**3 / (time.perf_counter() - begin))
     src = torch.empty(128 * 1024 * 1024, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
+    dst.copy_(src)
     bandwidth = []
-    for _ in range(5):
+    for _ in range(10):
         begin = time.perf_counter()
         dst.copy_(src)
         bandwidth.append(2 * src.numel() * 2 / (time.perf_counter() - begin))

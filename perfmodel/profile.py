@@ -115,6 +115,8 @@ def _get_path(coefficients: Coefficients, name: str) -> float:
 
 def geometric_mean(sets: list[Coefficients]) -> Coefficients:
     """Coefficient-wise geometric mean: how a family summarises its measured members."""
+    if len(sets) == 1:
+        return sets[0]
     names = Coefficients.vector_names()
     stacked = np.array([c.as_vector() for c in sets])
     means = np.exp(np.log(stacked).mean(axis=0))

@@ -25,7 +25,7 @@ import pandas as pd
 from perfmodel.batch import StepBatchArray
 from perfmodel.families import ArrowModel, RooflineModel, SaturationModel
 from perfmodel.profile import Profile
-from perfmodel.vidur_fit import LAYER_OPS, fit_gpu_ops, load_ops, long_form, predict_ops
+from perfmodel.vidur_fit import LAYER_OPS, MEASUREMENTS, fit_gpu_ops, load_ops, long_form, predict_ops
 
 SPLITS = ("tokens", "model", "tp", "gpu")
 FAMILIES = ("structural", "roofline", "saturation", "arrow")
@@ -199,3 +199,53 @@ def gpu_extrapolation(predictions: pd.DataFrame) -> pd.DataFrame:
     chosen = predictions[predictions["split"] == "gpu"]
     ape = (chosen["predicted_ms"] / chosen["measured_ms"] - 1).abs()
     return ape.groupby([chosen["gpu"], chosen["family"]]).mean().unstack()
+
+
+CPU_STEP_LOG = MEASUREMENTS / "cpu_qwen2.5-0.5b_steps.jsonl"
+
+
+def step_accuracy(path: Path = CPU_STEP_LOG) -> pd.DataFrame:
+    """Whole-step accuracy (attention included) on a measured step log, every other step held out.
+
+    The log's device entry (``<log>.catalog.yaml``, written by the microbenchmark) is registered first.
+    Subsets: prefill-heavy steps (more prefill tokens than decodes) and decode-heavy ones.
+    """
+    from perfmodel.calibrate import calibrate
+    from perfmodel.catalog import register_catalog
+    from perfmodel.steplog import read_steps
+    from perfmodel.structural import StructuralModel
+
+    catalog = path.with_suffix(".catalog.yaml")
+    if catalog.exists():
+        register_catalog(catalog)
+    records = list(read_steps(path, need_latency=True))
+    train, test = records[0::2], records[1::2]
+    train_batches = StepBatchArray.from_batches([r.batch for r in train])
+    test_batches = StepBatchArray.from_batches([r.batch for r in test])
+    train_latency = np.array([r.latency_ms for r in train])
+    measured = np.array([r.latency_ms for r in test])
+    profile = calibrate(train, source=str(path))
+    predicted = {
+        "structural": np.array(
+            [StructuralModel(r.gpu, r.model, r.tp, r.dtype, profile=profile).predict(r.batch) for r in test]
+        ),
+        "roofline": np.array([RooflineModel(r.gpu, r.model, r.tp, r.dtype).predict(r.batch) for r in test]),
+        "saturation": SaturationModel.fit(train_batches, train_latency).predict_many(test_batches),
+        "arrow": ArrowModel.fit(train_batches, train_latency).predict_many(test_batches),
+    }
+    prefill_heavy = test_batches.prefill_tokens > test_batches.num_decodes
+    rows = []
+    for family, values in predicted.items():
+        ape = np.abs(values / measured - 1.0)
+        rows.append(
+            {
+                "split": "steps",
+                "family": family,
+                "n": len(ape),
+                "mape": ape.mean(),
+                "p90": np.quantile(ape, 0.9),
+                "mape_prefill_heavy": ape[prefill_heavy].mean(),
+                "mape_decode_heavy": ape[~prefill_heavy].mean(),
+            }
+        )
+    return pd.DataFrame(rows)

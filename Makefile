@@ -1,0 +1,38 @@
+# Set-up and entry points. `make run` and `make test` each create the virtual environment on a fresh
+# machine first (torch is pinned and installed on its own so pip never pulls a multi-GB CUDA build
+# here; elsewhere pass TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu").
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint bench report clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "ServeGym needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -e ".[dev,export]"
+	touch $(STAMP)
+
+# The main job on the built-in default: the performance model's held-out accuracy report.
+run: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m perfmodel report --plot outputs/perfmodel_report.png --csv outputs/perfmodel_report.csv
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check perfmodel envs agents experiments tests
+	$(PY) -m ruff format --check perfmodel envs agents experiments tests
+
+bench: $(STAMP)
+	$(PY) -m perfmodel bench
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,7 @@
+"""``python -m perfmodel``: see :mod:`perfmodel.cli`."""
+
+import sys
+
+from perfmodel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pytest
+
+from perfmodel import microbench
+from perfmodel.calibrate import calibrate
+from perfmodel.catalog import ModelSpec, register_catalog
+from perfmodel.profile import default_profile
+from perfmodel.steplog import parse_line
+from perfmodel.structural import StructuralModel
+
+TINY = ModelSpec(
+    name="Tiny-GQA",
+    hidden_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=768,
+    vocab_size=2048,
+)
+
+
+def test_grid_is_seeded_and_covers_three_step_kinds():
+    grid = microbench.grid(seed=3, points=30, max_tokens=512, max_context=1024)
+    assert grid == microbench.grid(seed=3, points=30, max_tokens=512, max_context=1024)
+    assert any(c.prefill and not c.decodes for c in grid)
+    assert any(c.decodes and not c.prefill for c in grid)
+    assert any(c.decodes and c.prefill for c in grid)
+    assert all(c.prefill <= 512 and c.prefill_context <= 1024 for c in grid)
+
+
+@pytest.mark.slow
+def test_cpu_microbenchmark_log_calibrates_the_model(tmp_path):
+    """Real kernel timings on this CPU: the calibrated model predicts unseen steps far better than priors."""
+    import yaml
+
+    entry = microbench.measure_host()
+    tiny = {
+        k: getattr(TINY, k)
+        for k in (
+            "name",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+        )
+    }
+    (tmp_path / "host.yaml").write_text(yaml.safe_dump({"gpus": [entry], "models": [tiny]}))
+    register_catalog(tmp_path / "host.yaml")
+    gpu = entry["name"]
+    compositions = microbench.grid(seed=0, points=36, max_tokens=512, max_context=1024)
+    lines = list(microbench.run(TINY, gpu, "cpu", compositions, repeats=3, progress=False))
+    records = [parse_line(json.dumps(line), f"line {i}", need_latency=True) for i, line in enumerate(lines)]
+    train, test = records[0::2], records[1::2]
+    for record in records:
+        assert record.latency_ms > 0 and record.model == "Tiny-GQA"
+    profile = calibrate(train)
+
+    def mape(prof):
+        return np.mean(
+            [abs(StructuralModel(gpu, TINY, profile=prof).predict(r.batch) / r.latency_ms - 1) for r in test]
+        )
+
+    assert mape(profile) < 0.35
+    assert mape(profile) < 0.6 * mape(default_profile())
