@@ -62,7 +62,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from perfmodel.report import CPU_STEP_LOG, SPLITS, accuracy, gpu_extrapolation, plot_predictions, step_accuracy
+    from perfmodel.report import (
+        CPU_STEP_LOG,
+        SPLITS,
+        accuracy,
+        gpu_extrapolation,
+        operator_accuracy,
+        plot_predictions,
+        step_accuracy,
+    )
 
     splits = tuple(args.splits.split(",")) if args.splits else SPLITS
     unknown = set(splits) - set(SPLITS)
@@ -70,7 +78,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise PerfModelError(f"unknown split(s) {sorted(unknown)}; choose from {', '.join(SPLITS)}")
     started = time.perf_counter()
     summary, predictions = accuracy(splits=splits)
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     table = Table(title="Held-out accuracy on Vidur per-layer operator time (A100-80GB, A40, H100-SXM)")
     for column in ("split", "family", "steps", "MAPE", "P90 APE", "MAPE ≤128 tok (decode)", "MAPE ≥512 tok (prefill)"):
         table.add_column(column, justify="left" if column in ("split", "family") else "right")
@@ -103,7 +111,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"{row.mape_decode_heavy:.1%}",
         )
     console.print(table)
+    operators = operator_accuracy()
+    console.print("Per-operator MAPE of the structural model on held-out token counts (rows: GPU):")
+    console.print(operators.map(lambda v: f"{v:.1%}").to_string())
     if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         pd.concat([summary, steps], ignore_index=True).to_csv(args.csv, index=False)
     plot_split = "model" if "model" in splits else splits[0]
     plot_predictions(predictions, Path(args.plot), split=plot_split)

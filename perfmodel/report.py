@@ -201,6 +201,19 @@ def gpu_extrapolation(predictions: pd.DataFrame) -> pd.DataFrame:
     return ape.groupby([chosen["gpu"], chosen["family"]]).mean().unstack()
 
 
+def operator_accuracy(ops: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Structural model's MAPE per operator and GPU on held-out token counts (the ``tokens`` split)."""
+    ops = load_ops() if ops is None else ops
+    fold = next(folds(ops, "tokens"))
+    frames = []
+    for gpu in sorted(fold.test["gpu"].unique()):
+        rows = long_form(fold.test[fold.test["gpu"] == gpu], (*LAYER_OPS, "emb"))
+        rows["ape"] = np.abs(predict_ops(rows, fit_gpu_ops(fold.train, gpu), gpu) / rows["measured_ms"] - 1.0)
+        frames.append(rows)
+    table = pd.concat(frames)
+    return table.pivot_table(index="gpu", columns="op", values="ape", aggfunc="mean")
+
+
 CPU_STEP_LOG = MEASUREMENTS / "cpu_qwen2.5-0.5b_steps.jsonl"
 
 
