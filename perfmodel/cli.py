@@ -112,8 +112,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
     console.print(table)
     operators = operator_accuracy()
-    console.print("Per-operator MAPE of the structural model on held-out token counts (rows: GPU):")
-    console.print(operators.map(lambda v: f"{v:.1%}").to_string())
+    console.print("Per-operator MAPE of the structural model on held-out token counts:")
+    console.print(operators.T.map(lambda v: f"{v:.1%}").to_string())
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         pd.concat([summary, steps], ignore_index=True).to_csv(args.csv, index=False)
