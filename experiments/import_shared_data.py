@@ -86,6 +86,24 @@ def all_reduce(shared: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).sort_values(["gpu", "num_workers", "size_bytes"])
 
 
+TRACES = (  # (source file under traces/, shipped name) — gzip keeps the rows byte for byte
+    ("AzureLLMInferenceTrace_conv_2023.csv", "azure_conv_2023.csv.gz"),
+    ("AzureLLMInferenceTrace_code_2023.csv", "azure_code_2023.csv.gz"),
+    ("arxiv_summarization_lengths.csv", "arxiv_summarization_lengths.csv.gz"),
+)
+
+
+def copy_traces(shared: Path, out: Path) -> None:
+    """Ship the Azure 2023 traces (CC-BY-4.0) and Vidur's arXiv length sample (MIT) gzipped, unchanged."""
+    import gzip
+
+    out.mkdir(parents=True, exist_ok=True)
+    for source, name in TRACES:
+        data = (shared / "traces" / source).read_bytes()
+        with gzip.GzipFile(out / name, "wb", mtime=0) as handle:
+            handle.write(data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shared_data", type=Path, help="path of the shared data folder (../shared/data)")
@@ -97,6 +115,9 @@ def main() -> None:
     collectives = all_reduce(args.shared_data)
     collectives.to_csv(args.out / "vidur_allreduce.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
     print(f"wrote {len(ops)} operator rows and {len(collectives)} all-reduce rows to {args.out}")
+    traces = Path(__file__).resolve().parents[1] / "envs/sim/data/traces"
+    copy_traces(args.shared_data, traces)
+    print(f"copied {len(TRACES)} traces to {traces}")
 
 
 if __name__ == "__main__":

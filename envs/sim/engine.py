@@ -1,0 +1,449 @@
+"""One serving engine (a vLLM v1-like instance) as a simpy process.
+
+Scheduling follows vLLM v1 with chunked prefill: each step has a token budget; running decodes take one
+token each, running prefills continue with a chunk, then waiting requests are admitted FCFS while budget,
+``max_num_seqs`` and KV blocks allow; a request that cannot get a KV block preempts the most recently
+admitted running request (recompute: its KV is freed and it re-prefills prompt + generated tokens). No
+waiting request is admitted in a step that preempted. Decodes are served before prefill chunks (vLLM
+iterates its running list in admission order, where decodes are almost always older); the budget never
+starves a running decode.
+
+Speed: decodes are kept as aggregates — count, sum of contexts, a histogram of when each next needs a KV
+block (every ``block_size`` tokens), and a heap of finishing steps — so a step costs O(1) plus O(prefill
+chunks), and per-request work happens only at admission, completion and preemption. A stretch of
+decode-only steps in which nothing else can happen (no arrival before it ends, no completion, no KV
+shortage, no admissible waiting request) is advanced in one computed jump, using that step latency is
+linear in the decodes' KV tokens at a fixed batch size; a request submitted during a jump cuts it at
+the end of the step in progress, exactly where a step-by-step engine would first see it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import simpy
+
+from envs.sim.request import Request, State
+from perfmodel.batch import StepBatch
+from perfmodel.capacity import kv_capacity
+from perfmodel.structural import StructuralModel
+
+
+class BatchPolicy(Protocol):
+    """How an engine forms its batch: the step's token budget (a knob LENS-like policies turn)."""
+
+    name: str
+    supports_decode_jumps: bool  # True when the budget cannot change during a decode-only stretch
+
+    def token_budget(self, engine: Engine) -> int: ...
+
+
+@dataclass(frozen=True)
+class VllmPolicy:
+    """vLLM's default: a fixed ``max_num_batched_tokens`` per step."""
+
+    name: str = "vllm"
+    supports_decode_jumps: bool = True
+
+    def token_budget(self, engine: Engine) -> int:
+        return engine.config.max_num_batched_tokens
+
+
+@dataclass(frozen=True)
+class SarathiPolicy:
+    """Sarathi-Serve's stall-free batching: a small fixed chunk budget so decodes never wait on a long prefill."""
+
+    chunk_tokens: int = 512
+    name: str = "sarathi"
+    supports_decode_jumps: bool = True
+
+    def token_budget(self, engine: Engine) -> int:
+        return self.chunk_tokens
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One instance: hardware, model and the vLLM engine arguments that shape scheduling."""
+
+    gpu: str = "H100-SXM"
+    model: str = "Llama-3-8B"
+    tp: int = 1
+    dtype: str = "bf16"
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    noise_sigma: float = 0.0  # lognormal sigma of a multiplicative step-time noise (0: deterministic)
+
+
+class Engine:
+    """A simpy process that runs steps; requests enter through :meth:`submit`."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        index: int,
+        config: EngineConfig,
+        policy: BatchPolicy,
+        rng: np.random.Generator,
+        on_finish: Callable[[Request], None],
+        perf: StructuralModel | None = None,
+    ) -> None:
+        self.env, self.index, self.config, self.policy, self.rng = env, index, config, policy, rng
+        self.on_finish = on_finish
+        self.perf = perf or StructuralModel(config.gpu, config.model, tp=config.tp, dtype=config.dtype)
+        capacity = kv_capacity(
+            self.perf,
+            config.gpu_memory_utilization,
+            config.block_size,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+        )
+        self.total_blocks = capacity.num_blocks
+        self.free_blocks = capacity.num_blocks
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len or self.perf.model.max_position_embeddings
+        self.running: dict[int, Request] = {}  # admission order
+        self.prefilling: dict[int, Request] = {}
+        self.waiting: deque[Request] = deque()
+        # decode aggregates
+        self.n_dec = 0
+        self.dec_ctx_sum = 0  # KV tokens of all decodes before the next step
+        self.block_hist = [0] * self.block_size  # decodes needing a block at steps ≡ key (mod block_size)
+        self.finish_heap: list[tuple[int, int, int, Request]] = []
+        self.step_count = 0
+        self._decode_blocks_for = -1  # step whose decode KV demand is already allocated
+        self.step_latency = np.zeros(1024)  # seconds, by step number
+        # statistics
+        self.busy_s = 0.0
+        self.tokens_computed = 0
+        self.preemptions = 0
+        self.jumps = 0
+        self._jump: tuple[float, np.ndarray, int, int] | None = None  # start, latencies, first step, used blocks
+        self._decode_base: dict[int, float] = {}  # decode step time (s) of n sequences at zero KV
+        kv_probe = 1 << 16
+        self._decode_per_kv = (
+            (self.perf.predict(StepBatch.decode(1, kv_probe)) - self.perf.predict(StepBatch.decode(1, 0)))
+            / kv_probe
+            / 1e3
+        )
+        self._interrupt_pending = False
+        self._wake = env.event()
+        self.process = env.process(self._run())
+
+    # -- outside view ------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> bool:
+        """Queue a request; False (and the request marked rejected) when it can never be served here."""
+        needed = request.prompt_tokens + request.output_tokens - 1
+        if needed > self.max_model_len:
+            return self._reject(request, f"prompt+output {needed + 1} tokens exceed max_model_len {self.max_model_len}")
+        if -(-needed // self.block_size) > self.total_blocks:
+            return self._reject(
+                request, f"needs {needed} KV tokens, engine holds {self.total_blocks * self.block_size}"
+            )
+        request.state, request.instance = State.WAITING, self.index
+        request.prefill_target = request.prompt_tokens
+        self.waiting.append(request)
+        if not self._wake.triggered:
+            self._wake.succeed()
+        elif self._jump is not None and not self._interrupt_pending:
+            self._interrupt_pending = True
+            self.process.interrupt("arrival")
+        return True
+
+    def _reject(self, request: Request, reason: str) -> bool:
+        request.state, request.instance, request.reject_reason = State.REJECTED, self.index, reason
+        return False
+
+    def used_blocks_at(self, t: float) -> int:
+        """KV blocks in use at time ``t`` (``t`` within the current step or jump), as a scraper would read."""
+        if self._jump is not None:
+            start, latencies, first_step, used_before = self._jump
+            starts = np.concatenate([[0.0], np.cumsum(latencies[:-1])])
+            started = int(np.searchsorted(starts, t - start, side="right"))
+            keys = (first_step + np.arange(started)) % self.block_size
+            return used_before + int(np.asarray(self.block_hist)[keys].sum())
+        return self.total_blocks - self.free_blocks
+
+    def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
+        """Noise-free time (s) of a decode-only step; linear in the KV tokens at a fixed batch size."""
+        base = self._decode_base.get(num_seqs)
+        if base is None:
+            base = self.perf.predict(StepBatch.decode(num_seqs, 0)) / 1e3 - self._decode_per_kv * num_seqs
+            self._decode_base[num_seqs] = base
+        return base + self._decode_per_kv * (kv_tokens + num_seqs)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- the step loop -----------------------------------------------------------------------------------
+    def _run(self):
+        env = self.env
+        while True:
+            if not self.running and not self.waiting:
+                self._wake = env.event()
+                yield self._wake
+                continue
+            jump = self._plan_jump()
+            if jump is not None:
+                latencies, blocks = jump
+                first, start = self.step_count + 1, env.now
+                self._jump = (start, latencies, first, self.total_blocks - self.free_blocks)
+                self.free_blocks -= blocks
+                try:
+                    yield env.timeout(float(latencies.sum()))
+                except simpy.Interrupt:  # a request arrived: stop after the step in progress
+                    latencies = yield from self._cut_jump(start, latencies, first, blocks)
+                self._jump = None
+                steps = len(latencies)
+                if steps:
+                    self._record(first, latencies)
+                    self.tokens_computed += self.n_dec * steps
+                self.step_count += steps
+                self.dec_ctx_sum += steps * self.n_dec
+                self._complete_decodes()
+                self.jumps += 1
+                continue
+            plan = self._schedule()
+            if plan is None:  # nothing can run until something else changes (cannot happen with valid submits)
+                raise RuntimeError(f"engine {self.index}: waiting requests but nothing schedulable and nothing running")
+            batch, chunks, n_dec = plan
+            latency = self.perf.predict(batch) / 1e3
+            if self.config.noise_sigma > 0:
+                latency *= float(self._noise(1)[0])
+            step = self.step_count + 1
+            self._record(step, np.array([latency]))
+            self.tokens_computed += batch.num_tokens
+            yield env.timeout(latency)
+            self.step_count = step
+            self.dec_ctx_sum += n_dec
+            self._complete_decodes()
+            self._advance_prefills(chunks)
+
+    def _cut_jump(self, start: float, latencies: np.ndarray, first: int, blocks: int):
+        """Keep the jump's steps that started before now; return the unstarted steps' KV blocks."""
+        self._interrupt_pending = False
+        self._jump = None
+        starts = np.concatenate([[0.0], np.cumsum(latencies[:-1])])
+        steps = int(np.searchsorted(starts, self.env.now - start, side="left"))
+        keys = (first + np.arange(steps)) % self.block_size
+        self.free_blocks += blocks - int(np.asarray(self.block_hist)[keys].sum())
+        latencies = latencies[:steps]
+        end = start + float(latencies.sum())
+        if end > self.env.now:
+            yield self.env.timeout(end - self.env.now)
+        return latencies
+
+    def _noise(self, count: int) -> np.ndarray:
+        if self.config.noise_sigma <= 0:
+            return np.ones(count)
+        return np.exp(self.config.noise_sigma * self.rng.standard_normal(count))
+
+    def _record(self, first_step: int, latencies: np.ndarray) -> None:
+        last = first_step + len(latencies)
+        if last >= len(self.step_latency):
+            grown = np.zeros(max(2 * len(self.step_latency), last + 1))
+            grown[: len(self.step_latency)] = self.step_latency
+            self.step_latency = grown
+        self.step_latency[first_step:last] = latencies
+        self.busy_s += float(latencies.sum())
+
+    # -- decode-only jumps -------------------------------------------------------------------------------
+    def _plan_jump(self) -> tuple[np.ndarray, int] | None:
+        """Latencies (s) of the decode-only steps that can run unperturbed, and the KV blocks they allocate.
+
+        The stretch ends at the step that finishes a request and before the step that would lack a KV
+        block; a request submitted meanwhile cuts it after the step in progress (:meth:`_cut_jump`).
+        """
+        if self.prefilling or self.n_dec == 0 or not self.policy.supports_decode_jumps:
+            return None
+        if self.waiting and self._head_admissible():
+            return None
+        steps = self._next_finish_step() - self.step_count
+        if steps < 2:
+            return None
+        t0 = self.decode_step_s(self.n_dec, self.dec_ctx_sum)
+        slope = self._decode_per_kv * self.n_dec  # each step adds one KV token per sequence
+        latencies = t0 + slope * np.arange(steps)
+        if self.config.noise_sigma > 0:
+            latencies = latencies * self._noise(steps)
+        first = self.step_count + 1
+        if (steps // self.block_size + 1) * self.n_dec > self.free_blocks:  # KV may run short: find where
+            keys = (first + np.arange(steps)) % self.block_size
+            cumulative = np.cumsum(np.asarray(self.block_hist)[keys])
+            steps = min(steps, int(np.searchsorted(cumulative, self.free_blocks, side="right")))
+            if steps < 2:
+                return None
+            return latencies[:steps], int(cumulative[steps - 1])
+        full, rest = divmod(steps, self.block_size)
+        partial = sum(self.block_hist[(first + j) % self.block_size] for j in range(rest))
+        return latencies, full * self.n_dec + partial
+
+    def _head_admissible(self) -> bool:
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        left = max(self.policy.token_budget(self), self.n_dec) - self.n_dec
+        if left <= 0:
+            return False
+        head = self.waiting[0]
+        demand = self.block_hist[(self.step_count + 1) % self.block_size]
+        return -(-min(head.prefill_target, left) // self.block_size) <= self.free_blocks - demand
+
+    def _next_finish_step(self) -> int:
+        heap = self.finish_heap
+        while heap and (heap[0][3].heap_version != heap[0][1] or heap[0][3].state is not State.DECODE):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else self.step_count + 1
+
+    # -- one regular step --------------------------------------------------------------------------------
+    def _schedule(self) -> tuple[StepBatch, list[tuple[Request, int]], int] | None:
+        step = self.step_count + 1
+        preempted = False
+        demand = self.block_hist[step % self.block_size] if self.n_dec else 0
+        while demand > self.free_blocks and self.n_dec:
+            self._preempt_last(step)
+            preempted = True
+            demand = self.block_hist[step % self.block_size] if self.n_dec else 0
+        self.free_blocks -= demand
+        self._decode_blocks_for = step
+        budget = max(self.policy.token_budget(self), self.n_dec)
+        left = budget - self.n_dec
+        chunks: list[tuple[Request, int]] = []
+        for request in list(self.prefilling.values()):
+            if left <= 0:
+                break
+            if request.state is not State.PREFILL:  # preempted earlier in this loop
+                continue
+            chunk = min(request.prefill_target - request.computed, left)
+            need = -(-(request.computed + chunk) // self.block_size) - request.blocks
+            while need > self.free_blocks and request.state is State.PREFILL:
+                self._preempt_last(step)
+                preempted = True
+            if request.state is not State.PREFILL:
+                continue
+            self.free_blocks -= need
+            request.blocks += need
+            chunks.append((request, chunk))
+            left -= chunk
+        while not preempted and self.waiting and left > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            chunk = min(request.prefill_target, left)
+            need = -(-chunk // self.block_size)
+            if need > self.free_blocks:
+                break
+            self.waiting.popleft()
+            request.state, request.computed, request.blocks = State.PREFILL, 0, need
+            self.free_blocks -= need
+            self.running[request.id] = request
+            self.prefilling[request.id] = request
+            if math.isnan(request.first_scheduled_s):
+                request.first_scheduled_s = self.env.now
+            chunks.append((request, chunk))
+            left -= chunk
+        n_dec = self.n_dec
+        if n_dec == 0 and not chunks:
+            return None
+        decode_kv = self.dec_ctx_sum + n_dec
+        tokens, pairs, kv = n_dec, float(decode_kv), decode_kv
+        for request, chunk in chunks:
+            tokens += chunk
+            pairs += chunk * (request.computed + (chunk + 1) / 2)
+            kv += request.computed + chunk
+        batch = StepBatch(tokens, n_dec + len(chunks), n_dec, pairs, kv, decode_kv)
+        return batch, chunks, n_dec
+
+    def _preempt_last(self, step: int) -> None:
+        """Preempt the most recently admitted running request (recompute), freeing its KV blocks."""
+        victim = self.running[next(reversed(self.running))]
+        if victim.state is State.DECODE:
+            done = self.step_count - victim.decode_entry_step
+            ctx = victim.decode_entry_ctx + done
+            held = -(-(ctx + 1) // self.block_size) if self._decode_blocks_for == step else -(-ctx // self.block_size)
+            self.free_blocks += held
+            self.n_dec -= 1
+            self.dec_ctx_sum -= ctx
+            self.block_hist[(victim.decode_entry_step + 1 - victim.decode_entry_ctx) % self.block_size] -= 1
+            victim.heap_version += 1
+            victim.generated = victim.decode_entry_generated + done
+            if done:  # scheduling runs at the end of the latest step, which sampled its latest token
+                victim.last_token_s = self.env.now
+            victim.max_gap_s = max(victim.max_gap_s, self._max_latency(victim.decode_entry_step, self.step_count))
+        else:
+            self.free_blocks += victim.blocks
+            del self.prefilling[victim.id]
+        del self.running[victim.id]
+        victim.state, victim.computed, victim.blocks = State.WAITING, 0, 0
+        victim.prefill_target = victim.prompt_tokens + victim.generated
+        victim.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(victim)
+
+    def _max_latency(self, after_step: int, through_step: int) -> float:
+        if through_step <= after_step:
+            return 0.0
+        return float(self.step_latency[after_step + 1 : through_step + 1].max())
+
+    # -- step completion ---------------------------------------------------------------------------------
+    def _complete_decodes(self) -> None:
+        heap, now = self.finish_heap, self.env.now
+        while heap and heap[0][0] <= self.step_count:
+            _, version, _, request = heapq.heappop(heap)
+            if request.heap_version != version or request.state is not State.DECODE:
+                continue
+            done = self.step_count - request.decode_entry_step
+            ctx = request.decode_entry_ctx + done
+            self.free_blocks += -(-ctx // self.block_size)
+            self.n_dec -= 1
+            self.dec_ctx_sum -= ctx
+            self.block_hist[(request.decode_entry_step + 1 - request.decode_entry_ctx) % self.block_size] -= 1
+            request.generated = request.decode_entry_generated + done
+            request.max_gap_s = max(request.max_gap_s, self._max_latency(request.decode_entry_step, self.step_count))
+            self._finish(request, now)
+
+    def _advance_prefills(self, chunks: list[tuple[Request, int]]) -> None:
+        now, step = self.env.now, self.step_count
+        for request, chunk in chunks:
+            if request.state is not State.PREFILL:
+                continue
+            request.computed += chunk
+            if request.computed < request.prefill_target:
+                continue
+            request.generated += 1  # the last prefill chunk samples a token
+            if math.isnan(request.first_token_s):
+                request.first_token_s = now
+            else:
+                request.max_gap_s = max(request.max_gap_s, now - request.last_token_s)
+            request.last_token_s = now
+            del self.prefilling[request.id]
+            if request.generated >= request.output_tokens:
+                self.free_blocks += request.blocks
+                request.blocks = 0
+                self._finish(request, now)
+                continue
+            request.state = State.DECODE
+            request.decode_entry_step, request.decode_entry_ctx = step, request.computed
+            request.decode_entry_generated = request.generated
+            request.blocks = 0  # from here on the decode aggregates account for its KV
+            self.n_dec += 1
+            self.dec_ctx_sum += request.computed
+            self.block_hist[(step + 1 - request.computed) % self.block_size] += 1
+            finish = step + request.output_tokens - request.generated
+            heapq.heappush(self.finish_heap, (finish, request.heap_version, request.id, request))
+
+    def _finish(self, request: Request, now: float) -> None:
+        request.state = State.FINISHED
+        request.finished_s = request.last_token_s = now
+        del self.running[request.id]
+        self.on_finish(request)

@@ -1,0 +1,131 @@
+"""Per-request records and the run summary (SLO attainment, goodput, throughput, latency percentiles)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from envs.sim.request import Request, State
+
+if TYPE_CHECKING:
+    from envs.sim.engine import Engine
+
+RECORD_COLUMNS = (
+    "id",
+    "arrival_s",
+    "instance",
+    "prompt_tokens",
+    "output_tokens",
+    "slo_class",
+    "state",
+    "queue_s",
+    "ttft_s",
+    "tpot_s",
+    "e2e_s",
+    "max_gap_s",
+    "preemptions",
+    "slo_met",
+    "reject_reason",
+)
+
+
+def record(request: Request) -> dict[str, Any]:
+    """One request's outcome; latencies are NaN until they happen."""
+    ttft = request.first_token_s - request.arrival_s
+    e2e = request.finished_s - request.arrival_s
+    tpot = (
+        (request.finished_s - request.first_token_s) / (request.output_tokens - 1) if request.output_tokens > 1 else 0.0
+    )
+    finished = request.state is State.FINISHED
+    return {
+        "id": request.id,
+        "arrival_s": request.arrival_s,
+        "instance": request.instance,
+        "prompt_tokens": request.prompt_tokens,
+        "output_tokens": request.output_tokens,
+        "slo_class": request.slo.name,
+        "state": request.state.value,
+        "queue_s": request.first_scheduled_s - request.arrival_s,
+        "ttft_s": ttft,
+        "tpot_s": tpot if finished else math.nan,
+        "e2e_s": e2e,
+        "max_gap_s": request.max_gap_s,
+        "preemptions": request.preemptions,
+        "slo_met": bool(finished and request.slo.met(ttft, tpot, e2e)),
+        "reject_reason": request.reject_reason,
+    }
+
+
+@dataclass
+class SimResult:
+    """What a run leaves: the requests (with their outcomes), the engines, simulated and wall time."""
+
+    requests: list[Request]
+    engines: list[Engine]
+    sim_s: float
+    wall_s: float
+
+    def records(self) -> pd.DataFrame:
+        return pd.DataFrame([record(r) for r in self.requests], columns=list(RECORD_COLUMNS))
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.records(), self.engines, self.sim_s, self.wall_s)
+
+
+def _percentile(values: pd.Series, q: float) -> float:
+    values = values.dropna()
+    return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+def summarize(records: pd.DataFrame, engines: list[Engine], sim_s: float, wall_s: float) -> dict[str, Any]:
+    """The run summary: every count, rate and percentile the reports and environments use."""
+    done = records[records["state"] == "finished"]
+    span = sim_s - float(records["arrival_s"].min()) if len(records) else 0.0
+    span = span if span > 0 else math.nan
+    met = int(records["slo_met"].sum())
+    preemptions = int(records["preemptions"].sum())
+    per_instance = []
+    for engine in engines:
+        mine = done[done["instance"] == engine.index]
+        per_instance.append(
+            {
+                "instance": engine.index,
+                "gpu": engine.perf.gpu.name,
+                "model": engine.perf.model.name,
+                "tp": engine.config.tp,
+                "completed": len(mine),
+                "utilisation": engine.busy_s / sim_s if sim_s > 0 else 0.0,
+                "preemptions": engine.preemptions,
+                "kv_blocks": engine.total_blocks,
+                "ttft_p50_s": _percentile(mine["ttft_s"], 50),
+                "tpot_p50_s": _percentile(mine["tpot_s"], 50),
+            }
+        )
+    return {
+        "num_requests": len(records),
+        "completed": len(done),
+        "rejected": int((records["state"] == "rejected").sum()),
+        "in_flight": int(len(records) - len(done) - (records["state"] == "rejected").sum()),
+        "slo_attainment": met / len(records) if len(records) else math.nan,
+        "goodput_rps": met / span,
+        "throughput_tok_s": float(done["output_tokens"].sum()) / span,
+        "ttft_p50_s": _percentile(done["ttft_s"], 50),
+        "ttft_p99_s": _percentile(done["ttft_s"], 99),
+        "tpot_p50_s": _percentile(done["tpot_s"], 50),
+        "tpot_p99_s": _percentile(done["tpot_s"], 99),
+        "e2e_p50_s": _percentile(done["e2e_s"], 50),
+        "e2e_p99_s": _percentile(done["e2e_s"], 99),
+        "queue_p50_s": _percentile(done["queue_s"], 50),
+        "preemptions": preemptions,
+        "preemption_rate": preemptions / len(done) if len(done) else 0.0,
+        "utilisation": float(np.mean([p["utilisation"] for p in per_instance])) if per_instance else 0.0,
+        "sim_s": sim_s,
+        "wall_s": wall_s,
+        "requests_per_wall_s": len(records) / wall_s if wall_s > 0 else math.nan,
+        "engine_steps": int(sum(e.step_count for e in engines)),
+        "per_instance": per_instance,
+    }

@@ -1,0 +1,235 @@
+"""Readers of public LLM-serving traces, format detected from the file's header or first line.
+
+- Azure LLM inference (2023 and 2024): CSV ``TIMESTAMP,ContextTokens,GeneratedTokens``, wall-clock
+  timestamps.
+- BurstGPT: CSV ``Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type``, seconds from the
+  start. Rows with zero response tokens are failed requests in the log: they are dropped and counted
+  (``Trace.dropped["failed (zero response tokens)"]``), or kept as errors with ``zero_output="error"``.
+- Mooncake: JSON lines ``{"timestamp": ms, "input_length": n, "output_length": n, "hash_ids": [...]}``,
+  one hash id per 512-token prompt block.
+
+A malformed row raises :class:`TraceError` naming the file, line and field; with ``on_error="skip"`` it is
+skipped and counted in ``Trace.dropped`` instead. ``.gz`` files are read transparently.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+TRACE_DIR = Path(__file__).resolve().parent / "data" / "traces"
+BUILTIN_TRACES = {
+    "azure_conv": TRACE_DIR / "azure_conv_2023.csv.gz",
+    "azure_code": TRACE_DIR / "azure_code_2023.csv.gz",
+}
+MOONCAKE_BLOCK_TOKENS = 512
+
+
+class TraceError(ValueError):
+    """A trace that cannot be read; the message starts with ``file:line:`` where a row is at fault."""
+
+
+@dataclass
+class Trace:
+    """Arrival times (s from the first request), prompt and output lengths, optional prefix-block hashes."""
+
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    hash_ids: list[tuple[int, ...]] | None = None
+    source: str = ""
+    format: str = ""
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    @property
+    def duration_s(self) -> float:
+        return float(self.arrival_s[-1] - self.arrival_s[0]) if len(self) > 1 else 0.0
+
+    @property
+    def mean_rate(self) -> float:
+        return (len(self) - 1) / self.duration_s if self.duration_s > 0 else float("inf")
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return path.open(newline="", encoding="utf-8")
+
+
+def resolve_trace_path(path_or_name: str | Path) -> Path:
+    """A built-in trace name (``azure_conv``, ``azure_code``) or a path."""
+    if str(path_or_name) in BUILTIN_TRACES:
+        return BUILTIN_TRACES[str(path_or_name)]
+    path = Path(path_or_name).expanduser()
+    if not path.is_file():
+        raise TraceError(f"{path}: no such trace file (built-in names: {', '.join(BUILTIN_TRACES)})")
+    return path
+
+
+def detect_format(path: Path) -> str:
+    """``azure``, ``burstgpt`` or ``mooncake`` from the first non-empty line."""
+    with _open_text(path) as handle:
+        first = next((line for line in handle if line.strip()), "")
+    header = [column.strip() for column in first.strip().split(",")]
+    if {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} <= set(header):
+        return "azure"
+    if {"Timestamp", "Request tokens", "Response tokens"} <= set(header):
+        return "burstgpt"
+    if first.lstrip().startswith("{"):
+        return "mooncake"
+    raise TraceError(
+        f"{path}:1: unrecognised trace format (expected an Azure or BurstGPT CSV header, or Mooncake JSON lines)"
+    )
+
+
+def read_trace(path_or_name: str | Path, on_error: str = "raise", zero_output: str = "drop") -> Trace:
+    """Read a trace of any supported format (see module docstring)."""
+    if on_error not in ("raise", "skip"):
+        raise TraceError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if zero_output not in ("drop", "error"):
+        raise TraceError(f"zero_output must be 'drop' or 'error', got {zero_output!r}")
+    path = resolve_trace_path(path_or_name)
+    kind = detect_format(path)
+    reader = {"azure": _read_azure, "burstgpt": _read_burstgpt, "mooncake": _read_mooncake}[kind]
+    dropped: Counter[str] = Counter()
+    arrivals, prompts, outputs, hashes = reader(path, on_error, zero_output, dropped)
+    if not arrivals:
+        raise TraceError(f"{path}: no usable request in the trace")
+    order = np.argsort(np.asarray(arrivals, dtype=np.float64), kind="stable")
+    arrival = np.asarray(arrivals, dtype=np.float64)[order]
+    return Trace(
+        arrival_s=arrival - arrival[0],
+        prompt_tokens=np.asarray(prompts, dtype=np.int64)[order],
+        output_tokens=np.asarray(outputs, dtype=np.int64)[order],
+        hash_ids=[hashes[i] for i in order] if hashes is not None else None,
+        source=str(path),
+        format=kind,
+        dropped=dict(dropped),
+    )
+
+
+def _int_field(row: dict, name: str, where: str, minimum: int) -> int:
+    raw = row.get(name)
+    try:
+        value = int(str(raw).strip())
+    except (TypeError, ValueError):
+        raise TraceError(f"{where}: field {name!r} is not an integer: {raw!r}") from None
+    if value < minimum:
+        raise TraceError(f"{where}: field {name!r} must be at least {minimum}, got {value}")
+    return value
+
+
+def _collect(rows, path: Path, parse, on_error: str, dropped: Counter) -> tuple[list, list, list, list | None]:
+    arrivals, prompts, outputs, hashes = [], [], [], []
+    for number, row in rows:
+        where = f"{path}:{number}"
+        try:
+            parsed = parse(row, where)
+        except TraceError:
+            if on_error == "raise":
+                raise
+            dropped["malformed rows"] += 1
+            continue
+        if parsed is None:
+            continue
+        arrivals.append(parsed[0])
+        prompts.append(parsed[1])
+        outputs.append(parsed[2])
+        hashes.append(parsed[3])
+    has_hashes = any(h is not None for h in hashes)
+    return arrivals, prompts, outputs, (hashes if has_hashes else None)
+
+
+def _csv_rows(path: Path):
+    with _open_text(path) as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            if None in row or any(value is None for value in row.values()):
+                yield reader.line_num, {"__malformed__": True}
+            else:
+                yield reader.line_num, row
+
+
+def _read_azure(path: Path, on_error: str, zero_output: str, dropped: Counter):
+    def parse(row: dict, where: str):
+        if row.get("__malformed__"):
+            raise TraceError(f"{where}: row does not have the header's columns")
+        try:
+            stamp = datetime.fromisoformat(str(row["TIMESTAMP"]).strip()).timestamp()
+        except ValueError:
+            raise TraceError(f"{where}: field 'TIMESTAMP' is not a timestamp: {row['TIMESTAMP']!r}") from None
+        prompt = _int_field(row, "ContextTokens", where, 1)
+        output = _int_field(row, "GeneratedTokens", where, 0)
+        if output == 0:
+            return _zero_output(where, zero_output, dropped)
+        return stamp, prompt, output, None
+
+    return _collect(_csv_rows(path), path, parse, on_error, dropped)
+
+
+def _zero_output(where: str, zero_output: str, dropped: Counter) -> None:
+    if zero_output == "error":
+        raise TraceError(f"{where}: zero output tokens (a failed request); pass zero_output='drop' to count and drop")
+    dropped["failed (zero response tokens)"] += 1
+    return None
+
+
+def _read_burstgpt(path: Path, on_error: str, zero_output: str, dropped: Counter):
+    def parse(row: dict, where: str):
+        if row.get("__malformed__"):
+            raise TraceError(f"{where}: row does not have the header's columns")
+        try:
+            stamp = float(str(row["Timestamp"]).strip())
+        except ValueError:
+            raise TraceError(f"{where}: field 'Timestamp' is not a number: {row['Timestamp']!r}") from None
+        prompt = _int_field(row, "Request tokens", where, 1)
+        output = _int_field(row, "Response tokens", where, 0)
+        if output == 0:
+            return _zero_output(where, zero_output, dropped)
+        return stamp, prompt, output, None
+
+    return _collect(_csv_rows(path), path, parse, on_error, dropped)
+
+
+def _read_mooncake(path: Path, on_error: str, zero_output: str, dropped: Counter):
+    def lines():
+        with _open_text(path) as handle:
+            for number, text in enumerate(handle, start=1):
+                if text.strip():
+                    yield number, text
+
+    def parse(text: str, where: str):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise TraceError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise TraceError(f"{where}: expected a JSON object")
+        for name in ("timestamp", "input_length", "output_length"):
+            if name not in row:
+                raise TraceError(f"{where}: field {name!r} is missing")
+        if isinstance(row["timestamp"], bool) or not isinstance(row["timestamp"], (int, float)):
+            raise TraceError(f"{where}: field 'timestamp' is not a number: {row['timestamp']!r}")
+        prompt = _int_field(row, "input_length", where, 1)
+        output = _int_field(row, "output_length", where, 0)
+        hash_ids = row.get("hash_ids", [])
+        if not isinstance(hash_ids, list) or not all(isinstance(h, int) for h in hash_ids):
+            raise TraceError(f"{where}: field 'hash_ids' must be a list of integers")
+        if len(hash_ids) > -(-prompt // MOONCAKE_BLOCK_TOKENS):
+            raise TraceError(f"{where}: field 'hash_ids' has more blocks than input_length covers")
+        if output == 0:
+            return _zero_output(where, zero_output, dropped)
+        return float(row["timestamp"]) / 1e3, prompt, output, tuple(hash_ids)
+
+    return _collect(lines(), path, parse, on_error, dropped)

@@ -1,0 +1,94 @@
+"""What a router can see: engine metrics as vLLM exports them (possibly stale), and its own bookkeeping.
+
+Snapshots carry vLLM's Prometheus names (``vllm:num_requests_running`` → ``num_requests_running`` ...).
+With a refresh interval Δ > 0 a policy deciding at time t sees the snapshot taken at ⌊t/Δ⌋·Δ, as a
+router scraping every Δ does; Δ = 0 gives the live state. The router's own counts (requests and prompt
+tokens it sent to each engine and has not seen finish) are always current. A request's true output
+length is hidden unless the cluster runs in oracle mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from envs.sim.request import SloClass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """One engine's scraped metrics at ``time_s``."""
+
+    time_s: float
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage_perc: float  # fraction in [0, 1], as vLLM exports it
+    num_gpu_blocks: int
+    block_size: int
+    prefix_cache_hits: int = 0
+    prefix_cache_queries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """Static facts of an engine a router is configured with."""
+
+    index: int
+    gpu: str
+    model: str
+    tp: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    kv_capacity_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a router knows of an arriving request; ``output_tokens`` is None unless in oracle mode."""
+
+    id: int
+    arrival_s: float
+    prompt_tokens: int
+    slo: SloClass
+    session_id: int = -1
+    output_tokens: int | None = None
+
+
+class ClusterView:
+    """Everything a routing policy may read at a decision.
+
+    Snapshots are taken on first access, so policies that never read engine metrics (round-robin,
+    least-outstanding) cost nothing for them.
+    """
+
+    __slots__ = (
+        "_snapshot_source",
+        "_snapshots",
+        "engines",
+        "now_s",
+        "outstanding_prompt_tokens",
+        "outstanding_requests",
+    )
+
+    def __init__(
+        self,
+        now_s: float,
+        engines: list[EngineInfo],
+        snapshots: list[EngineSnapshot] | Callable[[], list[EngineSnapshot]],
+        outstanding_requests: list[int],
+        outstanding_prompt_tokens: list[int],
+    ) -> None:
+        self.now_s, self.engines = now_s, engines
+        self.outstanding_requests, self.outstanding_prompt_tokens = outstanding_requests, outstanding_prompt_tokens
+        self._snapshots = None if callable(snapshots) else snapshots
+        self._snapshot_source = snapshots
+
+    @property
+    def snapshots(self) -> list[EngineSnapshot]:
+        if self._snapshots is None:
+            self._snapshots = self._snapshot_source()
+        return self._snapshots
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.engines)

@@ -1,0 +1,279 @@
+"""Workloads: the exogenous input process (arrival times, prompt and output lengths, SLO classes).
+
+A workload has its own seed, separate from the simulator's, so that policies are compared on identical
+arrivals. Arrivals of any rate shape come from one construction: a unit-rate renewal process (exponential
+gaps for Poisson, Gamma gaps with a chosen coefficient of variation for bursty traffic) mapped through the
+inverse of the cumulative rate Λ(t) (time rescaling), which covers constant, piecewise-constant and
+diurnal rates alike.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from envs.sim.request import Request, SloClass
+from envs.sim.traces import TRACE_DIR, Trace, TraceError, read_trace
+
+LENGTH_SAMPLES = {"arxiv": TRACE_DIR / "arxiv_summarization_lengths.csv.gz"}
+STREAMS = {"arrivals": 0, "lengths": 1, "slo": 2, "sessions": 3}
+
+
+class WorkloadError(ValueError):
+    """An impossible workload configuration; the message names the parameter."""
+
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+    return np.random.default_rng([seed, STREAMS[stream]])
+
+
+# -- arrival processes -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RateSchedule:
+    """Requests per second over time: ``pieces`` of (duration_s, rate) repeated, optionally with a sine.
+
+    ``rate(t) = piece_rate(t) * (1 + diurnal_amplitude * sin(2π t / diurnal_period_s))``; a single piece
+    is a constant rate. ``cv`` is the coefficient of variation of inter-arrival gaps (1 = Poisson,
+    > 1 bursty, < 1 regular).
+    """
+
+    pieces: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
+    cv: float = 1.0
+    diurnal_amplitude: float = 0.0
+    diurnal_period_s: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if not self.pieces or any(d <= 0 or r < 0 for d, r in self.pieces):
+            raise WorkloadError(f"rate pieces need positive durations and non-negative rates, got {self.pieces}")
+        if all(r == 0 for _, r in self.pieces):
+            raise WorkloadError("every rate piece is zero: no request would ever arrive")
+        if self.cv <= 0:
+            raise WorkloadError(f"cv must be positive, got {self.cv}")
+        if not 0 <= self.diurnal_amplitude < 1:
+            raise WorkloadError(f"diurnal_amplitude must be in [0, 1), got {self.diurnal_amplitude}")
+
+    def rate(self, t: np.ndarray) -> np.ndarray:
+        durations = np.array([d for d, _ in self.pieces])
+        rates = np.array([r for _, r in self.pieces])
+        edges = np.concatenate([[0.0], np.cumsum(durations)])
+        phase = np.mod(t, edges[-1])
+        piece = np.clip(np.searchsorted(edges, phase, side="right") - 1, 0, len(rates) - 1)
+        base = rates[piece]
+        if self.diurnal_amplitude:
+            base = base * (1 + self.diurnal_amplitude * np.sin(2 * np.pi * t / self.diurnal_period_s))
+        return base
+
+    def arrivals(self, count: int, rng: np.random.Generator, horizon_s: float | None = None) -> np.ndarray:
+        """``count`` arrival times (s), or all arrivals before ``horizon_s`` when given."""
+        shape = 1.0 / self.cv**2
+        mean_rate = float(np.mean([r for _, r in self.pieces]))
+        expected = count if horizon_s is None else int(horizon_s * mean_rate * 1.5) + 64
+        while True:
+            gaps = rng.gamma(shape, 1.0 / shape, size=expected)  # unit mean
+            unit_times = np.cumsum(gaps)
+            times = self._invert(unit_times)
+            if horizon_s is None and len(times) >= count:
+                return times[:count]
+            if horizon_s is not None and times[-1] >= horizon_s:
+                return times[times < horizon_s]
+            expected *= 2
+
+    def _invert(self, unit_times: np.ndarray) -> np.ndarray:
+        """Map unit-rate event times through Λ⁻¹ (Λ integrated on a fine grid)."""
+        step = min(min(d for d, _ in self.pieces) / 16, self.diurnal_period_s / 256 if self.diurnal_amplitude else 1e9)
+        mean_rate = float(np.mean([r for _, r in self.pieces]))
+        horizon = unit_times[-1] / max(mean_rate * (1 - self.diurnal_amplitude), 1e-12) * 1.05 + step
+        grid = np.arange(0.0, horizon + step, step)
+        midpoints = self.rate(grid[:-1] + step / 2)
+        cumulative = np.concatenate([[0.0], np.cumsum(midpoints * step)])
+        return np.interp(unit_times, cumulative, grid)
+
+
+# -- lengths -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LengthSampler:
+    """Prompt and output lengths: ``fixed``, ``lognormal`` (median and sigma of the log) or ``empirical``.
+
+    ``empirical`` draws (prompt, output) pairs jointly from ``source``: a built-in sample (``arxiv``,
+    ``azure_conv``, ``azure_code``) or a trace path.
+    """
+
+    kind: str = "fixed"
+    prompt: float = 512
+    output: float = 128
+    prompt_sigma: float = 0.0
+    output_sigma: float = 0.0
+    source: str = ""
+    max_prompt: int = 32768
+    max_output: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("fixed", "lognormal", "empirical"):
+            raise WorkloadError(f"lengths.kind must be fixed, lognormal or empirical, got {self.kind!r}")
+        if self.kind != "empirical" and (self.prompt < 1 or self.output < 1):
+            raise WorkloadError(f"prompt and output lengths must be at least 1, got {self.prompt}, {self.output}")
+        if self.kind == "empirical" and not self.source:
+            raise WorkloadError("empirical lengths need a source (arxiv, azure_conv, azure_code or a trace path)")
+
+    def sample(self, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self.kind == "fixed":
+            prompts, outputs = np.full(count, self.prompt), np.full(count, self.output)
+        elif self.kind == "lognormal":
+            prompts = self.prompt * np.exp(self.prompt_sigma * rng.standard_normal(count))
+            outputs = self.output * np.exp(self.output_sigma * rng.standard_normal(count))
+        else:
+            pool_prompts, pool_outputs = _length_pool(self.source)
+            index = rng.integers(0, len(pool_prompts), count)
+            prompts, outputs = pool_prompts[index], pool_outputs[index]
+        prompts = np.clip(np.rint(prompts), 1, self.max_prompt).astype(np.int64)
+        outputs = np.clip(np.rint(outputs), 1, self.max_output).astype(np.int64)
+        return prompts, outputs
+
+
+def _length_pool(source: str) -> tuple[np.ndarray, np.ndarray]:
+    if source in LENGTH_SAMPLES:
+        import pandas as pd
+
+        with gzip.open(LENGTH_SAMPLES[source], "rb") as handle:
+            frame = pd.read_csv(io.BytesIO(handle.read()))
+        return frame["num_prefill_tokens"].to_numpy(), frame["num_decode_tokens"].to_numpy()
+    trace = read_trace(source)
+    return trace.prompt_tokens, trace.output_tokens
+
+
+# -- SLO classes -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SloMix:
+    """Classes with weights; each request draws its class independently."""
+
+    classes: tuple[SloClass, ...] = (SloClass("default", ttft_s=2.0, tpot_s=0.1),)
+    weights: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        if len(self.classes) != len(self.weights) or not self.classes:
+            raise WorkloadError("slo classes and weights must be non-empty and of equal length")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise WorkloadError(f"slo weights must be non-negative with a positive sum, got {self.weights}")
+
+    @classmethod
+    def from_config(cls, entries: Sequence[dict] | None) -> SloMix:
+        """From ``[{name, ttft_s, tpot_s, e2e_s, weight}, ...]`` (hydra lists of dicts)."""
+        if not entries:
+            return cls()
+        classes, weights = [], []
+        for entry in entries:
+            entry = dict(entry)
+            weights.append(float(entry.pop("weight", 1.0)))
+            unknown = set(entry) - {"name", "ttft_s", "tpot_s", "e2e_s"}
+            if unknown:
+                raise WorkloadError(f"unknown SLO class field(s) {sorted(unknown)}")
+            classes.append(SloClass(**entry))
+        return cls(tuple(classes), tuple(weights))
+
+    def draw(self, count: int, rng: np.random.Generator) -> list[SloClass]:
+        probabilities = np.asarray(self.weights) / sum(self.weights)
+        picks = rng.choice(len(self.classes), size=count, p=probabilities)
+        return [self.classes[i] for i in picks]
+
+
+# -- workloads ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SyntheticWorkload:
+    """Arrivals from a :class:`RateSchedule`, lengths from a :class:`LengthSampler`, classes from a :class:`SloMix`.
+
+    Exactly one of ``num_requests`` and ``duration_s`` bounds the workload.
+    """
+
+    arrivals: RateSchedule = field(default_factory=RateSchedule)
+    lengths: LengthSampler = field(default_factory=LengthSampler)
+    slo: SloMix = field(default_factory=SloMix)
+    num_requests: int | None = 1000
+    duration_s: float | None = None
+    sessions: int = 0  # >0: each request belongs to one of this many chat sessions (for affinity and prefix reuse)
+
+    def __post_init__(self) -> None:
+        if (self.num_requests is None) == (self.duration_s is None):
+            raise WorkloadError("give exactly one of num_requests and duration_s")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise WorkloadError(f"num_requests must be at least 1, got {self.num_requests}")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise WorkloadError(f"duration_s must be positive, got {self.duration_s}")
+
+    def generate(self, seed: int) -> list[Request]:
+        times = self.arrivals.arrivals(self.num_requests or 0, _rng(seed, "arrivals"), horizon_s=self.duration_s)
+        prompts, outputs = self.lengths.sample(len(times), _rng(seed, "lengths"))
+        return _requests(times, prompts, outputs, self.slo, seed, self.sessions)
+
+
+@dataclass(frozen=True)
+class TraceWorkload:
+    """Replay of a real trace at its timestamps, rescaled (``rate_scale`` multiplies the rate, or
+    ``target_rate`` sets the mean requests/s), over a window of replay time (``start_s`` and
+    ``duration_s``, and at most ``num_requests``), shifted to start at 0.
+    """
+
+    path: str = "azure_conv"
+    rate_scale: float = 1.0
+    target_rate: float | None = None
+    start_s: float = 0.0
+    duration_s: float | None = None
+    num_requests: int | None = None
+    slo: SloMix = field(default_factory=SloMix)
+    on_error: str = "raise"
+    sessions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rate_scale <= 0:
+            raise WorkloadError(f"rate_scale must be positive, got {self.rate_scale}")
+        if self.target_rate is not None and self.target_rate <= 0:
+            raise WorkloadError(f"target_rate must be positive, got {self.target_rate}")
+
+    def trace(self) -> Trace:
+        return read_trace(self.path, on_error=self.on_error)
+
+    def generate(self, seed: int) -> list[Request]:
+        trace = self.trace()
+        scale = self.rate_scale if self.target_rate is None else self.target_rate / trace.mean_rate
+        times = trace.arrival_s / scale  # replay time: the window is in these seconds
+        keep = times >= self.start_s
+        if self.duration_s is not None:
+            keep &= times < self.start_s + self.duration_s
+        index = np.flatnonzero(keep)
+        if self.num_requests is not None:
+            index = index[: self.num_requests]
+        if len(index) == 0:
+            raise TraceError(f"{trace.source}: the chosen window holds no request")
+        times = times[index] - times[index[0]]
+        return _requests(times, trace.prompt_tokens[index], trace.output_tokens[index], self.slo, seed, self.sessions)
+
+
+def _requests(times, prompts, outputs, slo: SloMix, seed: int, sessions: int) -> list[Request]:
+    classes = slo.draw(len(times), _rng(seed, "slo"))
+    session_ids = _rng(seed, "sessions").integers(0, sessions, len(times)) if sessions > 0 else None
+    return [
+        Request(
+            id=i,
+            arrival_s=float(times[i]),
+            prompt_tokens=int(prompts[i]),
+            output_tokens=int(outputs[i]),
+            slo=classes[i],
+            session_id=int(session_ids[i]) if session_ids is not None else -1,
+        )
+        for i in range(len(times))
+    ]
+
+
+def offered_load(requests: Sequence[Request]) -> dict[str, float]:
+    """Mean arrival rate and token rates of a generated workload (for reports and sanity checks)."""
+    if len(requests) < 2:
+        return {"rate_rps": 0.0, "prompt_tok_s": 0.0, "output_tok_s": 0.0}
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    return {
+        "rate_rps": (len(requests) - 1) / span,
+        "prompt_tok_s": sum(r.prompt_tokens for r in requests) / span,
+        "output_tok_s": sum(r.output_tokens for r in requests) / span,
+    }
