@@ -126,6 +126,7 @@ class Engine:
         self.tokens_computed = 0
         self.preemptions = 0
         self.jumps = 0
+        self.min_free_blocks = self.total_blocks  # KV never over capacity iff this stays >= 0
         self._jump: tuple[float, np.ndarray, int, int] | None = None  # start, latencies, first step, used blocks
         self._decode_base: dict[int, float] = {}  # decode step time (s) of n sequences at zero KV
         kv_probe = 1 << 16
@@ -202,6 +203,7 @@ class Engine:
                 first, start = self.step_count + 1, env.now
                 self._jump = (start, latencies, first, self.total_blocks - self.free_blocks)
                 self.free_blocks -= blocks
+                self.min_free_blocks = min(self.min_free_blocks, self.free_blocks)
                 try:
                     yield env.timeout(float(latencies.sum()))
                 except simpy.Interrupt:  # a request arrived: stop after the step in progress
@@ -318,6 +320,7 @@ class Engine:
             demand = self.block_hist[step % self.block_size] if self.n_dec else 0
         self.free_blocks -= demand
         self._decode_blocks_for = step
+        self.min_free_blocks = min(self.min_free_blocks, self.free_blocks)
         budget = max(self.policy.token_budget(self), self.n_dec)
         left = budget - self.n_dec
         chunks: list[tuple[Request, int]] = []
@@ -334,6 +337,7 @@ class Engine:
             if request.state is not State.PREFILL:
                 continue
             self.free_blocks -= need
+            self.min_free_blocks = min(self.min_free_blocks, self.free_blocks)
             request.blocks += need
             chunks.append((request, chunk))
             left -= chunk

@@ -185,19 +185,19 @@ class SloMix:
 class SyntheticWorkload:
     """Arrivals from a :class:`RateSchedule`, lengths from a :class:`LengthSampler`, classes from a :class:`SloMix`.
 
-    Exactly one of ``num_requests`` and ``duration_s`` bounds the workload.
+    ``num_requests`` and ``duration_s`` bound the workload (at least one; both: whichever ends it first).
     """
 
     arrivals: RateSchedule = field(default_factory=RateSchedule)
     lengths: LengthSampler = field(default_factory=LengthSampler)
     slo: SloMix = field(default_factory=SloMix)
-    num_requests: int | None = 1000
+    num_requests: int | None = None
     duration_s: float | None = None
     sessions: int = 0  # >0: each request belongs to one of this many chat sessions (for affinity and prefix reuse)
 
     def __post_init__(self) -> None:
-        if (self.num_requests is None) == (self.duration_s is None):
-            raise WorkloadError("give exactly one of num_requests and duration_s")
+        if self.num_requests is None and self.duration_s is None:
+            raise WorkloadError("give num_requests or duration_s (or both) to bound the workload")
         if self.num_requests is not None and self.num_requests < 1:
             raise WorkloadError(f"num_requests must be at least 1, got {self.num_requests}")
         if self.duration_s is not None and self.duration_s <= 0:
@@ -205,6 +205,8 @@ class SyntheticWorkload:
 
     def generate(self, seed: int) -> list[Request]:
         times = self.arrivals.arrivals(self.num_requests or 0, _rng(seed, "arrivals"), horizon_s=self.duration_s)
+        if self.num_requests is not None:
+            times = times[: self.num_requests]
         prompts, outputs = self.lengths.sample(len(times), _rng(seed, "lengths"))
         return _requests(times, prompts, outputs, self.slo, seed, self.sessions)
 

@@ -1,0 +1,68 @@
+"""The engine against analytic expectations, and its decode jumps against step-by-step simulation."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from conftest import make_requests
+
+from envs.sim.cluster import InstanceGroup
+from envs.sim.engine import EngineConfig, VllmPolicy
+from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
+from perfmodel.batch import StepBatch
+from perfmodel.structural import StructuralModel
+
+
+@dataclass(frozen=True)
+class StepByStep(VllmPolicy):
+    """vLLM's policy with decode jumps disabled: every step is simulated on its own."""
+
+    supports_decode_jumps: bool = False
+
+
+def test_lone_request_ttft_and_tpot_equal_the_performance_model(run_cluster):
+    cluster, result = run_cluster(make_requests([(0.0, 1000, 50)]))
+    perf = StructuralModel("H100-SXM", "Llama-3-8B")
+    record = result.records().iloc[0]
+    prefill = perf.predict(StepBatch.prefill(1000)) / 1e3
+    decodes = [perf.predict(StepBatch.decode(1, 1000 + j)) / 1e3 for j in range(49)]
+    assert record["ttft_s"] == pytest.approx(prefill, rel=1e-9)
+    assert record["e2e_s"] == pytest.approx(prefill + sum(decodes), rel=1e-9)
+    assert record["tpot_s"] == pytest.approx(sum(decodes) / 49, rel=1e-9)
+    assert record["max_gap_s"] == pytest.approx(max(decodes), rel=1e-9)
+
+
+def test_static_batch_e2e_is_one_prefill_plus_its_decode_steps(run_cluster):
+    _, result = run_cluster(make_requests([(0.0, 500, 20)] * 8))
+    perf = StructuralModel("H100-SXM", "Llama-3-8B")
+    prefill = perf.predict(StepBatch.from_seqs([(500, 0)] * 8)) / 1e3
+    decodes = sum(perf.predict(StepBatch.decode(8, 8 * (500 + j))) / 1e3 for j in range(19))
+    np.testing.assert_allclose(result.records()["e2e_s"], prefill + decodes, rtol=1e-9)
+
+
+def test_long_prompt_is_chunked_by_the_token_budget(run_cluster):
+    groups = (InstanceGroup(1, EngineConfig(max_num_batched_tokens=2048)),)
+    _, result = run_cluster(make_requests([(0.0, 5000, 2)]), groups=groups)
+    perf = StructuralModel("H100-SXM", "Llama-3-8B")
+    chunks = [StepBatch.prefill(2048, 0), StepBatch.prefill(2048, 2048), StepBatch.prefill(904, 4096)]
+    assert result.records()["ttft_s"].iloc[0] == pytest.approx(sum(perf.predict(c) for c in chunks) / 1e3, rel=1e-9)
+
+
+@pytest.mark.parametrize("utilization", [0.9, 0.35])  # 0.35: KV so small that preemptions happen
+def test_decode_jumps_reproduce_step_by_step_simulation(run_cluster, utilization):
+    workload = SyntheticWorkload(
+        arrivals=RateSchedule(((1.0, 40.0),), cv=2.0),
+        lengths=LengthSampler("lognormal", prompt=800, output=300, prompt_sigma=0.8, output_sigma=0.8),
+        num_requests=400,
+    )
+    groups = (InstanceGroup(2, EngineConfig(gpu="A100-80GB", gpu_memory_utilization=utilization)),)
+    jumped_cluster, jumped = run_cluster(workload.generate(3), groups=groups)
+    stepped_cluster, stepped = run_cluster(workload.generate(3), groups=groups, policy=StepByStep())
+    assert sum(e.jumps for e in jumped_cluster.engines) > 100
+    assert sum(e.jumps for e in stepped_cluster.engines) == 0
+    a, b = jumped.records(), stepped.records()
+    for column in ("ttft_s", "e2e_s", "tpot_s", "max_gap_s", "queue_s"):
+        np.testing.assert_allclose(a[column], b[column], rtol=1e-9, atol=1e-12, err_msg=column)
+    assert (a["preemptions"] == b["preemptions"]).all()
+    if utilization < 0.5:
+        assert a["preemptions"].sum() > 0
