@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,export]"
 	touch $(STAMP)
 
-# The main job on the built-in default: the performance model's held-out accuracy report.
+# The main job on the built-in default scenario: simulate the Azure conversation trace on the
+# heterogeneous 4x H100 + 4x A100 cluster (hydra overrides go in ARGS="...").
 run: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m perfmodel report --plot outputs/perfmodel_report.png --csv outputs/perfmodel_report.csv
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) experiments/simulate.py $(ARGS)
+
+# Held-out accuracy of the performance model on real GPU measurements.
+report: $(STAMP)
+	$(PY) -m perfmodel report --plot outputs/perfmodel_report.png --csv outputs/perfmodel_report.csv
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q
@@ -33,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m perfmodel bench
+	$(PY) -m envs.sim.bench
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -21,7 +21,7 @@ class StepByStep(VllmPolicy):
 
 
 def test_lone_request_ttft_and_tpot_equal_the_performance_model(run_cluster):
-    cluster, result = run_cluster(make_requests([(0.0, 1000, 50)]))
+    _, result = run_cluster(make_requests([(0.0, 1000, 50)]))
     perf = StructuralModel("H100-SXM", "Llama-3-8B")
     record = result.records().iloc[0]
     prefill = perf.predict(StepBatch.prefill(1000)) / 1e3

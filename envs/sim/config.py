@@ -1,0 +1,84 @@
+"""Build clusters and workloads from plain mappings (hydra configs), naming every bad key.
+
+Clusters and workloads are data, so they are read here with validation; policies are code, so they
+arrive as hydra ``_target_`` objects and the simulator only checks their protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from envs.sim.cluster import ClusterConfig, ClusterConfigError, InstanceGroup
+from envs.sim.engine import EngineConfig
+from envs.sim.workload import LengthSampler, RateSchedule, SloMix, SyntheticWorkload, TraceWorkload, WorkloadError
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers to Python ones (no hard dependency on omegaconf here)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        pass
+    return value
+
+
+def _check_keys(mapping: Mapping, allowed: set[str], where: str, error: type[Exception]) -> None:
+    unknown = set(mapping) - allowed
+    if unknown:
+        raise error(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def cluster_from(mapping: Mapping) -> ClusterConfig:
+    """``{groups: [{name, count, engine: {gpu, model, tp, ...}}], snapshot_interval_s, oracle}``."""
+    mapping = _plain(mapping)
+    _check_keys(mapping, {"groups", "snapshot_interval_s", "oracle", "name"}, "cluster", ClusterConfigError)
+    engine_keys = {f.name for f in fields(EngineConfig)}
+    groups = []
+    for index, group in enumerate(mapping.get("groups") or []):
+        where = f"cluster.groups[{index}]"
+        _check_keys(group, {"name", "count", "engine"}, where, ClusterConfigError)
+        engine = group.get("engine") or {}
+        _check_keys(engine, engine_keys, f"{where}.engine", ClusterConfigError)
+        count = group.get("count", 1)
+        if not isinstance(count, int) or count < 0:
+            raise ClusterConfigError(f"{where}.count must be a non-negative integer, got {count!r}")
+        groups.append(InstanceGroup(count, EngineConfig(**engine), name=str(group.get("name", index))))
+    return ClusterConfig(
+        tuple(groups),
+        snapshot_interval_s=float(mapping.get("snapshot_interval_s", 0.0)),
+        oracle=bool(mapping.get("oracle", False)),
+    )
+
+
+def workload_from(mapping: Mapping) -> SyntheticWorkload | TraceWorkload:
+    """``{kind: trace, path, rate_scale, ...}`` or ``{kind: synthetic, arrivals: {...}, lengths: {...}, ...}``."""
+    mapping = dict(_plain(mapping))
+    kind = mapping.pop("kind", "synthetic")
+    mapping.pop("name", None)
+    slo = SloMix.from_config(mapping.pop("slo", None))
+    if kind == "trace":
+        _check_keys(mapping, {f.name for f in fields(TraceWorkload)} - {"slo"}, "workload", WorkloadError)
+        if not mapping.get("path") or mapping["path"] == "???":
+            raise WorkloadError("workload.path is required for a trace workload (a built-in name or a file)")
+        return TraceWorkload(**mapping, slo=slo)
+    if kind != "synthetic":
+        raise WorkloadError(f"workload.kind must be 'trace' or 'synthetic', got {kind!r}")
+    _check_keys(mapping, {"arrivals", "lengths", "num_requests", "duration_s", "sessions"}, "workload", WorkloadError)
+    arrivals = dict(mapping.pop("arrivals", None) or {})
+    _check_keys(
+        arrivals, {"rate", "pieces", "cv", "diurnal_amplitude", "diurnal_period_s"}, "workload.arrivals", WorkloadError
+    )
+    if "rate" in arrivals:
+        if "pieces" in arrivals:
+            raise WorkloadError("workload.arrivals: give rate or pieces, not both")
+        arrivals["pieces"] = [[1.0, arrivals.pop("rate")]]
+    if "pieces" in arrivals:
+        arrivals["pieces"] = tuple(tuple(float(x) for x in piece) for piece in arrivals["pieces"])
+    lengths = dict(mapping.pop("lengths", None) or {})
+    _check_keys(lengths, {f.name for f in fields(LengthSampler)}, "workload.lengths", WorkloadError)
+    return SyntheticWorkload(arrivals=RateSchedule(**arrivals), lengths=LengthSampler(**lengths), slo=slo, **mapping)

@@ -1,0 +1,136 @@
+"""Simulate a workload on a cluster under one routing and batching policy; print and save the outcome.
+
+    python experiments/simulate.py                                  # the built-in default scenario
+    python experiments/simulate.py workload=trace workload.path=my_trace.csv
+    python experiments/simulate.py cluster=h100x64 workload.rate_scale=100 policy=vllm_rr
+
+Writes into hydra's run directory: ``summary.json``, ``requests.parquet`` (one row per request),
+``latency_cdf.png`` and the resolved config (``.hydra/``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from envs.sim.cluster import Cluster, ClusterConfigError
+from envs.sim.config import cluster_from, workload_from
+from envs.sim.plots import latency_cdfs
+from envs.sim.traces import TraceError
+from envs.sim.workload import WorkloadError, offered_load
+
+SUMMARY_ROWS = (
+    ("requests", "num_requests", "{:,}"),
+    ("completed", "completed", "{:,}"),
+    ("rejected", "rejected", "{:,}"),
+    ("SLO attainment", "slo_attainment", "{:.1%}"),
+    ("goodput (req/s)", "goodput_rps", "{:.2f}"),
+    ("throughput (output tok/s)", "throughput_tok_s", "{:,.0f}"),
+    ("TTFT P50 / P99 (s)", ("ttft_p50_s", "ttft_p99_s"), "{:.3f} / {:.3f}"),
+    ("TPOT P50 / P99 (ms)", ("tpot_p50_s", "tpot_p99_s"), "ms"),
+    ("E2E P50 / P99 (s)", ("e2e_p50_s", "e2e_p99_s"), "{:.2f} / {:.2f}"),
+    ("preemptions", "preemptions", "{:,}"),
+    ("simulated time (s)", "sim_s", "{:,.1f}"),
+    ("wall time (s)", "wall_s", "{:.2f}"),
+    ("simulated requests per wall second", "requests_per_wall_s", "{:,.0f}"),
+)
+
+
+def _format(summary: dict[str, Any], key, fmt: str) -> str:
+    if fmt == "ms":
+        return " / ".join(f"{summary[k] * 1e3:.1f}" for k in key)
+    if isinstance(key, tuple):
+        return fmt.format(*(summary[k] for k in key))
+    return fmt.format(summary[key])
+
+
+def print_summary(summary: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, key, fmt in SUMMARY_ROWS:
+        table.add_row(label, _format(summary, key, fmt))
+    console = Console(width=100)
+    console.print(table)
+    instances = Table(title="per instance")
+    for column in ("#", "GPU", "completed", "TTFT P50 (s)", "TPOT P50 (ms)", "KV blocks", "preemptions"):
+        instances.add_column(column, justify="right")
+    for row in summary["per_instance"]:
+        instances.add_row(
+            str(row["instance"]),
+            row["gpu"],
+            str(row["completed"]),
+            f"{row['ttft_p50_s']:.3f}",
+            f"{row['tpot_p50_s'] * 1e3:.1f}",
+            f"{row['kv_blocks']:,}",
+            str(row["preemptions"]),
+        )
+    console.print(instances)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item"):
+        return _json_safe(value.item())
+    return value
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Build everything from ``cfg``, simulate, save the artefacts into ``out_dir``; returns the summary."""
+    workload = workload_from(cfg.workload)
+    cluster_config = cluster_from(cfg.cluster)
+    router, batch = instantiate(cfg.policy.router), instantiate(cfg.policy.batch)
+    requests = workload.generate(int(cfg.workload_seed))
+    cluster = Cluster(cluster_config, router, batch_policy=batch, seed=int(cfg.seed))
+    result = cluster.run(requests, until_s=cfg.until_s, progress=bool(cfg.progress))
+    records = result.records()
+    summary = result.summary()
+    summary["offered"] = offered_load(requests)
+    summary["scenario"] = {
+        "cluster": cfg.cluster.get("name", ""),
+        "workload": cfg.workload.get("name", ""),
+        "policy": cfg.policy.get("name", ""),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1) + "\n")
+    records.to_parquet(out_dir / "requests.parquet", index=False)
+    title = f"{summary['scenario']['workload']} on {summary['scenario']['cluster']} ({summary['scenario']['policy']})"
+    latency_cdfs(records, out_dir / "latency_cdf.png", title=title)
+    if not (out_dir / ".hydra").exists():
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    print_summary(summary, title)
+    print(f"outputs: {out_dir}")
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="simulate", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ClusterConfigError, WorkloadError, TraceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return float(summary["slo_attainment"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The simulate entry point end to end (hydra compose), and impossible configurations named clearly."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from envs.sim.cluster import ClusterConfigError
+from envs.sim.config import cluster_from, workload_from
+from envs.sim.workload import WorkloadError
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+from simulate import run  # noqa: E402
+
+SUMMARY_KEYS = {
+    "num_requests",
+    "completed",
+    "rejected",
+    "slo_attainment",
+    "goodput_rps",
+    "throughput_tok_s",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "tpot_p99_s",
+    "e2e_p50_s",
+    "e2e_p99_s",
+    "preemptions",
+    "sim_s",
+    "wall_s",
+}
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="simulate", overrides=["progress=false", *overrides])
+
+
+def test_default_scenario_composes_and_runs_on_a_window(tmp_path):
+    cfg = _compose("workload.num_requests=400")
+    summary = run(cfg, tmp_path)
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["num_requests"] == 400 and summary["completed"] + summary["rejected"] == 400
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["completed"] == summary["completed"]
+    records = pd.read_parquet(tmp_path / "requests.parquet")
+    assert len(records) == 400 and set(records["instance"]) <= set(range(8))
+    assert (tmp_path / "latency_cdf.png").stat().st_size > 10_000
+
+
+def test_policies_and_workloads_swap_by_config(tmp_path):
+    rr = run(_compose("policy=vllm_rr", "workload=poisson", "workload.num_requests=300"), tmp_path / "rr")
+    sarathi = run(_compose("policy=sarathi_lor", "workload=poisson", "workload.num_requests=300"), tmp_path / "s")
+    assert rr["scenario"]["policy"] == "vllm_rr" and sarathi["scenario"]["policy"] == "sarathi_lor"
+    assert rr["completed"] == sarathi["completed"] == 300
+
+
+def test_trace_workload_from_a_user_path(tmp_path):
+    sample = ROOT / "tests/envs/data/burstgpt_sample.csv"
+    summary = run(_compose("workload=trace", f"workload.path={sample}", "cluster=h100x8"), tmp_path)
+    assert summary["num_requests"] == 4  # two failed rows dropped and counted by the reader
+
+
+def test_command_line_reports_a_bad_config_in_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments/simulate.py"),
+            "progress=false",
+            "cluster=llama70b_tp4",
+            "cluster.groups.0.engine.tp=1",
+            "cluster.groups.0.engine.gpu=A100-40GB",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: group h100_tp4: Llama-2-70B does not fit 1x A100-40GB")
+    )
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ({"groups": []}, "the cluster has no instance"),
+        ({"groups": [{"count": 0, "engine": {}}]}, "the cluster has no instance"),
+        ({"groups": [{"count": 1, "engine": {"gpu": "H100-SXM", "modle": "x"}}]}, r"unknown key\(s\) \['modle'\]"),
+        ({"groups": [{"count": -1}]}, "count must be a non-negative integer"),
+    ],
+)
+def test_impossible_clusters_are_named(mapping, message):
+    with pytest.raises(ClusterConfigError, match=message):
+        cluster_from(mapping)
+
+
+def test_unknown_gpu_is_named_with_its_group():
+    from envs.sim.cluster import Cluster
+    from envs.sim.routing import RoundRobin
+
+    with pytest.raises(ClusterConfigError, match="group big: unknown GPU 'H900'"):
+        Cluster(cluster_from({"groups": [{"name": "big", "count": 1, "engine": {"gpu": "H900"}}]}), RoundRobin())
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [
+        ({"kind": "trace", "path": "???"}, "workload.path is required"),
+        ({"kind": "markov"}, "workload.kind must be"),
+        ({"kind": "synthetic", "num_requests": 10, "arrivals": {"rate": 1, "pieces": [[1, 1]]}}, "rate or pieces"),
+        ({"kind": "synthetic", "num_requests": 10, "lengths": {"kind": "fixed", "promt": 5}}, r"unknown key\(s\)"),
+    ],
+)
+def test_impossible_workloads_are_named(mapping, message):
+    with pytest.raises(WorkloadError, match=message):
+        workload_from(mapping)
+
+
+def test_readme_main_command_on_a_small_window(tmp_path):
+    """`make run` is `python experiments/simulate.py`; here on 300 requests of the default scenario."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments/simulate.py"),
+            "workload.num_requests=300",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SLO attainment" in result.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["num_requests"] == 300
+    assert (tmp_path / ".hydra" / "config.yaml").exists()
