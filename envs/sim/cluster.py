@@ -118,6 +118,7 @@ class Cluster:
     # -- the router's view -------------------------------------------------------------------------------
     def _snapshot(self, engine: Engine) -> EngineSnapshot:
         used = engine.used_blocks_at(self.env.now)
+        cache = engine.cache
         return EngineSnapshot(
             time_s=self.env.now,
             num_requests_running=engine.num_running,
@@ -125,6 +126,8 @@ class Cluster:
             kv_cache_usage_perc=used / engine.total_blocks,
             num_gpu_blocks=engine.total_blocks,
             block_size=engine.block_size,
+            prefix_cache_hits=cache.hit_tokens if cache else 0,
+            prefix_cache_queries=cache.query_tokens if cache else 0,
         )
 
     def view(self) -> ClusterView:
@@ -159,6 +162,7 @@ class Cluster:
                 request.slo,
                 request.session_id,
                 request.output_tokens if self.config.oracle else None,
+                request.hash_ids,
             )
             choice = self.router.route(info, self.view())
             if not isinstance(choice, (int, np.integer)) or not 0 <= choice < len(self.engines):

@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import simpy
 
+from envs.sim.prefix_cache import PrefixCache
 from envs.sim.request import Request, State
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import kv_capacity
@@ -81,6 +82,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     noise_sigma: float = 0.0  # lognormal sigma of a multiplicative step-time noise (0: deterministic)
+    enable_prefix_caching: bool = False
+    prefix_segment_tokens: int = 512  # tokens per prompt hash (Mooncake's hash_ids cover 512)
 
 
 class Engine:
@@ -127,6 +130,9 @@ class Engine:
         self.preemptions = 0
         self.jumps = 0
         self.min_free_blocks = self.total_blocks  # KV never over capacity iff this stays >= 0
+        self.cache = (
+            PrefixCache(config.prefix_segment_tokens, config.block_size) if config.enable_prefix_caching else None
+        )
         self._jump: tuple[float, np.ndarray, int, int] | None = None  # start, latencies, first step, used blocks
         self._decode_base: dict[int, float] = {}  # decode step time (s) of n sequences at zero KV
         kv_probe = 1 << 16
@@ -202,8 +208,7 @@ class Engine:
                 latencies, blocks = jump
                 first, start = self.step_count + 1, env.now
                 self._jump = (start, latencies, first, self.total_blocks - self.free_blocks)
-                self.free_blocks -= blocks
-                self.min_free_blocks = min(self.min_free_blocks, self.free_blocks)
+                self._take(blocks)
                 try:
                     yield env.timeout(float(latencies.sum()))
                 except simpy.Interrupt:  # a request arrived: stop after the step in progress
@@ -247,6 +252,20 @@ class Engine:
         if end > self.env.now:
             yield self.env.timeout(end - self.env.now)
         return latencies
+
+    def _take(self, blocks: int) -> None:
+        """Allocate ``blocks`` (the caller checked they fit), evicting cached prefixes if plain free blocks lack."""
+        if self.cache is not None:
+            plain = self.free_blocks - self.cache.evictable_blocks
+            if plain < blocks:
+                self.cache.evict(blocks - plain)
+        self.free_blocks -= blocks
+        self.min_free_blocks = min(self.min_free_blocks, self.free_blocks)
+
+    def _release_shared(self, request: Request) -> None:
+        if request.shared:
+            self.free_blocks += self.cache.release(request.shared)
+            request.shared, request.shared_blocks = [], 0
 
     def _noise(self, count: int) -> np.ndarray:
         if self.config.noise_sigma <= 0:
@@ -299,9 +318,9 @@ class Engine:
         left = max(self.policy.token_budget(self), self.n_dec) - self.n_dec
         if left <= 0:
             return False
-        head = self.waiting[0]
         demand = self.block_hist[(self.step_count + 1) % self.block_size]
-        return -(-min(head.prefill_target, left) // self.block_size) <= self.free_blocks - demand
+        _, _, _, need, revived = self._admission(self.waiting[0], left)
+        return need + revived <= self.free_blocks - demand
 
     def _next_finish_step(self) -> int:
         heap = self.finish_heap
@@ -318,9 +337,8 @@ class Engine:
             self._preempt_last(step)
             preempted = True
             demand = self.block_hist[step % self.block_size] if self.n_dec else 0
-        self.free_blocks -= demand
+        self._take(demand)
         self._decode_blocks_for = step
-        self.min_free_blocks = min(self.min_free_blocks, self.free_blocks)
         budget = max(self.policy.token_budget(self), self.n_dec)
         left = budget - self.n_dec
         chunks: list[tuple[Request, int]] = []
@@ -330,26 +348,32 @@ class Engine:
             if request.state is not State.PREFILL:  # preempted earlier in this loop
                 continue
             chunk = min(request.prefill_target - request.computed, left)
-            need = -(-(request.computed + chunk) // self.block_size) - request.blocks
+            need = -(-(request.computed + chunk) // self.block_size) - request.shared_blocks - request.blocks
             while need > self.free_blocks and request.state is State.PREFILL:
                 self._preempt_last(step)
                 preempted = True
             if request.state is not State.PREFILL:
                 continue
-            self.free_blocks -= need
-            self.min_free_blocks = min(self.min_free_blocks, self.free_blocks)
+            self._take(need)
             request.blocks += need
             chunks.append((request, chunk))
             left -= chunk
         while not preempted and self.waiting and left > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            chunk = min(request.prefill_target, left)
-            need = -(-chunk // self.block_size)
-            if need > self.free_blocks:
+            hits, hit_tokens, chunk, need, revived = self._admission(request, left)
+            if need + revived > self.free_blocks:
                 break
             self.waiting.popleft()
-            request.state, request.computed, request.blocks = State.PREFILL, 0, need
-            self.free_blocks -= need
+            if hits:
+                self.cache.hit_tokens += hit_tokens
+                self.free_blocks -= self.cache.acquire(request.hash_ids[:hits])
+                request.shared = list(request.hash_ids[:hits])
+                request.shared_blocks = hits * self.cache.blocks_per_segment
+                request.prefix_hit_tokens += hit_tokens
+            if self.cache is not None:
+                self.cache.query_tokens += request.prefill_target
+            request.state, request.computed, request.blocks = State.PREFILL, hit_tokens, need
+            self._take(need)
             self.running[request.id] = request
             self.prefilling[request.id] = request
             if math.isnan(request.first_scheduled_s):
@@ -368,6 +392,21 @@ class Engine:
         batch = StepBatch(tokens, n_dec + len(chunks), n_dec, pairs, kv, decode_kv)
         return batch, chunks, n_dec
 
+    def _admission(self, request: Request, left: int) -> tuple[int, int, int, int, int]:
+        """What admitting ``request`` with ``left`` budget takes: (cached segments, their tokens, first chunk,
+        new KV blocks, evictable blocks the hits revive). At least one prompt token is always computed."""
+        hits = hit_tokens = revived = shared_blocks = 0
+        if self.cache is not None and request.hash_ids:
+            usable = min(len(request.hash_ids), (request.prefill_target - 1) // self.cache.segment_tokens)
+            hits = self.cache.match(request.hash_ids[:usable])
+            if hits:
+                hit_tokens = hits * self.cache.segment_tokens
+                shared_blocks = hits * self.cache.blocks_per_segment
+                revived = self.cache.match_cost(request.hash_ids[:hits])
+        chunk = min(request.prefill_target - hit_tokens, left)
+        need = -(-(hit_tokens + chunk) // self.block_size) - shared_blocks
+        return hits, hit_tokens, chunk, need, revived
+
     def _preempt_last(self, step: int) -> None:
         """Preempt the most recently admitted running request (recompute), freeing its KV blocks."""
         victim = self.running[next(reversed(self.running))]
@@ -375,7 +414,7 @@ class Engine:
             done = self.step_count - victim.decode_entry_step
             ctx = victim.decode_entry_ctx + done
             held = -(-(ctx + 1) // self.block_size) if self._decode_blocks_for == step else -(-ctx // self.block_size)
-            self.free_blocks += held
+            self.free_blocks += held - victim.shared_blocks
             self.n_dec -= 1
             self.dec_ctx_sum -= ctx
             self.block_hist[(victim.decode_entry_step + 1 - victim.decode_entry_ctx) % self.block_size] -= 1
@@ -387,6 +426,7 @@ class Engine:
         else:
             self.free_blocks += victim.blocks
             del self.prefilling[victim.id]
+        self._release_shared(victim)
         del self.running[victim.id]
         victim.state, victim.computed, victim.blocks = State.WAITING, 0, 0
         victim.prefill_target = victim.prompt_tokens + victim.generated
@@ -408,7 +448,8 @@ class Engine:
                 continue
             done = self.step_count - request.decode_entry_step
             ctx = request.decode_entry_ctx + done
-            self.free_blocks += -(-ctx // self.block_size)
+            self.free_blocks += -(-ctx // self.block_size) - request.shared_blocks
+            self._release_shared(request)
             self.n_dec -= 1
             self.dec_ctx_sum -= ctx
             self.block_hist[(request.decode_entry_step + 1 - request.decode_entry_ctx) % self.block_size] -= 1
@@ -431,9 +472,12 @@ class Engine:
                 request.max_gap_s = max(request.max_gap_s, now - request.last_token_s)
             request.last_token_s = now
             del self.prefilling[request.id]
+            if self.cache is not None and request.hash_ids:
+                self._publish(request)
             if request.generated >= request.output_tokens:
                 self.free_blocks += request.blocks
                 request.blocks = 0
+                self._release_shared(request)
                 self._finish(request, now)
                 continue
             request.state = State.DECODE
@@ -445,6 +489,16 @@ class Engine:
             self.block_hist[(step + 1 - request.computed) % self.block_size] += 1
             finish = step + request.output_tokens - request.generated
             heapq.heappush(self.finish_heap, (finish, request.heap_version, request.id, request))
+
+    def _publish(self, request: Request) -> None:
+        """Share the request's freshly computed full prompt segments with later requests."""
+        full = min(len(request.hash_ids), request.prompt_tokens // self.cache.segment_tokens)
+        added = self.cache.publish(request.hash_ids[len(request.shared) : full])
+        if added:
+            converted = len(added) * self.cache.blocks_per_segment
+            request.blocks -= converted
+            request.shared.extend(added)
+            request.shared_blocks += converted
 
     def _finish(self, request: Request, now: float) -> None:
         request.state = State.FINISHED

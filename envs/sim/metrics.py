@@ -28,6 +28,7 @@ RECORD_COLUMNS = (
     "e2e_s",
     "max_gap_s",
     "preemptions",
+    "prefix_hit_tokens",
     "slo_met",
     "reject_reason",
 )
@@ -55,6 +56,7 @@ def record(request: Request) -> dict[str, Any]:
         "e2e_s": e2e,
         "max_gap_s": request.max_gap_s,
         "preemptions": request.preemptions,
+        "prefix_hit_tokens": request.prefix_hit_tokens,
         "slo_met": bool(finished and request.slo.met(ttft, tpot, e2e)),
         "reject_reason": request.reject_reason,
     }
@@ -121,6 +123,9 @@ def summarize(records: pd.DataFrame, engines: list[Engine], sim_s: float, wall_s
         "e2e_p99_s": _percentile(done["e2e_s"], 99),
         "queue_p50_s": _percentile(done["queue_s"], 50),
         "preemptions": preemptions,
+        "prefix_hit_rate": float(records["prefix_hit_tokens"].sum() / records["prompt_tokens"].sum())
+        if len(records)
+        else 0.0,
         "preemption_rate": preemptions / len(done) if len(done) else 0.0,
         "utilisation": float(np.mean([p["utilisation"] for p in per_instance])) if per_instance else 0.0,
         "sim_s": sim_s,

@@ -48,6 +48,7 @@ class Request:
     output_tokens: int
     slo: SloClass = field(default_factory=SloClass)
     session_id: int = -1
+    hash_ids: tuple[int, ...] = ()  # one hash per prefix segment of the prompt (prefix caching)
 
     state: State = State.PENDING
     instance: int = -1
@@ -66,6 +67,9 @@ class Request:
     max_gap_s: float = 0.0
     preemptions: int = 0
     reject_reason: str = ""
+    shared: list[int] = field(default_factory=list)  # prefix-cache segments this request references
+    shared_blocks: int = 0  # KV blocks those segments cover (not counted in ``blocks``)
+    prefix_hit_tokens: int = 0
 
     @property
     def max_kv_tokens(self) -> int:

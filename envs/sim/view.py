@@ -52,6 +52,7 @@ class RequestInfo:
     slo: SloClass
     session_id: int = -1
     output_tokens: int | None = None
+    hash_ids: tuple[int, ...] = ()  # prefix-segment hashes of the prompt (what a cache-aware router matches)
 
 
 class ClusterView:

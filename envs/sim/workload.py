@@ -211,6 +211,9 @@ class SyntheticWorkload:
         return _requests(times, prompts, outputs, self.slo, seed, self.sessions)
 
 
+SEGMENT_TOKENS = 512  # prompt tokens per prefix hash, as in Mooncake traces
+
+
 @dataclass(frozen=True)
 class TraceWorkload:
     """Replay of a real trace at its timestamps, rescaled (``rate_scale`` multiplies the rate, or
@@ -250,23 +253,41 @@ class TraceWorkload:
         if len(index) == 0:
             raise TraceError(f"{trace.source}: the chosen window holds no request")
         times = times[index] - times[index[0]]
-        return _requests(times, trace.prompt_tokens[index], trace.output_tokens[index], self.slo, seed, self.sessions)
+        hashes = [trace.hash_ids[i] for i in index] if trace.hash_ids is not None else None
+        return _requests(
+            times, trace.prompt_tokens[index], trace.output_tokens[index], self.slo, seed, self.sessions, hashes
+        )
 
 
-def _requests(times, prompts, outputs, slo: SloMix, seed: int, sessions: int) -> list[Request]:
+def session_hashes(session_id: int, prompt_tokens: int) -> tuple[int, ...]:
+    """Prefix hashes of a chat turn: every turn of a session shares its history's leading segments."""
+    return tuple((session_id << 20) | k for k in range(-(-prompt_tokens // SEGMENT_TOKENS)))
+
+
+def _requests(times, prompts, outputs, slo: SloMix, seed: int, sessions: int, hashes=None) -> list[Request]:
     classes = slo.draw(len(times), _rng(seed, "slo"))
     session_ids = _rng(seed, "sessions").integers(0, sessions, len(times)) if sessions > 0 else None
-    return [
-        Request(
-            id=i,
-            arrival_s=float(times[i]),
-            prompt_tokens=int(prompts[i]),
-            output_tokens=int(outputs[i]),
-            slo=classes[i],
-            session_id=int(session_ids[i]) if session_ids is not None else -1,
+    requests = []
+    for i in range(len(times)):
+        session = int(session_ids[i]) if session_ids is not None else -1
+        if hashes is not None:
+            hash_ids = tuple(hashes[i])
+        elif session >= 0:
+            hash_ids = session_hashes(session, int(prompts[i]))
+        else:
+            hash_ids = ()
+        requests.append(
+            Request(
+                id=i,
+                arrival_s=float(times[i]),
+                prompt_tokens=int(prompts[i]),
+                output_tokens=int(outputs[i]),
+                slo=classes[i],
+                session_id=session,
+                hash_ids=hash_ids,
+            )
         )
-        for i in range(len(times))
-    ]
+    return requests
 
 
 def offered_load(requests: Sequence[Request]) -> dict[str, float]:

@@ -48,14 +48,17 @@ def test_long_prompt_is_chunked_by_the_token_budget(run_cluster):
     assert result.records()["ttft_s"].iloc[0] == pytest.approx(sum(perf.predict(c) for c in chunks) / 1e3, rel=1e-9)
 
 
-@pytest.mark.parametrize("utilization", [0.9, 0.35])  # 0.35: KV so small that preemptions happen
-def test_decode_jumps_reproduce_step_by_step_simulation(run_cluster, utilization):
+@pytest.mark.parametrize(("utilization", "caching"), [(0.9, False), (0.35, False), (0.35, True)])
+def test_decode_jumps_reproduce_step_by_step_simulation(run_cluster, utilization, caching):
+    """0.35: KV so small that preemptions happen; with prefix caching, evictions too."""
     workload = SyntheticWorkload(
         arrivals=RateSchedule(((1.0, 40.0),), cv=2.0),
         lengths=LengthSampler("lognormal", prompt=800, output=300, prompt_sigma=0.8, output_sigma=0.8),
         num_requests=400,
+        sessions=25 if caching else 0,
     )
-    groups = (InstanceGroup(2, EngineConfig(gpu="A100-80GB", gpu_memory_utilization=utilization)),)
+    engine = EngineConfig(gpu="A100-80GB", gpu_memory_utilization=utilization, enable_prefix_caching=caching)
+    groups = (InstanceGroup(2, engine),)
     jumped_cluster, jumped = run_cluster(workload.generate(3), groups=groups)
     stepped_cluster, stepped = run_cluster(workload.generate(3), groups=groups, policy=StepByStep())
     assert sum(e.jumps for e in jumped_cluster.engines) > 100
@@ -64,5 +67,8 @@ def test_decode_jumps_reproduce_step_by_step_simulation(run_cluster, utilization
     for column in ("ttft_s", "e2e_s", "tpot_s", "max_gap_s", "queue_s"):
         np.testing.assert_allclose(a[column], b[column], rtol=1e-9, atol=1e-12, err_msg=column)
     assert (a["preemptions"] == b["preemptions"]).all()
+    assert (a["prefix_hit_tokens"] == b["prefix_hit_tokens"]).all()
+    if caching:
+        assert a["prefix_hit_tokens"].sum() > 0
     if utilization < 0.5:
         assert a["preemptions"].sum() > 0

@@ -19,6 +19,7 @@ ENGINES = [
     EngineConfig(gpu="A100-80GB", model="Llama-3-8B", gpu_memory_utilization=0.3, max_num_batched_tokens=2048),
     EngineConfig(gpu="L40S", model="Mistral-7B", max_num_seqs=16, noise_sigma=0.1),
     EngineConfig(gpu="A100-80GB", model="Llama-2-70B", tp=4, block_size=32),
+    EngineConfig(gpu="H100-SXM", model="Llama-3-8B", gpu_memory_utilization=0.25, enable_prefix_caching=True),
 ]
 
 
@@ -35,9 +36,10 @@ ENGINES = [
     sarathi=st.booleans(),
     round_robin=st.booleans(),
     stale=st.sampled_from([0.0, 0.1]),
+    sessions=st.sampled_from([0, 3, 30]),
 )
 def test_every_request_is_accounted_for_and_kv_stays_within_capacity(
-    engine_picks, rate, cv, prompt, output, sigma, count, seed, sarathi, round_robin, stale
+    engine_picks, rate, cv, prompt, output, sigma, count, seed, sarathi, round_robin, stale, sessions
 ):
     workload = SyntheticWorkload(
         arrivals=RateSchedule(((1.0, rate),), cv=cv),
@@ -74,6 +76,8 @@ def test_every_request_is_accounted_for_and_kv_stays_within_capacity(
         assert engine.min_free_blocks >= 0
         assert engine.free_blocks == engine.total_blocks  # every block came back
         assert engine.n_dec == 0 and engine.dec_ctx_sum == 0 and not engine.running and not engine.waiting
+        if engine.cache is not None:
+            assert not engine.cache.refs and engine.cache.evictable_blocks <= engine.total_blocks
         assert np.all(engine.step_latency[1 : engine.step_count + 1] > 0)
     assert len(cluster.finished) + len(cluster.rejected) == len(requests)
     assert sum(cluster.outstanding) == 0
