@@ -65,12 +65,13 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     console = Console(width=100)
     console.print(table)
     instances = Table(title="per instance")
-    for column in ("#", "GPU", "completed", "TTFT P50 (s)", "TPOT P50 (ms)", "KV blocks", "preemptions"):
+    for column in ("#", "GPU", "role", "completed", "TTFT P50 (s)", "TPOT P50 (ms)", "KV blocks", "preemptions"):
         instances.add_column(column, justify="right")
     for row in summary["per_instance"]:
         instances.add_row(
             str(row["instance"]),
             row["gpu"],
+            row["role"],
             str(row["completed"]),
             f"{row['ttft_p50_s']:.3f}",
             f"{row['tpot_p50_s'] * 1e3:.1f}",
@@ -97,12 +98,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     workload = workload_from(cfg.workload)
     cluster_config = cluster_from(cfg.cluster)
     router, batch = instantiate(cfg.policy.router), instantiate(cfg.policy.batch)
+    pools = instantiate(cfg.policy.pools) if cfg.policy.get("pools") else None
     requests = workload.generate(int(cfg.workload_seed))
-    cluster = Cluster(cluster_config, router, batch_policy=batch, seed=int(cfg.seed))
+    cluster = Cluster(cluster_config, router, batch_policy=batch, seed=int(cfg.seed), pool_policy=pools)
     result = cluster.run(requests, until_s=cfg.until_s, progress=bool(cfg.progress))
     records = result.records()
     summary = result.summary()
     summary["offered"] = offered_load(requests)
+    summary["flips"] = [{"time_s": t, "instance": i, "from": a, "to": b} for t, i, a, b in cluster.flips]
     summary["scenario"] = {
         "cluster": cfg.cluster.get("name", ""),
         "workload": cfg.workload.get("name", ""),

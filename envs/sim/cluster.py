@@ -1,7 +1,15 @@
 """The cluster: engines built from instance groups, the arrival process, the router and its view.
 
-The simulator never imports agents: the routing and batching policies arrive as objects satisfying the
-protocols of :mod:`envs.sim.routing` and :mod:`envs.sim.engine`.
+The simulator never imports agents: the routing, batching and pool policies arrive as objects
+satisfying the protocols of :mod:`envs.sim.routing` and :mod:`envs.sim.engine`.
+
+Prefill/decode disaggregation: engines of role ``prefill`` compute prompts and hand each request over
+to a decode-capable engine (role ``decode`` or ``both``) chosen by the router's ``route_decode`` (least
+outstanding requests if it has none); the KV moves in ``latency + bytes / bandwidth`` over the link
+between the two (``nvlink`` inside a node, ``network`` otherwise), the prefill engine holding it until
+then. A pool policy may flip roles every monitoring interval: ``stateless`` flips (Arrow) relabel at
+once and let in-flight work finish in place; ``drain`` flips stop routing to the instance, wait until it
+is idle, keep it down for ``restart_delay_s``, then bring it back in the new role.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import simpy
 from envs.sim.engine import BatchPolicy, Engine, EngineConfig, VllmPolicy
 from envs.sim.metrics import SimResult
 from envs.sim.request import Request, State
-from envs.sim.routing import RoutingPolicy
+from envs.sim.routing import PoolPolicy, RoutingPolicy
 from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
 from perfmodel.errors import PerfModelError
 from perfmodel.structural import StructuralModel
@@ -34,6 +42,22 @@ class InstanceGroup:
     count: int
     engine: EngineConfig = field(default_factory=EngineConfig)
     name: str = ""
+    node: str = ""  # engines of groups on the same non-empty node move KV over NVLink
+
+
+@dataclass(frozen=True)
+class KvLink:
+    """A KV-transfer link: one-way latency and bandwidth."""
+
+    bandwidth_gbps: float = 50.0  # GB/s (400 Gb/s RDMA)
+    latency_ms: float = 1.0
+
+    def seconds(self, num_bytes: float) -> float:
+        return self.latency_ms / 1e3 + num_bytes / (self.bandwidth_gbps * 1e9)
+
+
+ROLES = ("both", "prefill", "decode")
+DEFAULT_LINKS = {"network": KvLink(50.0, 1.0), "nvlink": KvLink(450.0, 0.01)}
 
 
 @dataclass(frozen=True)
@@ -43,6 +67,10 @@ class ClusterConfig:
     groups: tuple[InstanceGroup, ...]
     snapshot_interval_s: float = 0.0  # Δ: 0 = the router reads live engine state
     oracle: bool = False  # reveal true output lengths to the router (upper bounds only)
+    links: dict[str, KvLink] = field(default_factory=lambda: dict(DEFAULT_LINKS))
+    monitor_interval_s: float = 1.0  # how often a pool policy is asked to rebalance
+    flip: str = "stateless"  # stateless (Arrow: relabel, in-flight work finishes in place) or drain
+    restart_delay_s: float = 30.0  # a drained instance's downtime before it serves in its new role
 
     def __post_init__(self) -> None:
         if not self.groups or sum(g.count for g in self.groups) < 1:
@@ -50,8 +78,27 @@ class ClusterConfig:
         for index, group in enumerate(self.groups):
             if group.count < 0:
                 raise ClusterConfigError(f"group {group.name or index}: count must be non-negative")
+            if group.engine.role not in ROLES:
+                raise ClusterConfigError(
+                    f"group {group.name or index}: role must be one of {ROLES}, got {group.engine.role!r}"
+                )
+        roles = {g.engine.role for g in self.groups if g.count}
+        if "decode" in roles and not roles & {"prefill", "both"}:
+            raise ClusterConfigError("a decode pool without prefill instances: give a group of role prefill or both")
+        if "prefill" in roles and not roles & {"decode", "both"}:
+            raise ClusterConfigError("a prefill pool without decode instances: give a group of role decode or both")
         if self.snapshot_interval_s < 0:
             raise ClusterConfigError(f"snapshot_interval_s must be non-negative, got {self.snapshot_interval_s}")
+        if self.flip not in ("stateless", "drain"):
+            raise ClusterConfigError(f"flip must be 'stateless' or 'drain', got {self.flip!r}")
+        if self.monitor_interval_s <= 0 or self.restart_delay_s < 0:
+            raise ClusterConfigError("monitor_interval_s must be positive and restart_delay_s non-negative")
+        if not {"network", "nvlink"} <= set(self.links):
+            raise ClusterConfigError("links must define 'network' and 'nvlink'")
+
+    @property
+    def disaggregated(self) -> bool:
+        return any(g.engine.role == "prefill" and g.count for g in self.groups)
 
 
 class Cluster:
@@ -70,9 +117,13 @@ class Cluster:
         router: RoutingPolicy,
         batch_policy: BatchPolicy | None = None,
         seed: int = 0,
+        pool_policy: PoolPolicy | None = None,
     ) -> None:
-        self.config, self.router = config, router
+        self.config, self.router, self.pool_policy = config, router, pool_policy
         self.batch_policy = batch_policy or VllmPolicy()
+        self.nodes: list[str] = []
+        self.flips: list[tuple[float, int, str, str]] = []  # (time, instance, from role, to role)
+        self._pending = 0
         self.seed = seed
         self.env = simpy.Environment()
         self.finished: list[Request] = []
@@ -97,7 +148,9 @@ class Cluster:
                     )
                 except PerfModelError as error:
                     raise ClusterConfigError(f"group {group.name or group_index}: {error}") from None
+                engine.on_handoff = self._on_handoff
                 self.engines.append(engine)
+                self.nodes.append(group.node)
         self.infos = [
             EngineInfo(
                 eng.index,
@@ -136,7 +189,14 @@ class Cluster:
             snapshots = lambda: [self._snapshot(engine) for engine in self.engines]  # noqa: E731 (lazy)
         else:
             snapshots = self._snapshots
-        return ClusterView(self.env.now, self.infos, snapshots, list(self.outstanding), list(self.outstanding_prompt))
+        return ClusterView(
+            self.env.now,
+            self.infos,
+            snapshots,
+            list(self.outstanding),
+            list(self.outstanding_prompt),
+            [engine.role for engine in self.engines],
+        )
 
     def _refresh(self, requests: Sequence[Request]):
         """Take snapshots at the refresh ticks that precede some arrival (the only ticks anyone reads)."""
@@ -155,15 +215,7 @@ class Cluster:
         for request in requests:
             if request.arrival_s > env.now:
                 yield env.timeout(request.arrival_s - env.now)
-            info = RequestInfo(
-                request.id,
-                request.arrival_s,
-                request.prompt_tokens,
-                request.slo,
-                request.session_id,
-                request.output_tokens if self.config.oracle else None,
-                request.hash_ids,
-            )
+            info = self._request_info(request)
             choice = self.router.route(info, self.view())
             if not isinstance(choice, (int, np.integer)) or not 0 <= choice < len(self.engines):
                 raise ValueError(
@@ -171,18 +223,105 @@ class Cluster:
                     f"valid engines are 0..{len(self.engines) - 1}"
                 )
             choice = int(choice)
+            if self.engines[choice].role not in ("both", "prefill"):
+                raise ValueError(
+                    f"router {type(self.router).__name__} sent request {request.id} to engine {choice}, "
+                    f"whose role is {self.engines[choice].role}; new requests need a prefill instance"
+                )
             if self.engines[choice].submit(request):
                 self.outstanding[choice] += 1
                 self.outstanding_prompt[choice] += request.prompt_tokens
             else:
                 self.rejected.append(request)
+                self._pending -= 1
             if progress is not None:
                 progress.update(1)
+
+    def _request_info(self, request: Request) -> RequestInfo:
+        return RequestInfo(
+            request.id,
+            request.arrival_s,
+            request.prompt_tokens,
+            request.slo,
+            request.session_id,
+            request.output_tokens if self.config.oracle else None,
+            request.hash_ids,
+        )
 
     def _on_finish(self, request: Request) -> None:
         self.outstanding[request.instance] -= 1
         self.outstanding_prompt[request.instance] -= request.prompt_tokens
         self.finished.append(request)
+        self._pending -= 1
+
+    # -- prefill/decode disaggregation -------------------------------------------------------------------
+    def decode_candidates(self) -> list[int]:
+        return [e.index for e in self.engines if e.role in ("decode", "both")]
+
+    def _on_handoff(self, source: Engine, request: Request) -> None:
+        """A prefill finished on a prefill instance: choose a decode instance and move the KV there."""
+        candidates = self.decode_candidates()
+        info = self._request_info(request)
+        chooser = getattr(self.router, "route_decode", None)
+        if chooser is not None:
+            target = int(chooser(info, self.view()))
+            if target not in candidates:
+                raise ValueError(
+                    f"router {type(self.router).__name__} chose engine {target} to decode request "
+                    f"{request.id}; decode-capable engines are {candidates}"
+                )
+        else:
+            target = min(candidates, key=self.outstanding.__getitem__)
+        self.outstanding[source.index] -= 1
+        self.outstanding_prompt[source.index] -= request.prompt_tokens
+        self.outstanding[target] += 1
+        self.outstanding_prompt[target] += request.prompt_tokens
+        same_node = self.nodes[source.index] and self.nodes[source.index] == self.nodes[target]
+        link = self.config.links["nvlink" if same_node else "network"]
+        seconds = link.seconds(request.computed * source.perf.model.kv_bytes_per_token(source.perf.dtype))
+        request.transfer_s = seconds
+        self.env.process(self._transfer(source, self.engines[target], request, seconds))
+
+    def _transfer(self, source: Engine, target: Engine, request: Request, seconds: float):
+        yield self.env.timeout(seconds)
+        source.release_transferred(request)
+        if not target.submit_decode(request):
+            self.outstanding[target.index] -= 1
+            self.outstanding_prompt[target.index] -= request.prompt_tokens
+            self.rejected.append(request)
+            self._pending -= 1
+
+    # -- pool policies -----------------------------------------------------------------------------------
+    def _monitor(self):
+        """Ask the pool policy for flips every monitoring interval while requests remain."""
+        while self._pending > 0:
+            yield self.env.timeout(self.config.monitor_interval_s)
+            for index, role in self.pool_policy.rebalance(self.view()) or ():
+                self.flip(int(index), str(role))
+
+    def flip(self, index: int, role: str) -> None:
+        """Change an instance's role now (stateless) or after draining and a restart delay (drain)."""
+        engine = self.engines[index]
+        if role not in ROLES:
+            raise ValueError(f"pool policy asked for role {role!r} on engine {index}; roles are {ROLES}")
+        if engine.role == role or engine.role.startswith("draining"):
+            return
+        remaining = [e.role for e in self.engines if e is not engine] + [role]
+        if not {"prefill", "both"} & set(remaining) or not {"decode", "both"} & set(remaining):
+            return  # a flip that would leave no prefill or no decode instance is refused
+        self.flips.append((self.env.now, index, engine.role, role))
+        if self.config.flip == "stateless":
+            engine.role, engine.hands_off = role, role == "prefill"
+        else:
+            engine.role = f"draining->{role}"
+            self.env.process(self._drain(engine, role))
+
+    def _drain(self, engine: Engine, role: str):
+        poll = self.config.monitor_interval_s / 10
+        while not engine.idle:
+            yield self.env.timeout(poll)
+        yield self.env.timeout(self.config.restart_delay_s)
+        engine.role, engine.hands_off = role, role == "prefill"
 
     def run(self, requests: Sequence[Request], until_s: float | None = None, progress: bool = False) -> SimResult:
         """Simulate ``requests`` (fresh copies are not made: pass newly generated ones) to completion or ``until_s``."""
@@ -194,7 +333,10 @@ class Cluster:
 
             bar = tqdm(total=len(requests), desc="simulating", unit="req", mininterval=0.5)
         started = time.perf_counter()
+        self._pending = len(requests)
         self.env.process(self._arrivals(requests, bar))
+        if self.pool_policy is not None:
+            self.env.process(self._monitor())
         if self.config.snapshot_interval_s > 0 and requests:
             self.env.process(self._refresh(requests))
         self.env.run(until=until_s)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from envs.sim.cluster import ClusterConfig, ClusterConfigError, InstanceGroup
+from envs.sim.cluster import DEFAULT_LINKS, ClusterConfig, ClusterConfigError, InstanceGroup, KvLink
 from envs.sim.engine import EngineConfig
 from envs.sim.workload import LengthSampler, RateSchedule, SloMix, SyntheticWorkload, TraceWorkload, WorkloadError
 
@@ -36,22 +36,44 @@ def _check_keys(mapping: Mapping, allowed: set[str], where: str, error: type[Exc
 def cluster_from(mapping: Mapping) -> ClusterConfig:
     """``{groups: [{name, count, engine: {gpu, model, tp, ...}}], snapshot_interval_s, oracle}``."""
     mapping = _plain(mapping)
-    _check_keys(mapping, {"groups", "snapshot_interval_s", "oracle", "name"}, "cluster", ClusterConfigError)
+    allowed = {
+        "groups",
+        "snapshot_interval_s",
+        "oracle",
+        "name",
+        "links",
+        "monitor_interval_s",
+        "flip",
+        "restart_delay_s",
+    }
+    _check_keys(mapping, allowed, "cluster", ClusterConfigError)
     engine_keys = {f.name for f in fields(EngineConfig)}
     groups = []
     for index, group in enumerate(mapping.get("groups") or []):
         where = f"cluster.groups[{index}]"
-        _check_keys(group, {"name", "count", "engine"}, where, ClusterConfigError)
+        _check_keys(group, {"name", "count", "engine", "node"}, where, ClusterConfigError)
         engine = group.get("engine") or {}
         _check_keys(engine, engine_keys, f"{where}.engine", ClusterConfigError)
         count = group.get("count", 1)
         if not isinstance(count, int) or count < 0:
             raise ClusterConfigError(f"{where}.count must be a non-negative integer, got {count!r}")
-        groups.append(InstanceGroup(count, EngineConfig(**engine), name=str(group.get("name", index))))
+        groups.append(
+            InstanceGroup(
+                count, EngineConfig(**engine), name=str(group.get("name", index)), node=str(group.get("node") or "")
+            )
+        )
+    links = dict(DEFAULT_LINKS)
+    for name, link in (mapping.get("links") or {}).items():
+        _check_keys(link, {"bandwidth_gbps", "latency_ms"}, f"cluster.links.{name}", ClusterConfigError)
+        links[name] = KvLink(**link)
     return ClusterConfig(
         tuple(groups),
         snapshot_interval_s=float(mapping.get("snapshot_interval_s", 0.0)),
         oracle=bool(mapping.get("oracle", False)),
+        links=links,
+        monitor_interval_s=float(mapping.get("monitor_interval_s", 1.0)),
+        flip=str(mapping.get("flip", "stateless")),
+        restart_delay_s=float(mapping.get("restart_delay_s", 30.0)),
     )
 
 

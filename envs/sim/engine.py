@@ -82,6 +82,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     noise_sigma: float = 0.0  # lognormal sigma of a multiplicative step-time noise (0: deterministic)
+    role: str = "both"  # both (colocated), prefill or decode (disaggregated pools)
     enable_prefix_caching: bool = False
     prefix_segment_tokens: int = 512  # tokens per prompt hash (Mooncake's hash_ids cover 512)
 
@@ -101,6 +102,9 @@ class Engine:
     ) -> None:
         self.env, self.index, self.config, self.policy, self.rng = env, index, config, policy, rng
         self.on_finish = on_finish
+        self.role = config.role
+        self.hands_off = config.role == "prefill"  # finished prefills leave for a decode instance
+        self.on_handoff: Callable[[Engine, Request], None] | None = None  # set by a cluster with PD pools
         self.perf = perf or StructuralModel(config.gpu, config.model, tp=config.tp, dtype=config.dtype)
         capacity = kv_capacity(
             self.perf,
@@ -116,6 +120,7 @@ class Engine:
         self.running: dict[int, Request] = {}  # admission order
         self.prefilling: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
+        self.incoming: deque[Request] = deque()  # KV-ready requests handed over by a prefill instance
         # decode aggregates
         self.n_dec = 0
         self.dec_ctx_sum = 0  # KV tokens of all decodes before the next step
@@ -155,15 +160,42 @@ class Engine:
             return self._reject(
                 request, f"needs {needed} KV tokens, engine holds {self.total_blocks * self.block_size}"
             )
-        request.state, request.instance = State.WAITING, self.index
+        request.state, request.instance, request.prefill_instance = State.WAITING, self.index, self.index
         request.prefill_target = request.prompt_tokens
         self.waiting.append(request)
+        self._notify()
+        return True
+
+    def submit_decode(self, request: Request) -> bool:
+        """Accept a request whose prompt KV was computed elsewhere and has just arrived (PD handoff)."""
+        if -(-request.max_kv_tokens // self.block_size) > self.total_blocks:
+            return self._reject(
+                request,
+                f"decode needs {request.max_kv_tokens} KV tokens, engine {self.index} "
+                f"holds {self.total_blocks * self.block_size}",
+            )
+        request.state, request.instance = State.INCOMING, self.index
+        self.incoming.append(request)
+        self._notify()
+        return True
+
+    def release_transferred(self, request: Request) -> None:
+        """Free the KV of a request whose transfer to a decode instance completed."""
+        self.free_blocks += request.blocks
+        request.blocks = 0
+        self._release_shared(request)
+
+    def _notify(self) -> None:
+        """Wake an idle engine, or cut a decode jump so the new work joins at the next step boundary."""
         if not self._wake.triggered:
             self._wake.succeed()
         elif self._jump is not None and not self._interrupt_pending:
             self._interrupt_pending = True
             self.process.interrupt("arrival")
-        return True
+
+    @property
+    def idle(self) -> bool:
+        return not (self.running or self.waiting or self.incoming)
 
     def _reject(self, request: Request, reason: str) -> bool:
         request.state, request.instance, request.reject_reason = State.REJECTED, self.index, reason
@@ -199,7 +231,7 @@ class Engine:
     def _run(self):
         env = self.env
         while True:
-            if not self.running and not self.waiting:
+            if not self.running and not self.waiting and not self.incoming:
                 self._wake = env.event()
                 yield self._wake
                 continue
@@ -292,6 +324,8 @@ class Engine:
             return None
         if self.waiting and self._head_admissible():
             return None
+        if self.incoming and self._incoming_admissible():
+            return None
         steps = self._next_finish_step() - self.step_count
         if steps < 2:
             return None
@@ -311,6 +345,20 @@ class Engine:
         full, rest = divmod(steps, self.block_size)
         partial = sum(self.block_hist[(first + j) % self.block_size] for j in range(rest))
         return latencies, full * self.n_dec + partial
+
+    def _incoming_admissible(self) -> bool:
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        demand = self.block_hist[(self.step_count + 1) % self.block_size] if self.n_dec else 0
+        return -(-(self.incoming[0].computed + 1) // self.block_size) <= self.free_blocks - demand
+
+    def _admit_incoming(self) -> None:
+        """KV-ready requests join the decode set FCFS while sequences and blocks allow (they decode this step)."""
+        while self.incoming and self._incoming_admissible():
+            request = self.incoming.popleft()
+            self._take(-(-request.computed // self.block_size))
+            self.running[request.id] = request
+            self._join_decode(request, self.step_count)
 
     def _head_admissible(self) -> bool:
         if len(self.running) >= self.config.max_num_seqs:
@@ -332,6 +380,8 @@ class Engine:
     def _schedule(self) -> tuple[StepBatch, list[tuple[Request, int]], int] | None:
         step = self.step_count + 1
         preempted = False
+        if self.incoming:
+            self._admit_incoming()
         demand = self.block_hist[step % self.block_size] if self.n_dec else 0
         while demand > self.free_blocks and self.n_dec:
             self._preempt_last(step)
@@ -480,15 +530,24 @@ class Engine:
                 self._release_shared(request)
                 self._finish(request, now)
                 continue
-            request.state = State.DECODE
-            request.decode_entry_step, request.decode_entry_ctx = step, request.computed
-            request.decode_entry_generated = request.generated
+            if self.hands_off and self.on_handoff is not None:
+                request.state = State.TRANSFER  # keeps its KV blocks until the transfer completes
+                del self.running[request.id]
+                self.on_handoff(self, request)
+                continue
             request.blocks = 0  # from here on the decode aggregates account for its KV
-            self.n_dec += 1
-            self.dec_ctx_sum += request.computed
-            self.block_hist[(step + 1 - request.computed) % self.block_size] += 1
-            finish = step + request.output_tokens - request.generated
-            heapq.heappush(self.finish_heap, (finish, request.heap_version, request.id, request))
+            self._join_decode(request, step)
+
+    def _join_decode(self, request: Request, step: int) -> None:
+        """Enter the decode set after ``step``; its KV (``computed`` tokens) is accounted in aggregate from now."""
+        request.state = State.DECODE
+        request.decode_entry_step, request.decode_entry_ctx = step, request.computed
+        request.decode_entry_generated = request.generated
+        self.n_dec += 1
+        self.dec_ctx_sum += request.computed
+        self.block_hist[(step + 1 - request.computed) % self.block_size] += 1
+        finish = step + request.output_tokens - request.generated
+        heapq.heappush(self.finish_heap, (finish, request.heap_version, request.id, request))
 
     def _publish(self, request: Request) -> None:
         """Share the request's freshly computed full prompt segments with later requests."""

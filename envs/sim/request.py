@@ -29,6 +29,8 @@ class State(Enum):
     WAITING = "waiting"  # queued at an engine
     PREFILL = "prefill"  # running, prompt (or recompute) not finished
     DECODE = "decode"  # running, generating
+    TRANSFER = "transfer"  # prefilled on a prefill instance, KV on its way to a decode instance
+    INCOMING = "incoming"  # KV arrived at a decode instance, waiting for admission
     FINISHED = "finished"
     REJECTED = "rejected"
 
@@ -52,6 +54,8 @@ class Request:
 
     state: State = State.PENDING
     instance: int = -1
+    prefill_instance: int = -1  # where the prompt was computed (differs from ``instance`` after a PD handoff)
+    transfer_s: float = 0.0  # KV transfer time of a PD handoff
     generated: int = 0
     prefill_target: int = 0  # tokens this (re)prefill must compute: prompt + tokens generated before a preemption
     computed: int = 0  # KV tokens computed so far in the current prefill

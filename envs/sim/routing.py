@@ -17,6 +17,19 @@ class RoutingPolicy(Protocol):
     def route(self, request: RequestInfo, view: ClusterView) -> int: ...
 
 
+class PoolPolicy(Protocol):
+    """Every monitoring interval: which instances flip role (``[(index, "prefill"|"decode"|"both"), ...]``)."""
+
+    def rebalance(self, view: ClusterView) -> list[tuple[int, str]]: ...
+
+
+class StaticPools:
+    """Keep the configured prefill/decode ratio."""
+
+    def rebalance(self, view: ClusterView) -> list[tuple[int, str]]:
+        return []
+
+
 class RoundRobin:
     """Engines in turn, blind to load."""
 
@@ -24,8 +37,9 @@ class RoundRobin:
         self._next = 0
 
     def route(self, request: RequestInfo, view: ClusterView) -> int:
-        choice = self._next % view.num_engines
-        self._next = choice + 1
+        candidates = view.prefill_candidates
+        choice = candidates[self._next % len(candidates)]
+        self._next += 1
         return choice
 
 
@@ -33,5 +47,7 @@ class LeastOutstandingRequests:
     """The engine with the fewest requests the router sent and has not seen finish (ties: lowest index)."""
 
     def route(self, request: RequestInfo, view: ClusterView) -> int:
-        outstanding = view.outstanding_requests
-        return min(range(len(outstanding)), key=outstanding.__getitem__)
+        return min(view.prefill_candidates, key=view.outstanding_requests.__getitem__)
+
+    def route_decode(self, request: RequestInfo, view: ClusterView) -> int:
+        return min(view.decode_candidates, key=view.outstanding_requests.__getitem__)

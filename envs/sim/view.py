@@ -69,6 +69,7 @@ class ClusterView:
         "now_s",
         "outstanding_prompt_tokens",
         "outstanding_requests",
+        "roles",
     )
 
     def __init__(
@@ -78,8 +79,10 @@ class ClusterView:
         snapshots: list[EngineSnapshot] | Callable[[], list[EngineSnapshot]],
         outstanding_requests: list[int],
         outstanding_prompt_tokens: list[int],
+        roles: list[str] | None = None,
     ) -> None:
         self.now_s, self.engines = now_s, engines
+        self.roles = roles if roles is not None else ["both"] * len(engines)
         self.outstanding_requests, self.outstanding_prompt_tokens = outstanding_requests, outstanding_prompt_tokens
         self._snapshots = None if callable(snapshots) else snapshots
         self._snapshot_source = snapshots
@@ -93,3 +96,13 @@ class ClusterView:
     @property
     def num_engines(self) -> int:
         return len(self.engines)
+
+    @property
+    def prefill_candidates(self) -> list[int]:
+        """Engines that take new requests now (role prefill or both; not draining)."""
+        return [i for i, role in enumerate(self.roles) if role in ("both", "prefill")]
+
+    @property
+    def decode_candidates(self) -> list[int]:
+        """Engines that take decodes handed over from prefill instances (role decode or both)."""
+        return [i for i, role in enumerate(self.roles) if role in ("both", "decode")]

@@ -1,6 +1,7 @@
 """Properties that hold for any cluster and workload: nothing lost, KV within capacity, tokens conserved."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -37,9 +38,10 @@ ENGINES = [
     round_robin=st.booleans(),
     stale=st.sampled_from([0.0, 0.1]),
     sessions=st.sampled_from([0, 3, 30]),
+    disaggregated=st.booleans(),
 )
 def test_every_request_is_accounted_for_and_kv_stays_within_capacity(
-    engine_picks, rate, cv, prompt, output, sigma, count, seed, sarathi, round_robin, stale, sessions
+    engine_picks, rate, cv, prompt, output, sigma, count, seed, sarathi, round_robin, stale, sessions, disaggregated
 ):
     workload = SyntheticWorkload(
         arrivals=RateSchedule(((1.0, rate),), cv=cv),
@@ -56,6 +58,10 @@ def test_every_request_is_accounted_for_and_kv_stays_within_capacity(
     )
     requests = workload.generate(seed)
     groups = tuple(InstanceGroup(1, ENGINES[i]) for i in engine_picks)
+    if disaggregated:  # the first engine becomes the prefill pool, a copy of it the decode pool
+        first = groups[0].engine
+        groups = (InstanceGroup(1, replace(first, role="prefill")), InstanceGroup(1, replace(first, role="decode")),
+                  *groups[1:])
     cluster = Cluster(
         ClusterConfig(groups, snapshot_interval_s=stale),
         RoundRobin() if round_robin else LeastOutstandingRequests(),
@@ -81,6 +87,8 @@ def test_every_request_is_accounted_for_and_kv_stays_within_capacity(
         assert np.all(engine.step_latency[1 : engine.step_count + 1] > 0)
     assert len(cluster.finished) + len(cluster.rejected) == len(requests)
     assert sum(cluster.outstanding) == 0
+    if disaggregated:
+        assert all(r.prefill_instance != 1 for r in result.requests if r.state is State.FINISHED)
 
 
 def test_requests_that_can_never_fit_are_rejected_with_a_reason(run_cluster):
