@@ -105,6 +105,8 @@ class Engine:
         self.role = config.role
         self.hands_off = config.role == "prefill"  # finished prefills leave for a decode instance
         self.on_handoff: Callable[[Engine, Request], None] | None = None  # set by a cluster with PD pools
+        # called after every step with (engine, batch, latency in s): the feed of online refits (LENS)
+        self.step_observers: list[Callable[[Engine, StepBatch, float], None]] = []
         self.perf = perf or StructuralModel(config.gpu, config.model, tp=config.tp, dtype=config.dtype)
         capacity = kv_capacity(
             self.perf,
@@ -250,6 +252,13 @@ class Engine:
                 if steps:
                     self._record(first, latencies)
                     self.tokens_computed += self.n_dec * steps
+                    for observe in self.step_observers:  # costs per step only when someone listens
+                        for j in range(steps):
+                            observe(
+                                self,
+                                StepBatch.decode(self.n_dec, self.dec_ctx_sum + j * self.n_dec),
+                                float(latencies[j]),
+                            )
                 self.step_count += steps
                 self.dec_ctx_sum += steps * self.n_dec
                 self._complete_decodes()
@@ -266,6 +275,8 @@ class Engine:
             self._record(step, np.array([latency]))
             self.tokens_computed += batch.num_tokens
             yield env.timeout(latency)
+            for observe in self.step_observers:
+                observe(self, batch, latency)
             self.step_count = step
             self.dec_ctx_sum += n_dec
             self._complete_decodes()

@@ -37,8 +37,11 @@ def test_handoff_adds_the_kv_transfer_between_first_and_second_token(node, bandw
 
 
 def test_pd_cluster_loses_nothing_and_frees_all_kv():
-    workload = SyntheticWorkload(arrivals=RateSchedule(((1.0, 30.0),), cv=2.0),
-                                 lengths=LengthSampler("empirical", source="azure_conv"), num_requests=600)
+    workload = SyntheticWorkload(
+        arrivals=RateSchedule(((1.0, 30.0),), cv=2.0),
+        lengths=LengthSampler("empirical", source="azure_conv"),
+        num_requests=600,
+    )
     cluster = Cluster(_pd(2, 2), RoundRobin())
     records = cluster.run(workload.generate(0)).records()
     assert (records["state"] == "finished").all()
@@ -54,9 +57,11 @@ class StepByStep(VllmPolicy):
 
 
 def test_decode_instances_jump_exactly_as_they_step():
-    workload = SyntheticWorkload(arrivals=RateSchedule(((1.0, 25.0),), cv=2.0),
-                                 lengths=LengthSampler("lognormal", prompt=1500, output=300, prompt_sigma=0.7,
-                                                       output_sigma=0.9), num_requests=300)
+    workload = SyntheticWorkload(
+        arrivals=RateSchedule(((1.0, 25.0),), cv=2.0),
+        lengths=LengthSampler("lognormal", prompt=1500, output=300, prompt_sigma=0.7, output_sigma=0.9),
+        num_requests=300,
+    )
     a = Cluster(_pd(1, 2), LeastOutstandingRequests()).run(workload.generate(2)).records()
     b = Cluster(_pd(1, 2), LeastOutstandingRequests(), batch_policy=StepByStep()).run(workload.generate(2)).records()
     for column in ("ttft_s", "e2e_s", "max_gap_s"):
@@ -77,8 +82,9 @@ class FlipOnceAt:
 
 
 def test_stateless_flip_keeps_in_flight_prefills_in_place_for_decode():
-    workload = SyntheticWorkload(arrivals=RateSchedule(((1.0, 20.0),)),
-                                 lengths=LengthSampler(prompt=3000, output=50), num_requests=200)
+    workload = SyntheticWorkload(
+        arrivals=RateSchedule(((1.0, 20.0),)), lengths=LengthSampler(prompt=3000, output=50), num_requests=200
+    )
     cluster = Cluster(_pd(2, 1, monitor_interval_s=2.0), RoundRobin(), pool_policy=FlipOnceAt(1, "decode", 2.0))
     records = cluster.run(workload.generate(0)).records()
     assert cluster.flips == [(2.0, 1, "prefill", "decode")]
@@ -89,8 +95,9 @@ def test_stateless_flip_keeps_in_flight_prefills_in_place_for_decode():
 
 
 def test_drain_flip_takes_the_instance_out_for_the_restart_delay():
-    workload = SyntheticWorkload(arrivals=RateSchedule(((1.0, 10.0),)),
-                                 lengths=LengthSampler(prompt=500, output=50), num_requests=400)
+    workload = SyntheticWorkload(
+        arrivals=RateSchedule(((1.0, 10.0),)), lengths=LengthSampler(prompt=500, output=50), num_requests=400
+    )
     config = _pd(2, 1, monitor_interval_s=1.0, flip="drain", restart_delay_s=10.0)
     cluster = Cluster(config, RoundRobin(), pool_policy=FlipOnceAt(1, "decode", 5.0))
     records = cluster.run(workload.generate(0)).records()
@@ -109,11 +116,14 @@ def test_a_flip_that_would_empty_a_pool_is_refused():
     assert cluster.flips == [] and cluster.engines[0].role == "prefill"
 
 
-@pytest.mark.parametrize(("groups", "message"), [
-    ((InstanceGroup(2, DECODE),), "a decode pool without prefill instances"),
-    ((InstanceGroup(2, PREFILL),), "a prefill pool without decode instances"),
-    ((InstanceGroup(1, EngineConfig(role="mixed")),), "role must be one of"),
-])
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ((InstanceGroup(2, DECODE),), "a decode pool without prefill instances"),
+        ((InstanceGroup(2, PREFILL),), "a prefill pool without decode instances"),
+        ((InstanceGroup(1, EngineConfig(role="mixed")),), "role must be one of"),
+    ],
+)
 def test_impossible_pools_fail_at_start(groups, message):
     with pytest.raises(ClusterConfigError, match=message):
         ClusterConfig(groups)

@@ -72,3 +72,19 @@ def test_decode_jumps_reproduce_step_by_step_simulation(run_cluster, utilization
         assert a["prefix_hit_tokens"].sum() > 0
     if utilization < 0.5:
         assert a["preemptions"].sum() > 0
+
+
+def test_step_observers_see_every_step_with_its_batch_and_latency(run_cluster):
+    """The feed an online refit consumes: one call per step, jumps included, latencies as simulated."""
+    from envs.sim.cluster import Cluster, ClusterConfig
+    from envs.sim.routing import LeastOutstandingRequests
+
+    cluster = Cluster(ClusterConfig((InstanceGroup(1, EngineConfig()),)), LeastOutstandingRequests())
+    seen = []
+    cluster.engines[0].step_observers.append(lambda engine, batch, latency: seen.append((batch, latency)))
+    cluster.run(make_requests([(0.0, 1000, 50), (0.05, 300, 80)]))
+    engine = cluster.engines[0]
+    assert engine.jumps > 0 and len(seen) == engine.step_count
+    np.testing.assert_allclose([latency for _, latency in seen], engine.step_latency[1 : engine.step_count + 1])
+    perf = StructuralModel("H100-SXM", "Llama-3-8B")
+    np.testing.assert_allclose([latency for _, latency in seen], [perf.predict(b) / 1e3 for b, _ in seen], rtol=1e-9)

@@ -60,8 +60,11 @@ def test_every_request_is_accounted_for_and_kv_stays_within_capacity(
     groups = tuple(InstanceGroup(1, ENGINES[i]) for i in engine_picks)
     if disaggregated:  # the first engine becomes the prefill pool, a copy of it the decode pool
         first = groups[0].engine
-        groups = (InstanceGroup(1, replace(first, role="prefill")), InstanceGroup(1, replace(first, role="decode")),
-                  *groups[1:])
+        groups = (
+            InstanceGroup(1, replace(first, role="prefill")),
+            InstanceGroup(1, replace(first, role="decode")),
+            *groups[1:],
+        )
     cluster = Cluster(
         ClusterConfig(groups, snapshot_interval_s=stale),
         RoundRobin() if round_robin else LeastOutstandingRequests(),
