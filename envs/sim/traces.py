@@ -161,21 +161,26 @@ def _csv_rows(path: Path):
                 yield reader.line_num, row
 
 
-def _read_azure(path: Path, on_error: str, zero_output: str, dropped: Counter):
-    def parse(row: dict, where: str):
-        if row.get("__malformed__"):
-            raise TraceError(f"{where}: row does not have the header's columns")
-        try:
-            stamp = datetime.fromisoformat(str(row["TIMESTAMP"]).strip()).timestamp()
-        except ValueError:
-            raise TraceError(f"{where}: field 'TIMESTAMP' is not a timestamp: {row['TIMESTAMP']!r}") from None
-        prompt = _int_field(row, "ContextTokens", where, 1)
-        output = _int_field(row, "GeneratedTokens", where, 0)
-        if output == 0:
-            return _zero_output(where, zero_output, dropped)
-        return stamp, prompt, output, None
+def _csv_reader(time_column: str, parse_time, time_kind: str, prompt_column: str, output_column: str):
+    """A reader for a CSV trace with one timestamp, one prompt-length and one output-length column."""
 
-    return _collect(_csv_rows(path), path, parse, on_error, dropped)
+    def read(path: Path, on_error: str, zero_output: str, dropped: Counter):
+        def parse(row: dict, where: str):
+            if row.get("__malformed__"):
+                raise TraceError(f"{where}: row does not have the header's columns")
+            try:
+                stamp = parse_time(str(row[time_column]).strip())
+            except ValueError:
+                raise TraceError(f"{where}: field {time_column!r} is not {time_kind}: {row[time_column]!r}") from None
+            prompt = _int_field(row, prompt_column, where, 1)
+            output = _int_field(row, output_column, where, 0)
+            if output == 0:
+                return _zero_output(where, zero_output, dropped)
+            return stamp, prompt, output, None
+
+        return _collect(_csv_rows(path), path, parse, on_error, dropped)
+
+    return read
 
 
 def _zero_output(where: str, zero_output: str, dropped: Counter) -> None:
@@ -185,21 +190,14 @@ def _zero_output(where: str, zero_output: str, dropped: Counter) -> None:
     return None
 
 
-def _read_burstgpt(path: Path, on_error: str, zero_output: str, dropped: Counter):
-    def parse(row: dict, where: str):
-        if row.get("__malformed__"):
-            raise TraceError(f"{where}: row does not have the header's columns")
-        try:
-            stamp = float(str(row["Timestamp"]).strip())
-        except ValueError:
-            raise TraceError(f"{where}: field 'Timestamp' is not a number: {row['Timestamp']!r}") from None
-        prompt = _int_field(row, "Request tokens", where, 1)
-        output = _int_field(row, "Response tokens", where, 0)
-        if output == 0:
-            return _zero_output(where, zero_output, dropped)
-        return stamp, prompt, output, None
-
-    return _collect(_csv_rows(path), path, parse, on_error, dropped)
+_read_azure = _csv_reader(
+    "TIMESTAMP",
+    lambda text: datetime.fromisoformat(text).timestamp(),
+    "a timestamp",
+    "ContextTokens",
+    "GeneratedTokens",
+)
+_read_burstgpt = _csv_reader("Timestamp", float, "a number", "Request tokens", "Response tokens")
 
 
 def _read_mooncake(path: Path, on_error: str, zero_output: str, dropped: Counter):
