@@ -123,6 +123,7 @@ class Engine:
         self.prefilling: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
         self.incoming: deque[Request] = deque()  # KV-ready requests handed over by a prefill instance
+        self.transferring = 0  # requests handed over whose KV this engine still holds
         # decode aggregates
         self.n_dec = 0
         self.dec_ctx_sum = 0  # KV tokens of all decodes before the next step
@@ -186,6 +187,8 @@ class Engine:
         self.free_blocks += request.blocks
         request.blocks = 0
         self._release_shared(request)
+        self.transferring -= 1
+        self._notify()
 
     def _notify(self) -> None:
         """Wake an idle engine, or cut a decode jump so the new work joins at the next step boundary."""
@@ -197,7 +200,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not (self.running or self.waiting or self.incoming)
+        return not (self.running or self.waiting or self.incoming or self.transferring)
 
     def _reject(self, request: Request, reason: str) -> bool:
         request.state, request.instance, request.reject_reason = State.REJECTED, self.index, reason
@@ -265,7 +268,11 @@ class Engine:
                 self.jumps += 1
                 continue
             plan = self._schedule()
-            if plan is None:  # nothing can run until something else changes (cannot happen with valid submits)
+            if plan is None:
+                if self.transferring:  # KV held by outgoing transfers: wait until one completes
+                    self._wake = env.event()
+                    yield self._wake
+                    continue
                 raise RuntimeError(f"engine {self.index}: waiting requests but nothing schedulable and nothing running")
             batch, chunks, n_dec = plan
             latency = self.perf.predict(batch) / 1e3
@@ -544,6 +551,7 @@ class Engine:
             if self.hands_off and self.on_handoff is not None:
                 request.state = State.TRANSFER  # keeps its KV blocks until the transfer completes
                 del self.running[request.id]
+                self.transferring += 1
                 self.on_handoff(self, request)
                 continue
             request.blocks = 0  # from here on the decode aggregates account for its KV

@@ -1,6 +1,6 @@
 """Prefill/decode pools: handoff with KV transfer, role flips (stateless and drain), impossible pools."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -144,3 +144,17 @@ def test_colocated_instances_accept_handoffs_too():
     records = cluster.run(make_requests([(0.0, 800, 10), (0.01, 800, 10), (0.02, 800, 10)])).records()
     assert (records["state"] == State.FINISHED.value).all()
     assert set(records["instance"]) == {1}
+
+
+def test_prefill_instance_waits_for_transfers_to_free_its_kv():
+    """Found by the invariant search: a small prefill KV filled by outgoing transfers must not stall."""
+    engine = EngineConfig(gpu_memory_utilization=0.25, enable_prefix_caching=True)
+    groups = (InstanceGroup(1, replace(engine, role="prefill")), InstanceGroup(1, replace(engine, role="decode")))
+    workload = SyntheticWorkload(arrivals=RateSchedule(((1.0, 1.0),), cv=4.0),
+                                 lengths=LengthSampler("lognormal", prompt=2218, output=1, prompt_sigma=1.0,
+                                                       output_sigma=1.0, max_prompt=100_000, max_output=20_000),
+                                 num_requests=16)
+    cluster = Cluster(ClusterConfig(groups), LeastOutstandingRequests())
+    records = cluster.run(workload.generate(0)).records()
+    assert set(records["state"]) <= {"finished", "rejected"}
+    assert all(e.free_blocks == e.total_blocks and e.transferring == 0 for e in cluster.engines)

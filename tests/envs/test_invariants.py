@@ -24,7 +24,7 @@ ENGINES = [
 ]
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     engine_picks=st.lists(st.integers(0, len(ENGINES) - 1), min_size=1, max_size=3),
     rate=st.floats(1.0, 60.0),
