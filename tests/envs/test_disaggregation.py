@@ -150,10 +150,19 @@ def test_prefill_instance_waits_for_transfers_to_free_its_kv():
     """Found by the invariant search: a small prefill KV filled by outgoing transfers must not stall."""
     engine = EngineConfig(gpu_memory_utilization=0.25, enable_prefix_caching=True)
     groups = (InstanceGroup(1, replace(engine, role="prefill")), InstanceGroup(1, replace(engine, role="decode")))
-    workload = SyntheticWorkload(arrivals=RateSchedule(((1.0, 1.0),), cv=4.0),
-                                 lengths=LengthSampler("lognormal", prompt=2218, output=1, prompt_sigma=1.0,
-                                                       output_sigma=1.0, max_prompt=100_000, max_output=20_000),
-                                 num_requests=16)
+    workload = SyntheticWorkload(
+        arrivals=RateSchedule(((1.0, 1.0),), cv=4.0),
+        lengths=LengthSampler(
+            "lognormal",
+            prompt=2218,
+            output=1,
+            prompt_sigma=1.0,
+            output_sigma=1.0,
+            max_prompt=100_000,
+            max_output=20_000,
+        ),
+        num_requests=16,
+    )
     cluster = Cluster(ClusterConfig(groups), LeastOutstandingRequests())
     records = cluster.run(workload.generate(0)).records()
     assert set(records["state"]) <= {"finished", "rejected"}
