@@ -122,6 +122,7 @@ class Cluster:
         self.config, self.router, self.pool_policy = config, router, pool_policy
         self.batch_policy = batch_policy or VllmPolicy()
         self.nodes: list[str] = []
+        self._completion_hook = getattr(router, "observe_completion", None)
         self.flips: list[tuple[float, int, str, str]] = []  # (time, instance, from role, to role)
         self._pending = 0
         self.seed = seed
@@ -181,6 +182,13 @@ class Cluster:
             block_size=engine.block_size,
             prefix_cache_hits=cache.hit_tokens if cache else 0,
             prefix_cache_queries=cache.query_tokens if cache else 0,
+            pending_prefill_tokens=engine.pending_prefill_tokens,
+            num_decodes=engine.n_dec,
+            decode_kv_tokens=engine.dec_ctx_sum + engine.n_dec,
+            recent_tokens_per_step=engine.recent_tokens_per_step,
+            recent_step_ms=engine.recent_step_s * 1e3,
+            predicted_step_ms=engine.predicted_next_step_ms(),
+            role=engine.role,
         )
 
     def view(self) -> ClusterView:
@@ -253,6 +261,10 @@ class Cluster:
         self.outstanding_prompt[request.instance] -= request.prompt_tokens
         self.finished.append(request)
         self._pending -= 1
+        if self._completion_hook is not None:  # a router sees each response end, and its length
+            self._completion_hook(
+                self._request_info(request), request.instance, request.output_tokens, self.env.now - request.arrival_s
+            )
 
     # -- prefill/decode disaggregation -------------------------------------------------------------------
     def decode_candidates(self) -> list[int]:

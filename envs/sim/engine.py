@@ -37,10 +37,16 @@ from perfmodel.structural import StructuralModel
 
 
 class BatchPolicy(Protocol):
-    """How an engine forms its batch: the step's token budget (a knob LENS-like policies turn)."""
+    """How an engine forms its batch: the step's token budget (a knob LENS-like policies turn).
+
+    Optional members an engine uses when present: ``max_chunk_tokens`` (cap on one prefill chunk),
+    ``prefill_order`` (``"admission"`` or ``"shortest_remaining"`` for running prefills),
+    ``admit(engine, request, blocks) -> bool`` (veto an admission that would fit), ``choose_victim(engine)
+    -> Request`` (which running request to preempt), and ``attach(engine)`` (called once per engine).
+    """
 
     name: str
-    supports_decode_jumps: bool  # True when the budget cannot change during a decode-only stretch
+    supports_decode_jumps: bool  # True when jumps stay exact: the budget never shrinks below the decodes
 
     def token_budget(self, engine: Engine) -> int: ...
 
@@ -151,6 +157,18 @@ class Engine:
         )
         self._interrupt_pending = False
         self._wake = env.event()
+        self._chunk_cap = getattr(policy, "max_chunk_tokens", None) or (1 << 62)
+        self._shortest_first = getattr(policy, "prefill_order", "admission") == "shortest_remaining"
+        self._admit_hook = getattr(policy, "admit", None)
+        self._victim_hook = getattr(policy, "choose_victim", None)
+        # engine-pushed state (SynergySched-style): queued prefill work and recent step shape
+        self.waiting_tokens = 0  # prefill tokens of waiting requests
+        self.prefill_remaining = 0  # tokens running prefills still have to compute
+        self.recent_tokens_per_step = 0.0  # EWMA over steps
+        self.recent_step_s = 0.0  # EWMA over steps
+        attach = getattr(policy, "attach", None)
+        if attach is not None:
+            attach(self)
         self.process = env.process(self._run())
 
     # -- outside view ------------------------------------------------------------------------------------
@@ -166,6 +184,7 @@ class Engine:
         request.state, request.instance, request.prefill_instance = State.WAITING, self.index, self.index
         request.prefill_target = request.prompt_tokens
         self.waiting.append(request)
+        self.waiting_tokens += request.prefill_target
         self._notify()
         return True
 
@@ -255,6 +274,7 @@ class Engine:
                 if steps:
                     self._record(first, latencies)
                     self.tokens_computed += self.n_dec * steps
+                    self._remember(self.n_dec, float(latencies.mean()), steps)
                     for observe in self.step_observers:  # costs per step only when someone listens
                         for j in range(steps):
                             observe(
@@ -281,6 +301,7 @@ class Engine:
             step = self.step_count + 1
             self._record(step, np.array([latency]))
             self.tokens_computed += batch.num_tokens
+            self._remember(batch.num_tokens, latency)
             yield env.timeout(latency)
             for observe in self.step_observers:
                 observe(self, batch, latency)
@@ -321,6 +342,40 @@ class Engine:
         if self.config.noise_sigma <= 0:
             return np.ones(count)
         return np.exp(self.config.noise_sigma * self.rng.standard_normal(count))
+
+    EWMA_WEIGHT = 0.1  # per step
+
+    def _remember(self, tokens_per_step: float, latency_s: float, steps: int = 1) -> None:
+        keep = (1.0 - self.EWMA_WEIGHT) ** steps
+        self.recent_tokens_per_step = keep * self.recent_tokens_per_step + (1 - keep) * tokens_per_step
+        self.recent_step_s = keep * self.recent_step_s + (1 - keep) * latency_s
+
+    def predicted_next_step_ms(self) -> float:
+        """The performance model's latency of the next step: the decodes plus a prefill chunk of the budget."""
+        budget = max(self.config.max_num_batched_tokens, self.n_dec)
+        prefill = min(self.pending_prefill_tokens, budget - self.n_dec)
+        batch = StepBatch.decode(self.n_dec, self.dec_ctx_sum) if self.n_dec else StepBatch()
+        if prefill > 0:
+            batch = batch + StepBatch.prefill(prefill)
+        return self.perf.predict(batch)
+
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens queued or still prefilling here (what PRISM calls pending prefill tokens)."""
+        return self.waiting_tokens + self.prefill_remaining
+
+    def held_blocks(self, request: Request) -> int:
+        """KV blocks a running request holds exclusively (shared prefix blocks excluded)."""
+        if request.state is State.DECODE:
+            ctx = request.decode_entry_ctx + self.step_count - request.decode_entry_step
+            return -(-ctx // self.block_size) - request.shared_blocks
+        return request.blocks
+
+    def computed_tokens(self, request: Request) -> int:
+        """KV tokens a running request has computed (the work a preemption throws away)."""
+        if request.state is State.DECODE:
+            return request.decode_entry_ctx + self.step_count - request.decode_entry_step
+        return request.computed
 
     def _record(self, first_step: int, latencies: np.ndarray) -> None:
         last = first_step + len(latencies)
@@ -402,7 +457,7 @@ class Engine:
             self._admit_incoming()
         demand = self.block_hist[step % self.block_size] if self.n_dec else 0
         while demand > self.free_blocks and self.n_dec:
-            self._preempt_last(step)
+            self._preempt(step)
             preempted = True
             demand = self.block_hist[step % self.block_size] if self.n_dec else 0
         self._take(demand)
@@ -410,15 +465,18 @@ class Engine:
         budget = max(self.policy.token_budget(self), self.n_dec)
         left = budget - self.n_dec
         chunks: list[tuple[Request, int]] = []
-        for request in list(self.prefilling.values()):
+        prefilling = list(self.prefilling.values())
+        if self._shortest_first:
+            prefilling.sort(key=lambda r: r.prefill_target - r.computed)
+        for request in prefilling:
             if left <= 0:
                 break
             if request.state is not State.PREFILL:  # preempted earlier in this loop
                 continue
-            chunk = min(request.prefill_target - request.computed, left)
+            chunk = min(request.prefill_target - request.computed, left, self._chunk_cap)
             need = -(-(request.computed + chunk) // self.block_size) - request.shared_blocks - request.blocks
             while need > self.free_blocks and request.state is State.PREFILL:
-                self._preempt_last(step)
+                self._preempt(step)
                 preempted = True
             if request.state is not State.PREFILL:
                 continue
@@ -431,7 +489,11 @@ class Engine:
             hits, hit_tokens, chunk, need, revived = self._admission(request, left)
             if need + revived > self.free_blocks:
                 break
+            if self._admit_hook is not None and not self._admit_hook(self, request, need + revived):
+                break
             self.waiting.popleft()
+            self.waiting_tokens -= request.prefill_target
+            self.prefill_remaining += request.prefill_target - hit_tokens
             if hits:
                 self.cache.hit_tokens += hit_tokens
                 self.free_blocks -= self.cache.acquire(request.hash_ids[:hits])
@@ -471,13 +533,14 @@ class Engine:
                 hit_tokens = hits * self.cache.segment_tokens
                 shared_blocks = hits * self.cache.blocks_per_segment
                 revived = self.cache.match_cost(request.hash_ids[:hits])
-        chunk = min(request.prefill_target - hit_tokens, left)
+        chunk = min(request.prefill_target - hit_tokens, left, self._chunk_cap)
         need = -(-(hit_tokens + chunk) // self.block_size) - shared_blocks
         return hits, hit_tokens, chunk, need, revived
 
-    def _preempt_last(self, step: int) -> None:
-        """Preempt the most recently admitted running request (recompute), freeing its KV blocks."""
-        victim = self.running[next(reversed(self.running))]
+    def _preempt(self, step: int) -> None:
+        """Preempt a running request (recompute), freeing its KV blocks: the most recently admitted unless
+        the batch policy chooses."""
+        victim = self._victim_hook(self) if self._victim_hook else self.running[next(reversed(self.running))]
         if victim.state is State.DECODE:
             done = self.step_count - victim.decode_entry_step
             ctx = victim.decode_entry_ctx + done
@@ -493,11 +556,13 @@ class Engine:
             victim.max_gap_s = max(victim.max_gap_s, self._max_latency(victim.decode_entry_step, self.step_count))
         else:
             self.free_blocks += victim.blocks
+            self.prefill_remaining -= victim.prefill_target - victim.computed
             del self.prefilling[victim.id]
         self._release_shared(victim)
         del self.running[victim.id]
         victim.state, victim.computed, victim.blocks = State.WAITING, 0, 0
         victim.prefill_target = victim.prompt_tokens + victim.generated
+        self.waiting_tokens += victim.prefill_target
         victim.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(victim)
@@ -531,6 +596,7 @@ class Engine:
             if request.state is not State.PREFILL:
                 continue
             request.computed += chunk
+            self.prefill_remaining -= chunk
             if request.computed < request.prefill_target:
                 continue
             request.generated += 1  # the last prefill chunk samples a token

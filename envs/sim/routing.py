@@ -12,7 +12,12 @@ from envs.sim.view import ClusterView, RequestInfo
 
 
 class RoutingPolicy(Protocol):
-    """Chooses an engine for each arriving request."""
+    """Chooses an engine for each arriving request.
+
+    Optional members the cluster uses when present: ``route_decode(request, view) -> int`` (the decode
+    instance of a prefill/decode handoff) and ``observe_completion(request, instance, output_tokens,
+    e2e_s)`` (a router sees every response end and its length).
+    """
 
     def route(self, request: RequestInfo, view: ClusterView) -> int: ...
 

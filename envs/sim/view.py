@@ -27,6 +27,14 @@ class EngineSnapshot:
     block_size: int
     prefix_cache_hits: int = 0
     prefix_cache_queries: int = 0
+    # Engine-pushed state beyond vLLM's exporter (SynergySched's engines push these to PRISM):
+    pending_prefill_tokens: int = 0  # prompt tokens queued or still prefilling
+    num_decodes: int = 0  # running sequences past their prefill
+    decode_kv_tokens: int = 0  # KV tokens resident for those decodes
+    recent_tokens_per_step: float = 0.0  # EWMA of tokens per step (scheduling mode)
+    recent_step_ms: float = 0.0  # EWMA of step latency (observed inter-token time)
+    predicted_step_ms: float = 0.0  # performance-model prediction of the next step
+    role: str = "both"
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,7 @@ def test_every_request_is_accounted_for_and_kv_stays_within_capacity(
         assert engine.min_free_blocks >= 0
         assert engine.free_blocks == engine.total_blocks  # every block came back
         assert engine.n_dec == 0 and engine.dec_ctx_sum == 0 and not engine.running and not engine.waiting
+        assert engine.waiting_tokens == 0 and engine.prefill_remaining == 0
         if engine.cache is not None:
             assert not engine.cache.refs and engine.cache.evictable_blocks <= engine.total_blocks
         assert np.all(engine.step_latency[1 : engine.step_count + 1] > 0)
