@@ -1,1 +1,1 @@
-
+"""Scheduling policies over the simulator's protocols: routing, batching, pools; evaluation."""

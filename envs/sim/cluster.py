@@ -122,7 +122,9 @@ class Cluster:
         self.config, self.router, self.pool_policy = config, router, pool_policy
         self.batch_policy = batch_policy or VllmPolicy()
         self.nodes: list[str] = []
-        self._completion_hook = getattr(router, "observe_completion", None)
+        hooks = [router] if pool_policy is None or pool_policy is router else [router, pool_policy]
+        self._completion_hooks = [h.observe_completion for h in hooks if hasattr(h, "observe_completion")]
+        self._arrival_hooks = [h.observe_arrival for h in hooks if hasattr(h, "observe_arrival")]
         self.flips: list[tuple[float, int, str, str]] = []  # (time, instance, from role, to role)
         self._pending = 0
         self.seed = seed
@@ -224,6 +226,8 @@ class Cluster:
             if request.arrival_s > env.now:
                 yield env.timeout(request.arrival_s - env.now)
             info = self._request_info(request)
+            for hook in self._arrival_hooks:
+                hook(info)
             choice = self.router.route(info, self.view())
             if not isinstance(choice, (int, np.integer)) or not 0 <= choice < len(self.engines):
                 raise ValueError(
@@ -261,10 +265,8 @@ class Cluster:
         self.outstanding_prompt[request.instance] -= request.prompt_tokens
         self.finished.append(request)
         self._pending -= 1
-        if self._completion_hook is not None:  # a router sees each response end, and its length
-            self._completion_hook(
-                self._request_info(request), request.instance, request.output_tokens, self.env.now - request.arrival_s
-            )
+        for hook in self._completion_hooks:  # a router sees each response end, and its length
+            hook(self._request_info(request), request.instance, request.output_tokens, self.env.now - request.arrival_s)
 
     # -- prefill/decode disaggregation -------------------------------------------------------------------
     def decode_candidates(self) -> list[int]:

@@ -1,0 +1,1 @@
+"""Routing policies: classic, cache-aware and predictive (see each module)."""

@@ -1,0 +1,110 @@
+"""Prefix-cache-aware routers: llm-d's weighted scorer and SGLang's cache-aware policy.
+
+Both keep the router's own approximate index of which prompt segments each engine holds — the hashes it
+sent there, least recently used dropped first once the engine's KV capacity is covered — as llm-d's
+prefix scorer and SGLang's router tree do, without reading the engines' caches.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from agents.routing.classic import LeastResidentDecode, argmin
+from envs.sim.view import ClusterView, RequestInfo
+
+SEGMENT_TOKENS = 512
+
+
+class PrefixIndex:
+    """Per-engine LRU sets of prompt-segment hashes sent there."""
+
+    def __init__(self) -> None:
+        self._sets: dict[int, OrderedDict[int, None]] = {}
+
+    def match(self, engine: int, hashes: tuple[int, ...]) -> int:
+        """Leading segments of ``hashes`` this router believes ``engine`` holds."""
+        held = self._sets.get(engine)
+        count = 0
+        if held is None:
+            return 0
+        for h in hashes:
+            if h not in held:
+                break
+            count += 1
+        return count
+
+    def size(self, engine: int) -> int:
+        return len(self._sets.get(engine, ()))
+
+    def add(self, engine: int, hashes: tuple[int, ...], capacity_segments: int) -> None:
+        held = self._sets.setdefault(engine, OrderedDict())
+        for h in hashes:
+            held[h] = None
+            held.move_to_end(h)
+        while len(held) > capacity_segments:
+            held.popitem(last=False)
+
+
+def _capacity_segments(view: ClusterView, engine: int) -> int:
+    return max(1, view.engines[engine].kv_capacity_tokens // SEGMENT_TOKENS)
+
+
+class WeightedScorer(LeastResidentDecode):
+    """llm-d's scheduler: the highest weighted sum of scorers, each in [0, 1].
+
+    prefix = share of the prompt's segments the engine is believed to hold; queue = 1 − waiting /
+    the most waiting anywhere; KV = 1 − KV usage. Weights default to llm-d's (prefix 2, queue 1, KV 1).
+    """
+
+    def __init__(self, prefix_weight: float = 2.0, queue_weight: float = 1.0, kv_weight: float = 1.0) -> None:
+        super().__init__()
+        self.weights = (prefix_weight, queue_weight, kv_weight)
+        self.index = PrefixIndex()
+
+    def scores(self, request: RequestInfo, view: ClusterView) -> dict[int, float]:
+        candidates = view.prefill_candidates
+        most_waiting = max(view.snapshots[i].num_requests_waiting for i in candidates)
+        out = {}
+        for i in candidates:
+            s = view.snapshots[i]
+            prefix = self.index.match(i, request.hash_ids) / len(request.hash_ids) if request.hash_ids else 0.0
+            queue = 1.0 - s.num_requests_waiting / most_waiting if most_waiting else 1.0
+            out[i] = self.weights[0] * prefix + self.weights[1] * queue + self.weights[2] * (1 - s.kv_cache_usage_perc)
+        return out
+
+    def route(self, request: RequestInfo, view: ClusterView) -> int:
+        scores = self.scores(request, view)
+        choice = argmin(list(scores), lambda i: -scores[i])
+        self.index.add(choice, request.hash_ids, _capacity_segments(view, choice))
+        return choice
+
+
+class PrefixAware(LeastResidentDecode):
+    """SGLang's cache-aware routing (Preble's idea): follow a long cached prefix unless load is imbalanced.
+
+    Imbalanced when the most and least loaded engines (outstanding requests) differ by more than
+    ``balance_abs`` and by a factor above ``balance_rel``: then the least loaded. Otherwise the engine
+    with the longest believed prefix match if it covers at least ``match_threshold`` of the prompt's
+    segments, else the engine whose believed cache is smallest (fewest outstanding on ties).
+    """
+
+    def __init__(self, balance_abs: int = 32, balance_rel: float = 1.1, match_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.balance_abs, self.balance_rel, self.match_threshold = balance_abs, balance_rel, match_threshold
+        self.index = PrefixIndex()
+
+    def route(self, request: RequestInfo, view: ClusterView) -> int:
+        candidates = view.prefill_candidates
+        load = view.outstanding_requests
+        most, least = max(load[i] for i in candidates), min(load[i] for i in candidates)
+        if most - least > self.balance_abs and most > self.balance_rel * least:
+            choice = argmin(candidates, load.__getitem__)
+        else:
+            matches = {i: self.index.match(i, request.hash_ids) for i in candidates}
+            best = argmin(candidates, lambda i: -matches[i])
+            if request.hash_ids and matches[best] / len(request.hash_ids) >= self.match_threshold:
+                choice = best
+            else:
+                choice = argmin(candidates, lambda i: (self.index.size(i), load[i]))
+        self.index.add(choice, request.hash_ids, _capacity_segments(view, choice))
+        return choice

@@ -1,0 +1,126 @@
+"""Predictive routers built on the performance model: SynergySched's PRISM and Block-style prediction.
+
+Both read what engines push beyond vLLM's exporter (pending prefill tokens, predicted next-step latency,
+recent tokens per step, resident decodes: see :class:`envs.sim.view.EngineSnapshot`) and each engine's
+static facts, from which they build the same structural model the engines are calibrated with.
+"""
+
+from __future__ import annotations
+
+import math
+
+from agents.routing.classic import LeastResidentDecode, argmin
+from agents.routing.common import LocalCorrection, OutputEstimate
+from envs.sim.view import ClusterView, EngineInfo, RequestInfo
+from perfmodel.batch import StepBatch
+from perfmodel.capacity import predict_ttft
+from perfmodel.structural import StructuralModel
+
+
+class EngineModels:
+    """One structural model per (GPU, model, TP) an engine runs, built on first use."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str, int], StructuralModel] = {}
+
+    def __call__(self, info: EngineInfo) -> StructuralModel:
+        key = (info.gpu, info.model, info.tp)
+        if key not in self._models:
+            self._models[key] = StructuralModel(info.gpu, info.model, tp=info.tp)
+        return self._models[key]
+
+    def prefill_capacity(self, info: EngineInfo) -> float:
+        """Tokens per second the engine computes with full token budgets (PRISM's capacity)."""
+        budget = info.max_num_batched_tokens
+        return budget / (self(info).predict(StepBatch.prefill(budget)) / 1e3)
+
+
+class Prism(LeastResidentDecode):
+    """PRISM (SynergySched): score each engine, route to the highest.
+
+    ``s_lat = max(0, 1 − min(predicted step latency / SLO_TPOT, 5))``; ``s_load = 1 − tanh(pending
+    prefill tokens / capacity / 1 s)`` with the prompts routed since the last push added to the pending
+    count (the decision-lag correction); ``s_mode`` = 1, 0.5, 0 when recent tokens per step are < 256,
+    ≤ 1024, larger (latency-optimised, balanced, throughput mode); ``s_kv`` = 1 if the request's session
+    was last routed to this engine within ``affinity_window_s``. Weights 1 by default. Capacity in
+    tokens/s is what makes it hardware-aware in a heterogeneous cluster.
+    """
+
+    def __init__(
+        self,
+        slo_tpot_s: float = 0.05,
+        affinity_window_s: float = 300.0,
+        weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    ) -> None:
+        super().__init__()
+        self.slo_tpot_s, self.affinity_window_s, self.weights = slo_tpot_s, affinity_window_s, tuple(weights)
+        self.correction = LocalCorrection()
+        self.models = EngineModels()
+        self._capacity: dict[int, float] = {}
+        self._sessions: dict[int, tuple[int, float]] = {}
+
+    def scores(self, request: RequestInfo, view: ClusterView) -> dict[int, float]:
+        w_lat, w_load, w_mode, w_kv = self.weights
+        last = self._sessions.get(request.session_id) if request.session_id >= 0 else None
+        out = {}
+        for i in view.prefill_candidates:
+            s = view.snapshots[i]
+            if i not in self._capacity:
+                self._capacity[i] = self.models.prefill_capacity(view.engines[i])
+            s_lat = max(0.0, 1.0 - min(s.predicted_step_ms / 1e3 / self.slo_tpot_s, 5.0))
+            pending = s.pending_prefill_tokens + self.correction.tokens(view, i)
+            s_load = 1.0 - math.tanh(pending / self._capacity[i] / 1.0)
+            tokens = s.recent_tokens_per_step
+            s_mode = 1.0 if tokens < 256 else 0.5 if tokens <= 1024 else 0.0
+            s_kv = 1.0 if last is not None and last[0] == i and view.now_s - last[1] <= self.affinity_window_s else 0.0
+            out[i] = w_lat * s_lat + w_load * s_load + w_mode * s_mode + w_kv * s_kv
+        return out
+
+    def route(self, request: RequestInfo, view: ClusterView) -> int:
+        scores = self.scores(request, view)
+        choice = argmin(list(scores), lambda i: -scores[i])
+        self.correction.record(view, choice, request)
+        if request.session_id >= 0:
+            self._sessions[request.session_id] = (choice, view.now_s)
+        return choice
+
+
+class BlockPredictive(LeastResidentDecode):
+    """Block-style routing: predict the request's end-to-end latency on every engine, take the best.
+
+    Each candidate's prediction walks its queue with the performance model: TTFT through the pending
+    prefill tokens (pushed, plus prompts routed since) with its running decodes held fixed, then the
+    expected output length (the request's own in oracle mode, else the observed mean) at the TPOT of
+    its decode batch with this request added. Reading of Block (arXiv 2508.03611), whose length
+    predictor is replaced by the router's running mean.
+    """
+
+    def __init__(self, output_prior: float = 256.0) -> None:
+        super().__init__()
+        self.correction = LocalCorrection()
+        self.models = EngineModels()
+        self.outputs = OutputEstimate(output_prior)
+
+    def predicted_e2e_s(self, request: RequestInfo, view: ClusterView, i: int) -> float:
+        s, info = view.snapshots[i], view.engines[i]
+        perf = self.models(info)
+        running = StepBatch.decode(s.num_decodes, max(0, s.decode_kv_tokens - s.num_decodes)) if s.num_decodes else None
+        queued = s.pending_prefill_tokens + self.correction.tokens(view, i)
+        ttft = predict_ttft(
+            perf,
+            request.prompt_tokens,
+            queued_prefill_tokens=queued,
+            running=running,
+            max_num_batched_tokens=info.max_num_batched_tokens,
+        )
+        batch = StepBatch.decode(s.num_decodes + 1, max(0, s.decode_kv_tokens - s.num_decodes) + request.prompt_tokens)
+        tpot = perf.predict(batch)
+        return (ttft + (self.outputs.expected(request) - 1) * tpot) / 1e3
+
+    def route(self, request: RequestInfo, view: ClusterView) -> int:
+        choice = argmin(view.prefill_candidates, lambda i: self.predicted_e2e_s(request, view, i))
+        self.correction.record(view, choice, request)
+        return choice
+
+    def observe_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
+        self.outputs.update(output_tokens)
