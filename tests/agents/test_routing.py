@@ -1,0 +1,142 @@
+"""Each router's decision rule pinned on small hand-built states."""
+
+import pytest
+from conftest import info, request, snap, view
+
+from agents.routing.cache_aware import PrefixAware, WeightedScorer
+from agents.routing.classic import (
+    JoinShortestQueue,
+    LeastKvUsage,
+    LeastResidentDecode,
+    PowerOfTwoChoices,
+    RandomRouter,
+    TokenAware,
+)
+from agents.routing.predictive import BlockPredictive, Prism
+
+
+def test_jsq_counts_snapshot_queues_plus_what_it_sent_since():
+    router = JoinShortestQueue()
+    v = view([snap(running=3, waiting=1), snap(running=2, waiting=0), snap(running=2, waiting=1)])
+    assert router.route(request(), v) == 1  # 2 < 3 < 4
+    assert router.route(request(), v) == 1  # 1 now has 2 + 1 routed since = 3: tie with 2 goes to the lower index
+    assert router.route(request(), v) == 2
+    fresh = view([snap(time_s=0.1, running=3, waiting=1), snap(time_s=0.1, running=2), snap(time_s=0.1, running=2)])
+    assert router.route(request(), fresh) == 1  # a new snapshot resets the correction
+
+
+def test_least_kv_usage_includes_prompt_blocks_sent_since():
+    router = LeastKvUsage()
+    v = view([snap(kv=0.30), snap(kv=0.29)])
+    assert router.route(request(prompt=20_000), v) == 1
+    assert router.route(request(), v) == 0  # 0.29 + 20000 / (25000 * 16) = 0.34 > 0.30
+
+
+def test_power_of_two_picks_the_less_loaded_of_two_and_is_seeded():
+    picks = [PowerOfTwoChoices(seed=3).route(request(), view([snap()] * 4, outstanding=[5, 1, 9, 1])) for _ in range(2)]
+    assert picks[0] == picks[1]
+    router = PowerOfTwoChoices(seed=0)
+    choices = [router.route(request(), view([snap()] * 3, outstanding=[0, 10, 20])) for _ in range(200)]
+    assert 2 not in choices  # the most loaded never wins a pair
+    assert set(choices) == {0, 1}
+
+
+def test_random_router_is_seeded_and_uniform():
+    a = [RandomRouter(seed=1).route(request(), view([snap()] * 4)) for _ in range(3)]
+    router = RandomRouter(seed=1)
+    counts = [0] * 4
+    for _ in range(4000):
+        counts[router.route(request(), view([snap()] * 4))] += 1
+    assert len(set(a)) == 1 and min(counts) > 900
+
+
+def test_token_aware_weighs_pending_prompt_tokens_and_expected_decodes():
+    router = TokenAware(output_prior=100)
+    v = view([snap(pending=5000), snap(pending=0)], outstanding=[1, 60])
+    assert router.load(v, 0) == 5000 + 100 and router.load(v, 1) == 6000
+    assert router.route(request(prompt=500), v) == 0
+    router.observe_completion(request(), 0, 10_100, 1.0)  # mean output learns: 100 + 0.01 * 10000 = 200
+    assert router.outputs.mean == pytest.approx(200)
+
+
+def test_decode_placement_prefers_least_resident_tokens_among_decode_instances():
+    router = LeastResidentDecode()
+    v = view(
+        [snap(decode_kv=0, role="prefill"), snap(decode_kv=9000, role="decode"), snap(decode_kv=4000, role="decode")]
+    )
+    assert router.route_decode(request(prompt=6000), v) == 2
+    assert router.route_decode(request(prompt=100), v) == 1  # 2 now holds 4000 + 6000
+
+
+def test_llmd_scorer_sums_prefix_queue_and_kv_scores():
+    router = WeightedScorer()
+    v = view([snap(waiting=4, kv=0.5), snap(waiting=0, kv=0.9)])
+    scores = router.scores(request(hashes=(1, 2)), v)
+    assert scores[0] == pytest.approx(2 * 0 + (1 - 4 / 4) + 0.5)
+    assert scores[1] == pytest.approx(2 * 0 + 1 + 0.1)
+    assert router.route(request(hashes=(1, 2)), v) == 1
+    assert router.scores(request(hashes=(1, 2, 3, 4)), v)[1] == pytest.approx(2 * 0.5 + 1 + 0.1)
+
+
+def test_prefix_aware_follows_the_prefix_unless_load_is_imbalanced():
+    router = PrefixAware(balance_abs=4, balance_rel=1.5)
+    balanced = view([snap(), snap()], outstanding=[3, 2])
+    first = router.route(request(hashes=(7, 8, 9)), balanced)
+    assert first == 1  # no match yet: the smaller believed cache (both empty) and fewer outstanding
+    assert router.route(request(hashes=(7, 8, 5)), view([snap(), snap()], outstanding=[0, 3])) == 1  # 2/3 match
+    assert router.route(request(hashes=(7, 8, 9)), view([snap(), snap()], outstanding=[0, 9])) == 0  # imbalanced
+
+
+def test_prism_scores_latency_load_mode_and_affinity():
+    router = Prism(slo_tpot_s=0.05)
+    v = view(
+        [
+            snap(predicted_ms=30.0, pending=0, tokens_per_step=100),
+            snap(predicted_ms=300.0, pending=0, tokens_per_step=2000),
+        ]
+    )
+    scores = router.scores(request(), v)
+    assert scores[0] == pytest.approx((1 - 0.6) + 1 + 1 + 0)
+    assert scores[1] == pytest.approx(0 + 1 + 0 + 0)
+    assert router.route(request(session=4), v) == 0
+    fresh = dict(time_s=5.0, predicted_ms=30.0, tokens_per_step=100)  # a new push: no local correction left
+    same = view([snap(**fresh), snap(**fresh)], now=10)
+    assert router.scores(request(session=4), same)[0] - router.scores(request(session=4), same)[1] == pytest.approx(1)
+
+
+def test_prism_normalises_pending_tokens_by_capacity():
+    """The same pending tokens weigh less on an H100 than on an A100: the heterogeneity PRISM targets."""
+    router = Prism()
+    infos = [info(0, gpu="A100-80GB"), info(1, gpu="H100-SXM")]
+    v = view([snap(pending=20_000), snap(pending=20_000)], infos=infos)
+    scores = router.scores(request(), v)
+    assert scores[1] > scores[0]
+    assert router.route(request(), v) == 1
+
+
+def test_block_predicts_each_engine_and_picks_the_fastest():
+    router = BlockPredictive(output_prior=100)
+    infos = [info(0, gpu="A100-80GB"), info(1, gpu="H100-SXM")]
+    idle = view([snap(), snap()], infos=infos)
+    assert router.route(request(), idle) == 1  # the faster GPU
+    busy = view([snap(), snap(pending=200_000, decodes=200, decode_kv=400_000)], infos=infos)
+    assert router.predicted_e2e_s(request(), busy, 1) > router.predicted_e2e_s(request(), busy, 0)
+    assert router.route(request(), busy) == 0
+
+
+@pytest.mark.parametrize(
+    "router",
+    [
+        JoinShortestQueue(),
+        LeastKvUsage(),
+        TokenAware(),
+        WeightedScorer(),
+        PrefixAware(),
+        Prism(),
+        BlockPredictive(),
+        RandomRouter(),
+    ],
+)
+def test_new_requests_only_go_to_prefill_capable_engines(router):
+    v = view([snap(role="decode"), snap(role="prefill"), snap(role="decode")])
+    assert all(router.route(request(rid=i), v) == 1 for i in range(5))
