@@ -230,6 +230,7 @@ class TraceWorkload:
     slo: SloMix = field(default_factory=SloMix)
     on_error: str = "raise"
     sessions: int = 0
+    random_window: bool = False  # the workload seed picks where a shorter window starts in the trace
 
     def __post_init__(self) -> None:
         if self.rate_scale <= 0:
@@ -244,9 +245,16 @@ class TraceWorkload:
         trace = self.trace()
         scale = self.rate_scale if self.target_rate is None else self.target_rate / trace.mean_rate
         times = trace.arrival_s / scale  # replay time: the window is in these seconds
-        keep = times >= self.start_s
+        start = self.start_s
+        if self.random_window:
+            if self.num_requests is not None and self.num_requests < len(times):
+                first = int(_rng(seed, "arrivals").integers(0, len(times) - self.num_requests + 1))
+                start = max(start, float(times[first]))
+            elif self.duration_s is not None and self.duration_s < times[-1]:
+                start = max(start, float(_rng(seed, "arrivals").uniform(0, times[-1] - self.duration_s)))
+        keep = times >= start
         if self.duration_s is not None:
-            keep &= times < self.start_s + self.duration_s
+            keep &= times < start + self.duration_s
         index = np.flatnonzero(keep)
         if self.num_requests is not None:
             index = index[: self.num_requests]

@@ -1,0 +1,221 @@
+"""Compare policy combinations on identical workloads: common random numbers, seeds, confidence intervals.
+
+A *task* is (policy, workload, seed, load multiplier). Every policy sees the same arrivals for a given
+workload seed, so differences between policies are not noise in the input. Tasks run in parallel
+processes; each builds its cluster, workload and fresh policy objects from plain mappings, so results do
+not depend on the order or the process they ran in.
+
+Policies have one loading path, :func:`load_policy`: a mapping with ``router``, ``batch`` and optional
+``pools`` entries, each a hydra ``_target_`` mapping (or the string ``router`` to reuse the router object
+as pool policy, as Arrow needs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from envs.sim.cluster import Cluster
+from envs.sim.config import cluster_from, workload_from
+
+METRICS = (
+    "slo_attainment",
+    "goodput_rps",
+    "throughput_tok_s",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "tpot_p99_s",
+    "e2e_p50_s",
+    "preemption_rate",
+    "prefix_hit_rate",
+)
+HIGHER_IS_BETTER = {"slo_attainment", "goodput_rps", "throughput_tok_s", "prefix_hit_rate"}
+
+
+@dataclass(frozen=True)
+class PolicyBundle:
+    """The three decisions a cluster asks: routing, batching, pools (None: static)."""
+
+    router: Any
+    batch: Any
+    pools: Any = None
+
+
+def load_policy(spec: Mapping) -> PolicyBundle:
+    """Fresh policy objects from a policy mapping (``router``/``batch``/``pools``, hydra ``_target_`` style)."""
+    from hydra.utils import instantiate
+
+    spec = dict(spec)
+    router = instantiate(spec["router"])
+    batch = instantiate(spec["batch"]) if spec.get("batch") else None
+    pools = spec.get("pools")
+    if pools == "router":
+        pools = router
+    elif pools:
+        pools = instantiate(pools)
+    return PolicyBundle(router, batch, pools)
+
+
+@dataclass(frozen=True)
+class Task:
+    policy: str
+    workload: str
+    seed: int
+    load: float  # multiplier of the workload's rate
+
+
+def scaled_workload(workload: Mapping, load: float) -> dict:
+    """The workload mapping with its rate multiplied by ``load`` (trace rate_scale, or synthetic rates)."""
+    workload = dict(workload)
+    if load == 1.0:
+        return workload
+    if workload.get("kind") == "trace":
+        if workload.get("target_rate"):
+            workload["target_rate"] = workload["target_rate"] * load
+        else:
+            workload["rate_scale"] = workload.get("rate_scale", 1.0) * load
+        return workload
+    arrivals = dict(workload.get("arrivals") or {})
+    if "rate" in arrivals:
+        arrivals["rate"] = arrivals["rate"] * load
+    else:
+        arrivals["pieces"] = [[d, r * load] for d, r in arrivals.get("pieces", [[1.0, 1.0]])]
+    workload["arrivals"] = arrivals
+    return workload
+
+
+def run_task(
+    task: Task, policy: Mapping, workload: Mapping, cluster: Mapping, keep_records: bool = False
+) -> dict[str, Any]:
+    """Simulate one task; returns its summary row (and the per-request records when asked)."""
+    bundle = load_policy(policy)
+    requests = workload_from(scaled_workload(workload, task.load)).generate(task.seed)
+    sim = Cluster(
+        cluster_from(cluster), bundle.router, batch_policy=bundle.batch, seed=task.seed, pool_policy=bundle.pools
+    )
+    result = sim.run(requests)
+    summary = result.summary()
+    row = {
+        "policy": task.policy,
+        "workload": task.workload,
+        "seed": task.seed,
+        "load": task.load,
+        "offered_rps": (len(requests) - 1) / max(requests[-1].arrival_s, 1e-9) if len(requests) > 1 else 0.0,
+        "num_requests": summary["num_requests"],
+        "completed": summary["completed"],
+        "rejected": summary["rejected"],
+        "flips": len(sim.flips),
+        "wall_s": summary["wall_s"],
+        **{m: summary[m] for m in METRICS},
+    }
+    if keep_records:
+        row["records"] = result.records()[["ttft_s", "tpot_s", "e2e_s", "state"]]
+    return row
+
+
+def _run_packed(args: tuple) -> dict[str, Any]:
+    return run_task(*args)
+
+
+def run_tasks(
+    tasks: list[Task],
+    policies: Mapping,
+    workloads: Mapping,
+    cluster: Mapping,
+    jobs: int = 1,
+    keep_records: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """All tasks, in parallel processes when ``jobs > 1``; rows come back in task order."""
+    packed = [(t, policies[t.policy], workloads[t.workload], cluster, keep_records) for t in tasks]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc="evaluating", unit="run")
+    rows: list[dict[str, Any]] = []
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for row in pool.map(_run_packed, packed):
+                rows.append(row)
+                if bar:
+                    bar.update(1)
+    else:
+        for args in packed:
+            rows.append(_run_packed(args))
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    return rows
+
+
+def confidence_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the Student-t interval over seeds (half-width NaN with one seed)."""
+    values = np.asarray([v for v in values if not (isinstance(v, float) and math.isnan(v))], dtype=float)
+    if len(values) == 0:
+        return math.nan, math.nan
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return mean, half
+
+
+def summarise(rows: list[dict[str, Any]], reference: str | None = None) -> pd.DataFrame:
+    """Per (workload, load, policy): each metric's mean and 95% CI half-width over seeds, and against the
+    reference policy its ratio of means and the paired per-seed difference (mean ± CI: the same arrivals
+    per seed make the paired interval much tighter than the two separate ones)."""
+    frame = pd.DataFrame([{k: v for k, v in row.items() if k != "records"} for row in rows])
+    ref_rows = frame[frame["policy"] == reference].set_index(["workload", "load", "seed"]) if reference else None
+    out = []
+    for (workload, load, policy), group in frame.groupby(["workload", "load", "policy"], sort=False):
+        entry = {"workload": workload, "load": load, "policy": policy, "seeds": len(group)}
+        for metric in METRICS:
+            mean, half = confidence_interval(group[metric])
+            entry[metric], entry[f"{metric}_ci"] = mean, half
+            if ref_rows is not None and len(ref_rows):
+                keys = [(workload, load, seed) for seed in group["seed"]]
+                paired = group[metric].to_numpy() - ref_rows.reindex(keys)[metric].to_numpy()
+                entry[f"{metric}_diff"], entry[f"{metric}_diff_ci"] = confidence_interval(paired)
+        out.append(entry)
+    table = pd.DataFrame(out)
+    if reference is not None and reference in set(table["policy"]):
+        for metric in METRICS:
+            ref = table[table["policy"] == reference].set_index(["workload", "load"])[metric]
+            keys = list(zip(table["workload"], table["load"], strict=True))
+            table[f"{metric}_vs_ref"] = [
+                table[metric].iloc[n] / ref.get(k, math.nan) if ref.get(k) else math.nan for n, k in enumerate(keys)
+            ]
+    return table
+
+
+def max_sustainable_load(
+    evaluate: Callable[[float], float], target: float = 0.9, low: float = 0.05, high: float = 4.0, iterations: int = 7
+) -> float:
+    """Bisection for the largest load multiplier whose mean SLO attainment (``evaluate``) meets ``target``.
+
+    Attainment falls with load; the search widens ``high`` until it fails (up to 64x) and returns the
+    last load known to meet the target (0 if even ``low`` misses it).
+    """
+    if evaluate(low) < target:
+        return 0.0
+    while evaluate(high) >= target:
+        low, high = high, high * 2
+        if high > 64:
+            return low
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if evaluate(mid) >= target:
+            low = mid
+        else:
+            high = mid
+    return low

@@ -1,0 +1,128 @@
+"""The comparison harness: identical arrivals per seed, intervals, bisection, and the end-to-end claim that
+informed policies beat random and round-robin on an overloaded heterogeneous cluster."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from agents.harness import (
+    Task,
+    confidence_interval,
+    max_sustainable_load,
+    run_task,
+    scaled_workload,
+    summarise,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+from evaluate import named_configs, run  # noqa: E402
+
+SMALL_CLUSTER = {"groups": [{"count": 1, "engine": {"gpu": "H100-SXM"}}, {"count": 1, "engine": {"gpu": "A100-80GB"}}]}
+
+
+def test_confidence_interval_is_student_t():
+    mean, half = confidence_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / np.sqrt(3), rel=1e-5)
+    assert np.isnan(confidence_interval([5.0])[1])
+
+
+def test_bisection_finds_the_largest_load_meeting_the_target():
+    attainment = lambda load: 1.0 - max(0.0, load - 1.3)  # noqa: E731 — meets 0.9 up to 1.4
+    assert max_sustainable_load(attainment, target=0.9, iterations=20) == pytest.approx(1.4, abs=1e-4)
+    assert max_sustainable_load(lambda load: 0.5, target=0.9) == 0.0
+
+
+def test_scaling_a_workload_scales_its_rate():
+    assert scaled_workload({"kind": "trace", "rate_scale": 2.0}, 1.5)["rate_scale"] == 3.0
+    assert scaled_workload({"kind": "synthetic", "arrivals": {"rate": 4.0}}, 0.5)["arrivals"]["rate"] == 2.0
+    assert scaled_workload({"kind": "synthetic", "arrivals": {"pieces": [[1, 2], [1, 6]]}}, 2)["arrivals"][
+        "pieces"
+    ] == [[1, 4], [1, 12]]
+
+
+def test_every_policy_in_conf_loads_and_runs_a_few_requests():
+    policies = named_configs("policy", sorted(p.stem for p in (ROOT / "conf/policy").glob("*.yaml")))
+    workload = {
+        "kind": "synthetic",
+        "num_requests": 30,
+        "arrivals": {"rate": 20.0},
+        "lengths": {"kind": "fixed", "prompt": 300, "output": 20},
+    }
+    pd_cluster = {
+        "groups": [{"count": 2, "engine": {"role": "prefill"}}, {"count": 2, "engine": {"role": "decode"}}],
+        "monitor_interval_s": 0.2,
+    }
+    for name, spec in policies.items():
+        cluster = pd_cluster if spec.get("pools") else SMALL_CLUSTER
+        row = run_task(Task(name, "w", 0, 1.0), spec, workload, cluster)
+        assert row["completed"] == 30, name
+
+
+def test_same_seed_same_arrivals_for_every_policy():
+    workload = {
+        "kind": "synthetic",
+        "num_requests": 200,
+        "arrivals": {"rate": 30.0, "cv": 3.0},
+        "lengths": {"kind": "empirical", "source": "azure_conv"},
+    }
+    specs = named_configs("policy", ["vllm_rr", "vllm_lor"])
+    rows = [run_task(Task(p, "w", 4, 1.0), specs[p], workload, SMALL_CLUSTER) for p in specs]
+    assert rows[0]["offered_rps"] == rows[1]["offered_rps"]
+    table = summarise(
+        rows + [run_task(Task("vllm_rr", "w", 5, 1.0), specs["vllm_rr"], workload, SMALL_CLUSTER)], reference="vllm_rr"
+    )
+    assert table.set_index("policy").loc["vllm_rr", "slo_attainment_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_informed_policies_beat_random_and_round_robin_when_overloaded(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                "policies=[vllm_random,vllm_rr,vllm_lor,vllm_sal,vllm_prism,lens_prism]",
+                "workloads=[azure_conv]",
+                "workload_overrides={azure_conv:{num_requests:2500,rate_scale:18,random_window:true}}",
+                "seeds=[0,1]",
+                "progress=false",
+                "jobs=2",
+            ],
+        )
+    table = run(cfg, tmp_path)["table"].set_index("policy")
+    blind = max(table.loc["vllm_random", "slo_attainment"], table.loc["vllm_rr", "slo_attainment"])
+    for informed in ("vllm_lor", "vllm_sal", "vllm_prism", "lens_prism"):
+        assert table.loc[informed, "slo_attainment"] > blind + 0.1, informed
+        assert table.loc[informed, "slo_attainment_diff"] > 0.1, informed  # paired against round-robin
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert {row["policy"] for row in saved} == set(table.index)
+    assert (tmp_path / "latency_cdf_azure_conv.png").exists() and (tmp_path / "runs.csv").exists()
+
+
+def test_max_sustainable_rate_grows_with_a_better_router(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                "policies=[vllm_rr,vllm_lor]",
+                "workloads=[poisson]",
+                "cluster.groups.0.count=1",
+                "cluster.groups.1.count=1",
+                "seeds=[0]",
+                "progress=false",
+                "max_rate.enabled=true",
+                "max_rate.iterations=4",
+                "jobs=2",
+                "workload_overrides={poisson:{num_requests:null,duration_s:30,arrivals:{rate:5.0,cv:3.0}}}",
+            ],
+        )
+    rates = run(cfg, tmp_path)["max_rate"]["poisson"]
+    assert rates["vllm_lor"]["load"] > rates["vllm_rr"]["load"] > 0
+    assert rates["vllm_lor"]["rate_rps"] > 5.0
+    assert (
+        json.loads((tmp_path / "max_rate.json").read_text())["poisson"]["vllm_rr"]["load"] == rates["vllm_rr"]["load"]
+    )
