@@ -77,6 +77,9 @@ def scaled_workload(workload: Mapping, load: float) -> dict:
     workload = dict(workload)
     if load == 1.0:
         return workload
+    if workload.get("kind") == "concat":
+        workload["parts"] = [scaled_workload(part, load) for part in workload["parts"]]
+        return workload
     if workload.get("kind") == "trace":
         if workload.get("target_rate"):
             workload["target_rate"] = workload["target_rate"] * load

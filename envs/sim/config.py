@@ -12,7 +12,15 @@ from typing import Any
 
 from envs.sim.cluster import DEFAULT_LINKS, ClusterConfig, ClusterConfigError, InstanceGroup, KvLink
 from envs.sim.engine import EngineConfig
-from envs.sim.workload import LengthSampler, RateSchedule, SloMix, SyntheticWorkload, TraceWorkload, WorkloadError
+from envs.sim.workload import (
+    ConcatWorkload,
+    LengthSampler,
+    RateSchedule,
+    SloMix,
+    SyntheticWorkload,
+    TraceWorkload,
+    WorkloadError,
+)
 
 
 def _plain(value: Any) -> Any:
@@ -77,10 +85,13 @@ def cluster_from(mapping: Mapping) -> ClusterConfig:
     )
 
 
-def workload_from(mapping: Mapping) -> SyntheticWorkload | TraceWorkload:
+def workload_from(mapping: Mapping) -> SyntheticWorkload | TraceWorkload | ConcatWorkload:
     """``{kind: trace, path, rate_scale, ...}`` or ``{kind: synthetic, arrivals: {...}, lengths: {...}, ...}``."""
     mapping = dict(_plain(mapping))
     kind = mapping.pop("kind", "synthetic")
+    if kind == "concat":
+        _check_keys(mapping, {"parts", "gap_s", "name"}, "workload", WorkloadError)
+        return ConcatWorkload(tuple(workload_from(part) for part in mapping["parts"]), float(mapping.get("gap_s", 0)))
     mapping.pop("name", None)
     slo = SloMix.from_config(mapping.pop("slo", None))
     if kind == "trace":
@@ -89,7 +100,7 @@ def workload_from(mapping: Mapping) -> SyntheticWorkload | TraceWorkload:
             raise WorkloadError("workload.path is required for a trace workload (a built-in name or a file)")
         return TraceWorkload(**mapping, slo=slo)
     if kind != "synthetic":
-        raise WorkloadError(f"workload.kind must be 'trace' or 'synthetic', got {kind!r}")
+        raise WorkloadError(f"workload.kind must be 'trace', 'synthetic' or 'concat', got {kind!r}")
     _check_keys(mapping, {"arrivals", "lengths", "num_requests", "duration_s", "sessions"}, "workload", WorkloadError)
     arrivals = dict(mapping.pop("arrivals", None) or {})
     _check_keys(

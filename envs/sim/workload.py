@@ -267,6 +267,34 @@ class TraceWorkload:
         )
 
 
+@dataclass(frozen=True)
+class ConcatWorkload:
+    """Workloads played one after another (a mix that shifts: e.g. a code trace, then a conversation trace).
+
+    Each part is generated with the same seed and shifted to start ``gap_s`` after the previous part's
+    last arrival; request ids are renumbered.
+    """
+
+    parts: tuple[SyntheticWorkload | TraceWorkload, ...]
+    gap_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise WorkloadError("a concatenated workload needs at least one part")
+
+    def generate(self, seed: int) -> list[Request]:
+        out: list[Request] = []
+        offset = 0.0
+        for part in self.parts:
+            requests = part.generate(seed)
+            for request in requests:
+                request.id = len(out)
+                request.arrival_s += offset
+                out.append(request)
+            offset = out[-1].arrival_s + self.gap_s
+        return out
+
+
 def session_hashes(session_id: int, prompt_tokens: int) -> tuple[int, ...]:
     """Prefix hashes of a chat turn: every turn of a session shares its history's leading segments."""
     return tuple((session_id << 20) | k for k in range(-(-prompt_tokens // SEGMENT_TOKENS)))

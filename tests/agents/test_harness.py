@@ -74,7 +74,7 @@ def test_same_seed_same_arrivals_for_every_policy():
     rows = [run_task(Task(p, "w", 4, 1.0), specs[p], workload, SMALL_CLUSTER) for p in specs]
     assert rows[0]["offered_rps"] == rows[1]["offered_rps"]
     table = summarise(
-        rows + [run_task(Task("vllm_rr", "w", 5, 1.0), specs["vllm_rr"], workload, SMALL_CLUSTER)], reference="vllm_rr"
+        [*rows, run_task(Task("vllm_rr", "w", 5, 1.0), specs["vllm_rr"], workload, SMALL_CLUSTER)], reference="vllm_rr"
     )
     assert table.set_index("policy").loc["vllm_rr", "slo_attainment_diff"] == 0.0
 
