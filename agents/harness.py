@@ -37,7 +37,6 @@ METRICS = (
     "preemption_rate",
     "prefix_hit_rate",
 )
-HIGHER_IS_BETTER = {"slo_attainment", "goodput_rps", "throughput_tok_s", "prefix_hit_rate"}
 
 
 @dataclass(frozen=True)

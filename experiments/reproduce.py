@@ -77,6 +77,61 @@ COLUMNS = [
 ]
 
 
+def _grid(policies: dict, workloads: dict, cluster: dict, seeds: list[int], jobs: int) -> list[dict]:
+    """Every policy on every workload and seed, at load x1."""
+    tasks = [Task(p, w, s, 1.0) for w in workloads for p in policies for s in seeds]
+    return run_tasks(tasks, policies, workloads, cluster, jobs=jobs)
+
+
+def _bars(table: pd.DataFrame, path: Path, title: str) -> None:
+    """SLO attainment per policy (bars, 95% CI whiskers), one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(table["workload"]))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.6 * len(workloads), 3.8), squeeze=False)
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        part = table[table["workload"] == workload]
+        ax.bar(
+            range(len(part)),
+            part["slo_attainment"],
+            yerr=part["slo_attainment_ci"].fillna(0),
+            capsize=3,
+            color=[f"C{i}" for i in range(len(part))],
+        )
+        ax.set_xticks(range(len(part)), part["policy"], rotation=25, ha="right", fontsize=8)
+        ax.set(ylim=(0, 1.05), title=workload[:48], ylabel="SLO attainment")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curves(points: dict[str, dict[float, float]], path: Path) -> None:
+    """Attainment against load from the bisection's evaluations, one line per setup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, by_load in points.items():
+        loads = sorted(by_load)
+        ax.plot(loads, [by_load[x] for x in loads], marker="o", label=name)
+    ax.axhline(0.9, color="grey", ls="--", lw=0.8)
+    ax.set(xlabel="load (x the workload's rates)", ylabel="SLO attainment", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _save(out: Path, name: str, rows: list[dict], sections: list[str], extra: dict[str, Any] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{k: v for k, v in r.items() if k != "records"} for r in rows]).to_csv(out / "runs.csv", index=False)
@@ -122,8 +177,7 @@ def synergysched(out: Path, quick: bool, jobs: int) -> None:
         "LENS+RR": {"router": RR, "batch": _lens(0.1)},
         "vLLM+RR": {"router": RR, "batch": VLLM},
     }
-    tasks = [Task(p, w, s, 1.0) for w in workloads for p in policies for s in seeds]
-    rows = run_tasks(tasks, policies, workloads, HETERO, jobs=jobs)
+    rows = _grid(policies, workloads, HETERO, seeds, jobs)
     table = summarise(rows, reference="vLLM+RR")
     sections = [
         f"4x H100-SXM + 4x A100-80GB serving Llama-3-8B; SLO TTFT ≤ {slo['ttft_s']} s and TPOT ≤ "
@@ -131,6 +185,8 @@ def synergysched(out: Path, quick: bool, jobs: int) -> None:
     ]
     for workload in workloads:
         sections.append(f"## {workload}\n\n" + _markdown(table[table["workload"] == workload], COLUMNS, "vLLM+RR"))
+    _bars(table, out / "attainment.png", "SynergySched ablation")
+    sections.append("![SLO attainment](attainment.png)")
     _save(
         out,
         "SynergySched ablation: LENS/vLLM x PRISM/round-robin",
@@ -194,20 +250,22 @@ def arrow(out: Path, quick: bool, jobs: int) -> None:
         ),
         "Arrow elastic 4P+4D": (pd_cluster, {"router": arrow_router, "batch": VLLM, "pools": "router"}),
     }
-    rows, rates = [], {}
+    rows, rates, points = [], {}, {}
     for name, (cluster, policy) in setups.items():
         policies = {name: policy}
         rows += run_tasks(
             [Task(name, "shift", s, 1.0) for s in seeds], policies, workload, cluster, jobs=jobs, progress=False
         )
         offered: dict[float, float] = {}
+        points[name] = {}
 
         def attainment(load: float, policies=policies, cluster=cluster, name=name, offered=offered) -> float:
             found = run_tasks(
                 [Task(name, "shift", s, load) for s in seeds], policies, workload, cluster, jobs=jobs, progress=False
             )
             offered[load] = sum(r["offered_rps"] for r in found) / len(found)
-            return sum(r["slo_attainment"] for r in found) / len(found)
+            points[name][load] = sum(r["slo_attainment"] for r in found) / len(found)
+            return points[name][load]
 
         load = max_sustainable_load(attainment, target=0.9, low=0.1, high=1.0, iterations=3 if quick else 5)
         rates[name] = {"load": load, "rate_rps": offered.get(load, 0.0)}
@@ -223,7 +281,9 @@ def arrow(out: Path, quick: bool, jobs: int) -> None:
         f"100 ms; {len(seeds)} seed(s). Loads multiply both parts' rates.",
         "## Maximum sustainable load (bisection)\n\n" + "\n".join(lines),
         "## At load x1\n\n" + _markdown(table, COLUMNS),
+        "![attainment against load](attainment_vs_load.png)",
     ]
+    _curves(points, out / "attainment_vs_load.png")
     _save(
         out,
         "Arrow: colocated vs static vs elastic prefill/decode pools",
@@ -254,13 +314,7 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
         "round-robin": RR,
     }
     policies = {name: {"router": r, "batch": VLLM} for name, r in routers.items()}
-    rows = run_tasks(
-        [Task(p, w, s, 1.0) for w in routing_workload for p in policies for s in seeds],
-        policies,
-        routing_workload,
-        HETERO,
-        jobs=jobs,
-    )
+    rows = _grid(policies, routing_workload, HETERO, seeds, jobs)
     routing_table = summarise(rows, reference="round-robin")
     kv_workload = {
         "arXiv lengths on Llama-2-7B / A100-40GB": {
@@ -280,13 +334,7 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
         name: {"router": {"_target_": "envs.sim.routing.LeastOutstandingRequests"}, "batch": b}
         for name, b in batchers.items()
     }
-    kv_rows = run_tasks(
-        [Task(p, w, s, 1.0) for w in kv_workload for p in kv_policies for s in seeds],
-        kv_policies,
-        kv_workload,
-        kv_cluster,
-        jobs=jobs,
-    )
+    kv_rows = _grid(kv_policies, kv_workload, kv_cluster, seeds, jobs)
     kv_table = summarise(kv_rows, reference="vLLM default")
     kv_columns = [
         *COLUMNS[:4],
@@ -298,7 +346,9 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
         + _markdown(routing_table, COLUMNS, "round-robin"),
         "## Batching under KV pressure: 4x A100-40GB, Llama-2-7B (MHA: 512 KiB of KV per token), arXiv lengths, "
         "bursty arrivals (Gamma cv 2, 5 req/s)\n\n" + _markdown(kv_table, kv_columns, "vLLM default"),
+        "![SLO attainment](attainment.png)",
     ]
+    _bars(pd.concat([routing_table, kv_table]), out / "attainment.png", "SAL routing and LARRY batching")
     _save(
         out,
         "Kossmann et al.: SAL and LARRY",
