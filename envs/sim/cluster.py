@@ -229,6 +229,8 @@ class Cluster:
             for hook in self._arrival_hooks:
                 hook(info)
             choice = self.router.route(info, self.view())
+            if isinstance(choice, simpy.Event):  # an external decision maker (a Gymnasium agent) answers later
+                choice = yield choice
             if not isinstance(choice, (int, np.integer)) or not 0 <= choice < len(self.engines):
                 raise ValueError(
                     f"router {type(self.router).__name__} chose {choice!r} for request {request.id}; "
@@ -274,11 +276,17 @@ class Cluster:
 
     def _on_handoff(self, source: Engine, request: Request) -> None:
         """A prefill finished on a prefill instance: choose a decode instance and move the KV there."""
+        self.env.process(self._handoff(source, request))
+
+    def _handoff(self, source: Engine, request: Request):
         candidates = self.decode_candidates()
         info = self._request_info(request)
         chooser = getattr(self.router, "route_decode", None)
         if chooser is not None:
-            target = int(chooser(info, self.view()))
+            target = chooser(info, self.view())
+            if isinstance(target, simpy.Event):
+                target = yield target
+            target = int(target)
             if target not in candidates:
                 raise ValueError(
                     f"router {type(self.router).__name__} chose engine {target} to decode request "
@@ -294,9 +302,7 @@ class Cluster:
         link = self.config.links["nvlink" if same_node else "network"]
         seconds = link.seconds(request.computed * source.perf.model.kv_bytes_per_token(source.perf.dtype))
         request.transfer_s = seconds
-        self.env.process(self._transfer(source, self.engines[target], request, seconds))
-
-    def _transfer(self, source: Engine, target: Engine, request: Request, seconds: float):
+        target = self.engines[target]
         yield self.env.timeout(seconds)
         source.release_transferred(request)
         if not target.submit_decode(request):
@@ -310,7 +316,10 @@ class Cluster:
         """Ask the pool policy for flips every monitoring interval while requests remain."""
         while self._pending > 0:
             yield self.env.timeout(self.config.monitor_interval_s)
-            for index, role in self.pool_policy.rebalance(self.view()) or ():
+            flips = self.pool_policy.rebalance(self.view())
+            if isinstance(flips, simpy.Event):
+                flips = yield flips
+            for index, role in flips or ():
                 self.flip(int(index), str(role))
 
     def flip(self, index: int, role: str) -> None:

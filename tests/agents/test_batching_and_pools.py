@@ -4,7 +4,7 @@ from collections import deque
 from types import SimpleNamespace
 
 import pytest
-from conftest import info, request, snap, view
+from viewkit import info, request, snap, view
 
 from agents.batching import Larry, Lens
 from agents.pools import Arrow, SlaPlanner

@@ -1,7 +1,7 @@
 """Each router's decision rule pinned on small hand-built states."""
 
 import pytest
-from conftest import info, request, snap, view
+from viewkit import info, request, snap, view
 
 from agents.routing.cache_aware import PrefixAware, WeightedScorer
 from agents.routing.classic import (

@@ -4,7 +4,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-from conftest import make_requests
+from simkit import make_requests
 
 from envs.sim.cluster import Cluster, ClusterConfig, ClusterConfigError, InstanceGroup
 from envs.sim.engine import EngineConfig, VllmPolicy

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from conftest import make_requests
+from simkit import make_requests
 
 from envs.sim.cluster import InstanceGroup
 from envs.sim.engine import EngineConfig, VllmPolicy

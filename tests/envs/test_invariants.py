@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import make_requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from simkit import make_requests
 
 from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
 from envs.sim.engine import EngineConfig, SarathiPolicy, VllmPolicy

@@ -1,0 +1,179 @@
+"""The observation contract: one named feature set for environments, heuristics, learned policies and the
+router service.
+
+Features are computed from a :class:`envs.sim.view.ClusterView` (what a router can see: engine metrics as
+vLLM exports them, possibly stale, plus what engines push, the router's own bookkeeping and static facts)
+and the :class:`envs.sim.view.RequestInfo` of the decision, with performance-model predictions. The
+simulator builds the view from its snapshots; a router in front of real engines builds the same view
+from scraped metrics, so a policy trained here runs unchanged there.
+
+Every feature has a unit, a scale (raw / scale is what the array holds) and finite bounds; values are
+clipped to the bounds and clips are counted. Engine features are laid out per engine slot, padded to
+``max_instances`` (padding rows are zero, with ``present = 0``), followed by the request features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from envs.sim.view import ClusterView, EngineInfo, RequestInfo
+from perfmodel.batch import StepBatch
+from perfmodel.capacity import predict_ttft
+from perfmodel.structural import StructuralModel
+
+FEATURE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One column: ``value = clip(raw / scale, low, high)``."""
+
+    name: str
+    unit: str
+    scale: float
+    high: float
+    doc: str
+    low: float = 0.0
+
+
+ENGINE_FEATURES: tuple[Feature, ...] = (
+    Feature("present", "flag", 1.0, 1.0, "1 for an engine, 0 for a padding slot"),
+    Feature("accepts_new", "flag", 1.0, 1.0, "role takes new requests (prefill or both, not draining)"),
+    Feature("accepts_decode", "flag", 1.0, 1.0, "role takes handed-over decodes (decode or both)"),
+    Feature("running", "requests", 256.0, 4.0, "vllm:num_requests_running"),
+    Feature("waiting", "requests", 256.0, 4.0, "vllm:num_requests_waiting"),
+    Feature("kv_usage", "fraction", 1.0, 1.0, "vllm:kv_cache_usage_perc"),
+    Feature("outstanding", "requests", 256.0, 4.0, "requests this router sent and has not seen finish"),
+    Feature("outstanding_prompt", "tokens", 100_000.0, 10.0, "their prompt tokens"),
+    Feature("pending_prefill_s", "s", 10.0, 10.0, "pushed pending prefill tokens / prefill capacity"),
+    Feature("decode_kv_share", "fraction", 1.0, 1.0, "resident decode KV tokens / KV capacity"),
+    Feature("tokens_per_step", "tokens", 8192.0, 2.0, "recent tokens per step (scheduling mode)"),
+    Feature("step_ms", "ms", 100.0, 10.0, "recent step latency (observed inter-token time)"),
+    Feature("predicted_step_ms", "ms", 100.0, 10.0, "performance model: next step latency"),
+    Feature("predicted_ttft_s", "s", 10.0, 10.0, "performance model: this request's TTFT if routed here"),
+    Feature("predicted_tpot_ms", "ms", 100.0, 10.0, "performance model: decode step with this request added"),
+    Feature("prefill_capacity", "tokens/s", 100_000.0, 10.0, "static: prefill tokens/s at full budget"),
+    Feature("kv_capacity", "tokens", 1_000_000.0, 10.0, "static: KV cache capacity"),
+    Feature("affinity", "flag", 1.0, 1.0, "the request's session was last routed here"),
+)
+REQUEST_FEATURES: tuple[Feature, ...] = (
+    Feature("prompt_tokens", "tokens", 8192.0, 16.0, "the request's prompt length"),
+    Feature("expected_output", "tokens", 1024.0, 16.0, "true output length in oracle mode, else observed mean"),
+    Feature("slo_ttft_s", "s", 10.0, 10.0, "the request's TTFT SLO (0 if none)"),
+    Feature("slo_tpot_ms", "ms", 100.0, 10.0, "the request's TPOT SLO (0 if none)"),
+    Feature("load", "requests", 1024.0, 8.0, "requests outstanding cluster-wide"),
+)
+
+
+@dataclass
+class FeatureContext:
+    """Router-side state the features need: models per engine type, session table, output estimate."""
+
+    output_mean: float = 256.0
+    models: dict[tuple[str, str, int], StructuralModel] = field(default_factory=dict)
+    capacity: dict[tuple[str, str, int, int], float] = field(default_factory=dict)
+    sessions: dict[int, int] = field(default_factory=dict)
+
+    def model(self, info: EngineInfo) -> StructuralModel:
+        key = (info.gpu, info.model, info.tp)
+        if key not in self.models:
+            self.models[key] = StructuralModel(info.gpu, info.model, tp=info.tp)
+        return self.models[key]
+
+    def prefill_capacity(self, info: EngineInfo) -> float:
+        key = (info.gpu, info.model, info.tp, info.max_num_batched_tokens)
+        if key not in self.capacity:
+            budget = info.max_num_batched_tokens
+            self.capacity[key] = budget / (self.model(info).predict(StepBatch.prefill(budget)) / 1e3)
+        return self.capacity[key]
+
+    def observe_route(self, request: RequestInfo, engine: int) -> None:
+        if request.session_id >= 0:
+            self.sessions[request.session_id] = engine
+
+    def observe_completion(self, output_tokens: int) -> None:
+        self.output_mean += 0.01 * (output_tokens - self.output_mean)
+
+
+class FeatureSpec:
+    """Names, order, units, bounds and the computation of the observation vector."""
+
+    def __init__(self, max_instances: int) -> None:
+        if max_instances < 1:
+            raise ValueError(f"max_instances must be at least 1, got {max_instances}")
+        self.max_instances = max_instances
+        self.engine_features = ENGINE_FEATURES
+        self.request_features = REQUEST_FEATURES
+        self.names = [f"engine{i}.{f.name}" for i in range(max_instances) for f in ENGINE_FEATURES] + [
+            f"request.{f.name}" for f in REQUEST_FEATURES
+        ]
+        per_engine = len(ENGINE_FEATURES)
+        self.low = np.array([f.low for f in ENGINE_FEATURES] * max_instances + [f.low for f in REQUEST_FEATURES],
+                            dtype=np.float32)
+        self.high = np.array([f.high for f in ENGINE_FEATURES] * max_instances + [f.high for f in REQUEST_FEATURES],
+                             dtype=np.float32)
+        self._engine_scale = np.array([f.scale for f in ENGINE_FEATURES])
+        self._request_scale = np.array([f.scale for f in REQUEST_FEATURES])
+        self.size = per_engine * max_instances + len(REQUEST_FEATURES)
+
+    def manifest(self) -> dict:
+        """Everything a consumer must agree on (the router service checks this against an exported policy)."""
+        return {
+            "version": FEATURE_VERSION,
+            "max_instances": self.max_instances,
+            "engine_features": [vars(f) for f in ENGINE_FEATURES],
+            "request_features": [vars(f) for f in REQUEST_FEATURES],
+            "layout": "engine slots (max_instances x engine_features, row-major) then request features",
+        }
+
+    def raw(self, view: ClusterView, request: RequestInfo, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
+        """Unscaled engine matrix (num_engines x features) and request vector, in the features' units."""
+        if view.num_engines > self.max_instances:
+            raise ValueError(f"the cluster has {view.num_engines} engines; the spec holds {self.max_instances}")
+        expected = float(request.output_tokens) if request.output_tokens is not None else context.output_mean
+        rows = np.zeros((view.num_engines, len(ENGINE_FEATURES)))
+        last = context.sessions.get(request.session_id) if request.session_id >= 0 else None
+        for i, (info, snap) in enumerate(zip(view.engines, view.snapshots, strict=True)):
+            role = view.roles[i]
+            perf = context.model(info)
+            capacity = context.prefill_capacity(info)
+            running = StepBatch.decode(snap.num_decodes, max(0, snap.decode_kv_tokens - snap.num_decodes))
+            queued = snap.pending_prefill_tokens
+            ttft = predict_ttft(perf, request.prompt_tokens, queued_prefill_tokens=queued,
+                                running=running if snap.num_decodes else None,
+                                max_num_batched_tokens=info.max_num_batched_tokens) / 1e3
+            tpot = perf.predict(StepBatch.decode(snap.num_decodes + 1,
+                                                 max(0, snap.decode_kv_tokens - snap.num_decodes)
+                                                 + request.prompt_tokens))
+            rows[i] = (
+                1.0, float(role in ("both", "prefill")), float(role in ("both", "decode")),
+                snap.num_requests_running, snap.num_requests_waiting, snap.kv_cache_usage_perc,
+                view.outstanding_requests[i], view.outstanding_prompt_tokens[i], queued / capacity,
+                snap.decode_kv_tokens / max(info.kv_capacity_tokens, 1), snap.recent_tokens_per_step,
+                snap.recent_step_ms, snap.predicted_step_ms, ttft, tpot, capacity, info.kv_capacity_tokens,
+                float(last == i),
+            )
+        slo = request.slo
+        req = np.array([request.prompt_tokens, expected, slo.ttft_s or 0.0, (slo.tpot_s or 0.0) * 1e3,
+                        sum(view.outstanding_requests)], dtype=float)
+        return rows, req
+
+    def vector(self, view: ClusterView, request: RequestInfo, context: FeatureContext) -> tuple[np.ndarray, int]:
+        """The float32 observation and how many values were clipped to their bounds."""
+        rows, req = self.raw(view, request, context)
+        engines = np.zeros((self.max_instances, len(ENGINE_FEATURES)))
+        engines[: len(rows)] = rows / self._engine_scale
+        flat = np.concatenate([engines.ravel(), req / self._request_scale])
+        clipped = int(np.sum((flat < self.low) | (flat > self.high)))
+        return np.clip(flat, self.low, self.high).astype(np.float32), clipped
+
+    def named(self, observation: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-feature arrays from an observation: engine features as (max_instances,) arrays, request scalars."""
+        per_engine = len(ENGINE_FEATURES)
+        engines = observation[: per_engine * self.max_instances].reshape(self.max_instances, per_engine)
+        out = {f.name: engines[:, j] for j, f in enumerate(ENGINE_FEATURES)}
+        tail = observation[per_engine * self.max_instances:]
+        out.update({f"request.{f.name}": tail[j] for j, f in enumerate(REQUEST_FEATURES)})
+        return out

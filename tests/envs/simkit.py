@@ -1,0 +1,11 @@
+"""Helpers shared by the simulator tests."""
+
+from envs.sim.request import Request, SloClass
+
+
+def make_requests(specs):
+    """[(arrival_s, prompt, output), ...] -> fresh Requests."""
+    return [
+        Request(i, float(a), int(p), int(d), SloClass("t", ttft_s=1.0, tpot_s=0.05))
+        for i, (a, p, d) in enumerate(specs)
+    ]
