@@ -64,6 +64,7 @@ REQUEST_FEATURES: tuple[Feature, ...] = (
     Feature("slo_ttft_s", "s", 10.0, 10.0, "the request's TTFT SLO (0 if none)"),
     Feature("slo_tpot_ms", "ms", 100.0, 10.0, "the request's TPOT SLO (0 if none)"),
     Feature("load", "requests", 1024.0, 8.0, "requests outstanding cluster-wide"),
+    Feature("decode_phase", "flag", 1.0, 1.0, "1 when placing a prefilled request's decode (PD clusters)"),
 )
 
 
@@ -110,10 +111,12 @@ class FeatureSpec:
             f"request.{f.name}" for f in REQUEST_FEATURES
         ]
         per_engine = len(ENGINE_FEATURES)
-        self.low = np.array([f.low for f in ENGINE_FEATURES] * max_instances + [f.low for f in REQUEST_FEATURES],
-                            dtype=np.float32)
-        self.high = np.array([f.high for f in ENGINE_FEATURES] * max_instances + [f.high for f in REQUEST_FEATURES],
-                             dtype=np.float32)
+        self.low = np.array(
+            [f.low for f in ENGINE_FEATURES] * max_instances + [f.low for f in REQUEST_FEATURES], dtype=np.float32
+        )
+        self.high = np.array(
+            [f.high for f in ENGINE_FEATURES] * max_instances + [f.high for f in REQUEST_FEATURES], dtype=np.float32
+        )
         self._engine_scale = np.array([f.scale for f in ENGINE_FEATURES])
         self._request_scale = np.array([f.scale for f in REQUEST_FEATURES])
         self.size = per_engine * max_instances + len(REQUEST_FEATURES)
@@ -128,7 +131,9 @@ class FeatureSpec:
             "layout": "engine slots (max_instances x engine_features, row-major) then request features",
         }
 
-    def raw(self, view: ClusterView, request: RequestInfo, context: FeatureContext) -> tuple[np.ndarray, np.ndarray]:
+    def raw(
+        self, view: ClusterView, request: RequestInfo, context: FeatureContext, decode_phase: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Unscaled engine matrix (num_engines x features) and request vector, in the features' units."""
         if view.num_engines > self.max_instances:
             raise ValueError(f"the cluster has {view.num_engines} engines; the spec holds {self.max_instances}")
@@ -141,28 +146,60 @@ class FeatureSpec:
             capacity = context.prefill_capacity(info)
             running = StepBatch.decode(snap.num_decodes, max(0, snap.decode_kv_tokens - snap.num_decodes))
             queued = snap.pending_prefill_tokens
-            ttft = predict_ttft(perf, request.prompt_tokens, queued_prefill_tokens=queued,
-                                running=running if snap.num_decodes else None,
-                                max_num_batched_tokens=info.max_num_batched_tokens) / 1e3
-            tpot = perf.predict(StepBatch.decode(snap.num_decodes + 1,
-                                                 max(0, snap.decode_kv_tokens - snap.num_decodes)
-                                                 + request.prompt_tokens))
+            ttft = (
+                predict_ttft(
+                    perf,
+                    request.prompt_tokens,
+                    queued_prefill_tokens=queued,
+                    running=running if snap.num_decodes else None,
+                    max_num_batched_tokens=info.max_num_batched_tokens,
+                )
+                / 1e3
+            )
+            tpot = perf.predict(
+                StepBatch.decode(
+                    snap.num_decodes + 1, max(0, snap.decode_kv_tokens - snap.num_decodes) + request.prompt_tokens
+                )
+            )
             rows[i] = (
-                1.0, float(role in ("both", "prefill")), float(role in ("both", "decode")),
-                snap.num_requests_running, snap.num_requests_waiting, snap.kv_cache_usage_perc,
-                view.outstanding_requests[i], view.outstanding_prompt_tokens[i], queued / capacity,
-                snap.decode_kv_tokens / max(info.kv_capacity_tokens, 1), snap.recent_tokens_per_step,
-                snap.recent_step_ms, snap.predicted_step_ms, ttft, tpot, capacity, info.kv_capacity_tokens,
+                1.0,
+                float(role in ("both", "prefill")),
+                float(role in ("both", "decode")),
+                snap.num_requests_running,
+                snap.num_requests_waiting,
+                snap.kv_cache_usage_perc,
+                view.outstanding_requests[i],
+                view.outstanding_prompt_tokens[i],
+                queued / capacity,
+                snap.decode_kv_tokens / max(info.kv_capacity_tokens, 1),
+                snap.recent_tokens_per_step,
+                snap.recent_step_ms,
+                snap.predicted_step_ms,
+                ttft,
+                tpot,
+                capacity,
+                info.kv_capacity_tokens,
                 float(last == i),
             )
         slo = request.slo
-        req = np.array([request.prompt_tokens, expected, slo.ttft_s or 0.0, (slo.tpot_s or 0.0) * 1e3,
-                        sum(view.outstanding_requests)], dtype=float)
+        req = np.array(
+            [
+                request.prompt_tokens,
+                expected,
+                slo.ttft_s or 0.0,
+                (slo.tpot_s or 0.0) * 1e3,
+                sum(view.outstanding_requests),
+                float(decode_phase),
+            ],
+            dtype=float,
+        )
         return rows, req
 
-    def vector(self, view: ClusterView, request: RequestInfo, context: FeatureContext) -> tuple[np.ndarray, int]:
+    def vector(
+        self, view: ClusterView, request: RequestInfo, context: FeatureContext, decode_phase: bool = False
+    ) -> tuple[np.ndarray, int]:
         """The float32 observation and how many values were clipped to their bounds."""
-        rows, req = self.raw(view, request, context)
+        rows, req = self.raw(view, request, context, decode_phase)
         engines = np.zeros((self.max_instances, len(ENGINE_FEATURES)))
         engines[: len(rows)] = rows / self._engine_scale
         flat = np.concatenate([engines.ravel(), req / self._request_scale])
@@ -174,6 +211,6 @@ class FeatureSpec:
         per_engine = len(ENGINE_FEATURES)
         engines = observation[: per_engine * self.max_instances].reshape(self.max_instances, per_engine)
         out = {f.name: engines[:, j] for j, f in enumerate(ENGINE_FEATURES)}
-        tail = observation[per_engine * self.max_instances:]
+        tail = observation[per_engine * self.max_instances :]
         out.update({f"request.{f.name}": tail[j] for j, f in enumerate(REQUEST_FEATURES)})
         return out

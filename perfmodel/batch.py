@@ -69,10 +69,21 @@ class StepBatch:
     @classmethod
     def prefill(cls, tokens: int, context: int = 0) -> StepBatch:
         """A single prefill chunk of ``tokens`` new tokens after ``context`` already computed ones."""
-        return cls.from_seqs([(tokens, context)])
+        new, context = _check_seq(0, (tokens, context))
+        kv = context + new
+        if new == 1 and context > 0:  # one token on a context is a decode, as from_seqs counts it
+            return cls(1, 1, 1, float(kv), kv, kv)
+        return cls(new, 1, 0, new * (context + (new + 1) / 2), kv, 0)
 
     def __add__(self, other: StepBatch) -> StepBatch:
-        return StepBatch(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(StepBatch)))
+        return StepBatch(
+            self.num_tokens + other.num_tokens,
+            self.num_seqs + other.num_seqs,
+            self.num_decodes + other.num_decodes,
+            self.attn_pairs + other.attn_pairs,
+            self.kv_tokens + other.kv_tokens,
+            self.decode_kv_tokens + other.decode_kv_tokens,
+        )
 
 
 def _check_seq(index: int, seq: Sequence[int]) -> tuple[int, int]:

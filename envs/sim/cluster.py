@@ -127,6 +127,8 @@ class Cluster:
         self._arrival_hooks = [h.observe_arrival for h in hooks if hasattr(h, "observe_arrival")]
         self.flips: list[tuple[float, int, str, str]] = []  # (time, instance, from role, to role)
         self._pending = 0
+        self._arrived = 0
+        self.finish_listeners: list = []  # called with each finished Request (environments' rewards)
         self.seed = seed
         self.env = simpy.Environment()
         self.finished: list[Request] = []
@@ -225,6 +227,7 @@ class Cluster:
         for request in requests:
             if request.arrival_s > env.now:
                 yield env.timeout(request.arrival_s - env.now)
+            self._arrived += 1
             info = self._request_info(request)
             for hook in self._arrival_hooks:
                 hook(info)
@@ -267,6 +270,8 @@ class Cluster:
         self.outstanding_prompt[request.instance] -= request.prompt_tokens
         self.finished.append(request)
         self._pending -= 1
+        for listener in self.finish_listeners:
+            listener(request)
         for hook in self._completion_hooks:  # a router sees each response end, and its length
             hook(self._request_info(request), request.instance, request.output_tokens, self.env.now - request.arrival_s)
 
@@ -274,26 +279,31 @@ class Cluster:
     def decode_candidates(self) -> list[int]:
         return [e.index for e in self.engines if e.role in ("decode", "both")]
 
-    def _on_handoff(self, source: Engine, request: Request) -> None:
-        """A prefill finished on a prefill instance: choose a decode instance and move the KV there."""
-        self.env.process(self._handoff(source, request))
+    def _on_handoff(self, source: Engine, request: Request) -> simpy.Event | None:
+        """A prefill finished on a prefill instance: choose a decode instance and move the KV there.
 
-    def _handoff(self, source: Engine, request: Request):
-        candidates = self.decode_candidates()
-        info = self._request_info(request)
+        With an external decision maker the choice is a pending event: the source engine waits on it, so
+        decisions are taken one at a time, each seeing the bookkeeping of the previous, as inline ones do.
+        """
         chooser = getattr(self.router, "route_decode", None)
-        if chooser is not None:
-            target = chooser(info, self.view())
-            if isinstance(target, simpy.Event):
-                target = yield target
-            target = int(target)
-            if target not in candidates:
-                raise ValueError(
-                    f"router {type(self.router).__name__} chose engine {target} to decode request "
-                    f"{request.id}; decode-capable engines are {candidates}"
-                )
-        else:
-            target = min(candidates, key=self.outstanding.__getitem__)
+        if chooser is None:
+            self._start_transfer(source, request, min(self.decode_candidates(), key=self.outstanding.__getitem__))
+            return None
+        choice = chooser(self._request_info(request), self.view())
+        if isinstance(choice, simpy.Event):
+            choice.callbacks.append(lambda event: self._start_transfer(source, request, event.value))
+            return choice
+        self._start_transfer(source, request, choice)
+        return None
+
+    def _start_transfer(self, source: Engine, request: Request, target) -> None:
+        candidates = self.decode_candidates()
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or int(target) not in candidates:
+            raise ValueError(
+                f"router {type(self.router).__name__} chose engine {target!r} to decode request {request.id}; "
+                f"decode-capable engines are {candidates}"
+            )
+        target = int(target)
         self.outstanding[source.index] -= 1
         self.outstanding_prompt[source.index] -= request.prompt_tokens
         self.outstanding[target] += 1
@@ -302,7 +312,9 @@ class Cluster:
         link = self.config.links["nvlink" if same_node else "network"]
         seconds = link.seconds(request.computed * source.perf.model.kv_bytes_per_token(source.perf.dtype))
         request.transfer_s = seconds
-        target = self.engines[target]
+        self.env.process(self._transfer(source, self.engines[target], request, seconds))
+
+    def _transfer(self, source: Engine, target: Engine, request: Request, seconds: float):
         yield self.env.timeout(seconds)
         source.release_transferred(request)
         if not target.submit_decode(request):
@@ -346,6 +358,23 @@ class Cluster:
         yield self.env.timeout(self.config.restart_delay_s)
         engine.role, engine.hands_off = role, role == "prefill"
 
+    def start(self, requests: Sequence[Request], progress=None) -> None:
+        """Install the arrival, monitoring and snapshot processes without running the clock (environments
+        step the simulation themselves)."""
+        if any(r.state is not State.PENDING for r in requests):
+            raise ValueError("requests were already simulated; generate the workload again for a new run")
+        self._pending = len(requests)
+        self.env.process(self._arrivals(requests, progress))
+        if self.pool_policy is not None:
+            self.env.process(self._monitor())
+        if self.config.snapshot_interval_s > 0 and requests:
+            self.env.process(self._refresh(requests))
+
+    @property
+    def in_system(self) -> int:
+        """Requests that arrived and have not finished or been rejected."""
+        return self._arrived - len(self.finished) - len(self.rejected)
+
     def run(self, requests: Sequence[Request], until_s: float | None = None, progress: bool = False) -> SimResult:
         """Simulate ``requests`` (fresh copies are not made: pass newly generated ones) to completion or ``until_s``."""
         if any(r.state is not State.PENDING for r in requests):
@@ -356,12 +385,7 @@ class Cluster:
 
             bar = tqdm(total=len(requests), desc="simulating", unit="req", mininterval=0.5)
         started = time.perf_counter()
-        self._pending = len(requests)
-        self.env.process(self._arrivals(requests, bar))
-        if self.pool_policy is not None:
-            self.env.process(self._monitor())
-        if self.config.snapshot_interval_s > 0 and requests:
-            self.env.process(self._refresh(requests))
+        self.start(requests, bar)
         self.env.run(until=until_s)
         if bar is not None:
             bar.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -110,7 +110,8 @@ class Engine:
         self.on_finish = on_finish
         self.role = config.role
         self.hands_off = config.role == "prefill"  # finished prefills leave for a decode instance
-        self.on_handoff: Callable[[Engine, Request], None] | None = None  # set by a cluster with PD pools
+        # set by a cluster with PD pools; returns a pending event when an agent makes the choice
+        self.on_handoff: Callable[[Engine, Request], simpy.Event | None] | None = None
         # called after every step with (engine, batch, latency in s): the feed of online refits (LENS)
         self.step_observers: list[Callable[[Engine, StepBatch, float], None]] = []
         self.perf = perf or StructuralModel(config.gpu, config.model, tp=config.tp, dtype=config.dtype)
@@ -161,6 +162,7 @@ class Engine:
         self._shortest_first = getattr(policy, "prefill_order", "admission") == "shortest_remaining"
         self._admit_hook = getattr(policy, "admit", None)
         self._victim_hook = getattr(policy, "choose_victim", None)
+        self._external_budget = getattr(policy, "request_budget", None)  # returns a simpy event (agents)
         # engine-pushed state (SynergySched-style): queued prefill work and recent step shape
         self.waiting_tokens = 0  # prefill tokens of waiting requests
         self.prefill_remaining = 0  # tokens running prefills still have to compute
@@ -287,7 +289,10 @@ class Engine:
                 self._complete_decodes()
                 self.jumps += 1
                 continue
-            plan = self._schedule()
+            budget = None
+            if self._external_budget is not None:  # an agent decides this step's budget (Batch-v0)
+                budget = yield self._external_budget(self)
+            plan = self._schedule(budget)
             if plan is None:
                 if self.transferring:  # KV held by outgoing transfers: wait until one completes
                     self._wake = env.event()
@@ -308,7 +313,7 @@ class Engine:
             self.step_count = step
             self.dec_ctx_sum += n_dec
             self._complete_decodes()
-            self._advance_prefills(chunks)
+            yield from self._advance_prefills(chunks)
 
     def _cut_jump(self, start: float, latencies: np.ndarray, first: int, blocks: int):
         """Keep the jump's steps that started before now; return the unstarted steps' KV blocks."""
@@ -450,7 +455,7 @@ class Engine:
         return heap[0][0] if heap else self.step_count + 1
 
     # -- one regular step --------------------------------------------------------------------------------
-    def _schedule(self) -> tuple[StepBatch, list[tuple[Request, int]], int] | None:
+    def _schedule(self, budget: int | None = None) -> tuple[StepBatch, list[tuple[Request, int]], int] | None:
         step = self.step_count + 1
         preempted = False
         if self.incoming:
@@ -462,7 +467,7 @@ class Engine:
             demand = self.block_hist[step % self.block_size] if self.n_dec else 0
         self._take(demand)
         self._decode_blocks_for = step
-        budget = max(self.policy.token_budget(self), self.n_dec)
+        budget = max(self.policy.token_budget(self) if budget is None else int(budget), self.n_dec)
         left = budget - self.n_dec
         chunks: list[tuple[Request, int]] = []
         prefilling = list(self.prefilling.values())
@@ -590,7 +595,8 @@ class Engine:
             request.max_gap_s = max(request.max_gap_s, self._max_latency(request.decode_entry_step, self.step_count))
             self._finish(request, now)
 
-    def _advance_prefills(self, chunks: list[tuple[Request, int]]) -> None:
+    def _advance_prefills(self, chunks: list[tuple[Request, int]]) -> Generator[simpy.Event, object, None]:
+        """Account a step's prefill chunks; a generator because a PD handoff may wait on an agent's choice."""
         now, step = self.env.now, self.step_count
         for request, chunk in chunks:
             if request.state is not State.PREFILL:
@@ -618,7 +624,9 @@ class Engine:
                 request.state = State.TRANSFER  # keeps its KV blocks until the transfer completes
                 del self.running[request.id]
                 self.transferring += 1
-                self.on_handoff(self, request)
+                decision = self.on_handoff(self, request)
+                if decision is not None:  # an agent places the decode: wait for it (no time passes)
+                    yield decision
                 continue
             request.blocks = 0  # from here on the decode aggregates account for its KV
             self._join_decode(request, step)

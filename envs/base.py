@@ -1,0 +1,222 @@
+"""The machinery every ServeGym environment shares: build a cluster, run it until the next decision of the
+environment's kind, compute rewards, end episodes.
+
+Control inversion: the environment installs an *external* policy for its decision kind. When the
+simulator asks for a decision, that policy returns a pending simpy event; the environment stops the
+clock there, hands the observation to the agent, and ``step(action)`` answers the event and runs the
+simulator to the next decision. Other decisions are made inline by configured heuristics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import simpy
+
+from envs.features import FeatureContext, FeatureSpec
+from envs.sim.cluster import Cluster, ClusterConfig
+from envs.sim.config import cluster_from, workload_from
+from envs.sim.request import Request
+from envs.sim.routing import LeastOutstandingRequests
+from envs.sim.view import ClusterView, RequestInfo
+
+REWARDS = ("goodput", "latency", "relative")
+DEFAULT_CLUSTER = {
+    "snapshot_interval_s": 0.1,
+    "groups": [
+        {"name": "h100", "count": 2, "engine": {"gpu": "H100-SXM", "model": "Llama-3-8B"}},
+        {"name": "a100", "count": 2, "engine": {"gpu": "A100-80GB", "model": "Llama-3-8B"}},
+    ],
+}
+DEFAULT_WORKLOAD = {
+    "kind": "trace",
+    "path": "azure_conv",
+    "rate_scale": 8.0,
+    "num_requests": 1000,
+    "random_window": True,
+    "slo": [{"name": "chat", "ttft_s": 2.0, "tpot_s": 0.1}],
+}
+
+
+class ServeGymEnv(gym.Env):
+    """Base class: subclasses set the action space and install their external policy in :meth:`_build`.
+
+    Args:
+        cluster: a cluster mapping (as in ``conf/cluster``) or a :class:`ClusterConfig`.
+        workload: a workload mapping (as in ``conf/workload``).
+        max_instances: engine slots in observations and actions (>= the cluster's engines).
+        reward: ``goodput`` (+1 per request finishing within its SLO, on the step it finishes),
+            ``latency`` (minus the request-seconds spent in the system since the last decision, / 10), or
+            ``relative`` (+1/−1 per finishing request that meets/misses its SLO where the reference heuristic
+            on the same arrivals missed/met it). Each step's reward is clipped to [−10, 10].
+        horizon: decisions per episode before truncation (None: until the workload is drained).
+        reference_router / reference_batch: the heuristics of the ``relative`` reward (and the inline
+            decisions the agent does not make).
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012 (Gymnasium's convention)
+
+    def __init__(
+        self,
+        cluster: dict | ClusterConfig | None = None,
+        workload: dict | None = None,
+        max_instances: int = 8,
+        reward: str = "goodput",
+        horizon: int | None = None,
+        router: Any = None,
+        batch: Any = None,
+        pools: Any = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+        self.cluster_config = (
+            cluster if isinstance(cluster, ClusterConfig) else cluster_from(cluster or DEFAULT_CLUSTER)
+        )
+        self.workload = workload_from(workload or DEFAULT_WORKLOAD)
+        engines = sum(g.count for g in self.cluster_config.groups)
+        if engines > max_instances:
+            raise ValueError(f"the cluster has {engines} engines but max_instances is {max_instances}")
+        self.max_instances, self.reward_kind, self.horizon = max_instances, reward, horizon
+        self.spec_features = FeatureSpec(max_instances)
+        self.inline_router, self.inline_batch, self.inline_pools = router, batch, pools
+        self.render_mode = render_mode
+        self.sim: Cluster | None = None
+        self._pending: tuple[Any, ...] | None = None
+
+    # -- subclass hooks --------------------------------------------------------------------------------
+    def _build(self, requests: list[Request], seed: int) -> Cluster:
+        raise NotImplementedError
+
+    def _observe(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def action_masks(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _apply(self, action: Any) -> float:
+        """Answer the pending decision; returns a penalty for an invalid action (0 otherwise)."""
+        raise NotImplementedError
+
+    # -- shared machinery ------------------------------------------------------------------------------
+    def _router(self):
+        return self.inline_router or LeastOutstandingRequests()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        options = options or {}
+        workload_seed = int(options.get("workload_seed", self.np_random.integers(0, 2**31 - 1)))
+        sim_seed = int(options.get("sim_seed", self.np_random.integers(0, 2**31 - 1)))
+        requests = self.workload.generate(workload_seed)
+        self._reference = self._reference_outcomes(workload_seed, sim_seed) if self.reward_kind == "relative" else {}
+        self.context = FeatureContext()
+        self._pending = None
+        self._completed: list[Request] = []
+        self._decisions = self._invalid = self._clipped = self._met_total = 0
+        self._area_time = 0.0
+        self.sim = self._build(requests, sim_seed)
+        self.sim.finish_listeners.append(self._on_completion)
+        self._requests = requests
+        self.sim.start(requests)
+        self._last_time = 0.0
+        self._advance()
+        return self._observe(), self._info()
+
+    def _reference_outcomes(self, workload_seed: int, sim_seed: int) -> dict[int, bool]:
+        reference = Cluster(
+            self.cluster_config,
+            LeastOutstandingRequests() if self.inline_router is None else self.inline_router,
+            batch_policy=self.inline_batch,
+            seed=sim_seed,
+        )
+        result = reference.run(self.workload.generate(workload_seed))
+        return {int(row.id): bool(row.slo_met) for row in result.records().itertuples()}
+
+    def _advance(self) -> None:
+        """Run the simulator until a decision is pending or nothing is left to simulate."""
+        env = self.sim.env
+        while self._pending is None and env.peek() != math.inf:
+            before = env.now
+            in_system = self.sim.in_system
+            env.step()
+            self._area_time += in_system * (env.now - before)
+
+    def _on_completion(self, request: Request) -> None:
+        met = _met(request)
+        self._completed.append((request, met))
+        self._met_total += met
+        self.context.observe_completion(request.output_tokens)
+
+    def _reward(self) -> float:
+        if self.reward_kind == "goodput":
+            value = float(sum(met for _, met in self._completed))
+        elif self.reward_kind == "latency":
+            value = -self._area_time / 10.0
+        else:
+            value = float(sum(met - self._reference.get(r.id, False) for r, met in self._completed))
+        self._completed, self._area_time = [], 0.0
+        return float(np.clip(value, -10.0, 10.0))
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self.sim is None:
+            raise RuntimeError("call reset() before step()")
+        if self._pending is None:
+            raise RuntimeError("the episode has ended; call reset()")
+        penalty = self._apply(action)
+        self._pending = None
+        self._decisions += 1
+        self._advance()
+        terminated = self._pending is None
+        truncated = not terminated and self.horizon is not None and self._decisions >= self.horizon
+        reward = self._reward() - penalty
+        observation = self._observe() if not terminated else np.zeros(self.observation_space.shape, np.float32)
+        info = self._info()
+        if terminated:
+            info["summary"] = self.summary()
+        return observation, reward, terminated, truncated, info
+
+    def summary(self) -> dict[str, Any]:
+        """The simulator's summary of the episode so far (the whole run once terminated)."""
+        from envs.sim.metrics import SimResult
+
+        return SimResult(self._requests, self.sim.engines, self.sim.env.now, 0.0).summary()
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "sim_time": self.sim.env.now,
+            "decisions": self._decisions,
+            "completed": len(self.sim.finished),
+            "slo_met": self._met_total,
+            "invalid_actions": self._invalid,
+            "clipped_features": self._clipped,
+        }
+
+    # -- helpers for subclasses ------------------------------------------------------------------------
+    def _features(self, view: ClusterView, request: RequestInfo, decode_phase: bool = False) -> np.ndarray:
+        vector, clipped = self.spec_features.vector(view, request, self.context, decode_phase)
+        self._clipped += clipped
+        return vector
+
+    def _event(self) -> simpy.Event:
+        return self.sim.env.event()
+
+
+def _met(request: Request) -> bool:
+    if not math.isfinite(request.finished_s):
+        return False
+    ttft = request.first_token_s - request.arrival_s
+    e2e = request.finished_s - request.arrival_s
+    tpot = (
+        (request.finished_s - request.first_token_s) / (request.output_tokens - 1) if request.output_tokens > 1 else 0.0
+    )
+    return request.slo.met(ttft, tpot, e2e)
+
+
+def with_noise(config: ClusterConfig, sigma: float) -> ClusterConfig:
+    """The same cluster with a step-time noise on every engine."""
+    groups = tuple(replace(g, engine=replace(g.engine, noise_sigma=sigma)) for g in config.groups)
+    return replace(config, groups=groups)
