@@ -13,6 +13,7 @@ as pool policy, as Arrow needs).
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -145,7 +146,8 @@ def run_tasks(
         bar = tqdm(total=len(tasks), desc="evaluating", unit="run")
     rows: list[dict[str, Any]] = []
     if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        # spawn, not fork: a forked child of a process whose torch/OpenMP threads are running can hang
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for row in pool.map(_run_packed, packed):
                 rows.append(row)
                 if bar:

@@ -1,0 +1,236 @@
+"""Train a router with stable-baselines3 on the default scenario, then compare it with the baselines.
+
+    python experiments/train.py                                   # MaskablePPO, 20k steps, wandb offline
+    python experiments/train.py agent=ppo total_timesteps=50000 logger=tensorboard
+    python experiments/train.py -m seed=0,1,2 agent=ppo,maskable_ppo   # a sweep (joblib, 2 jobs)
+
+The run directory holds ``model.zip``, ``vecnormalize.pkl`` (SB3's normaliser) and the same statistics as
+plain ``normalization.json``, ``manifest.json`` (observation contract, algorithm, env id, git revision),
+``config.yaml``, checkpoints, ``evaluations.csv`` (periodic, against the reference heuristic) and
+``comparison.csv`` (the final table). The function returns the learned router's mean SLO attainment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import envs  # noqa: E402, F401  (registers the ids in this process)
+from agents.harness import Task, run_tasks, summarise  # noqa: E402
+from agents.learned import algorithm_class  # noqa: E402
+from envs.features import FeatureSpec  # noqa: E402
+
+
+def git_revision() -> str:
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    workload = OmegaConf.to_container(cfg.workload, resolve=True)
+    workload.update(OmegaConf.to_container(cfg.train_window, resolve=True))
+    return {
+        "cluster": OmegaConf.to_container(cfg.cluster, resolve=True),
+        "workload": workload,
+        "reward": cfg.env.reward,
+        "horizon": cfg.env.horizon,
+        "max_instances": cfg.env.max_instances,
+        "render_mode": None,
+    }
+
+
+def save_run(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
+    """Everything a later evaluation or export needs, the normaliser also as plain JSON (no pickle)."""
+    model.save(out_dir / "model.zip")
+    vec_normalize.save(str(out_dir / "vecnormalize.pkl"))
+    rms = vec_normalize.obs_rms
+    (out_dir / "normalization.json").write_text(
+        json.dumps(
+            {
+                "mean": rms.mean.tolist(),
+                "var": rms.var.tolist(),
+                "clip_obs": vec_normalize.clip_obs,
+                "epsilon": vec_normalize.epsilon,
+            }
+        )
+    )
+    manifest = {
+        "env_id": cfg.env.id,
+        "env_version": cfg.env.id.rsplit("-v", 1)[-1],
+        "algorithm": cfg.agent.algorithm,
+        "action": "engine index in [0, max_instances): the engine to send the request to",
+        "features": FeatureSpec(int(cfg.env.max_instances)).manifest(),
+        "git_revision": git_revision(),
+        "source_run": str(out_dir),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def learned_policy_spec(run_dir: Path) -> dict[str, Any]:
+    return {
+        "router": {"_target_": "agents.learned.LearnedRouter", "run": str(run_dir)},
+        "batch": {"_target_": "envs.sim.engine.VllmPolicy"},
+    }
+
+
+def compare(
+    cfg: DictConfig,
+    run_dir: Path,
+    seeds: list[int],
+    num_requests: int,
+    policies: list[str],
+    jobs: int,
+    rate_scale: float | None = None,
+) -> Any:
+    """The learned router and the named baselines on the same held-out windows."""
+    from evaluate import named_configs
+
+    specs = named_configs("policy", policies)
+    specs["learned"] = learned_policy_spec(run_dir)
+    workload = OmegaConf.to_container(cfg.workload, resolve=True)
+    workload.update({"num_requests": num_requests, "random_window": True})
+    if rate_scale is not None:
+        workload["rate_scale"] = rate_scale
+    cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
+    tasks = [Task(p, "eval", s, 1.0) for p in specs for s in seeds]
+    rows = run_tasks(tasks, specs, {"eval": workload}, cluster, jobs=jobs, progress=False)
+    return summarise(rows, reference=policies[0] if policies else None)
+
+
+def make_logger(cfg: DictConfig, out_dir: Path):
+    if cfg.logger.kind != "wandb":
+        return None
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
+    return wandb.init(
+        project=cfg.logger.project,
+        mode=mode,
+        dir=str(out_dir),
+        reinit="finish_previous",
+        config=OmegaConf.to_container(cfg, resolve=True),
+        name=out_dir.name,
+    )
+
+
+def run(cfg: DictConfig, out_dir: Path) -> float:
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out_dir / "git_revision.txt").write_text(git_revision() + "\n")
+    logger = make_logger(cfg, out_dir)
+    vec = make_vec_env(
+        f"envs:{cfg.env.id}",
+        n_envs=int(cfg.n_envs),
+        seed=int(cfg.seed),
+        vec_env_cls=DummyVecEnv,
+        env_kwargs=env_kwargs(cfg),
+    )
+    vec = VecNormalize(vec, norm_obs=True, norm_reward=True, clip_obs=10.0)
+    algorithm = algorithm_class(cfg.agent.algorithm)
+    extra = {"tensorboard_log": str(out_dir / "tensorboard")} if cfg.logger.kind == "tensorboard" else {}
+    model = algorithm(
+        cfg.agent.policy,
+        vec,
+        seed=int(cfg.seed),
+        verbose=0,
+        device="cpu",
+        **OmegaConf.to_container(cfg.agent.kwargs, resolve=True),
+        **extra,
+    )
+    evaluations: list[dict[str, Any]] = []
+
+    class PeriodicEvaluation(BaseCallback):
+        """Save the current policy and compare it with the reference heuristic on a fixed window."""
+
+        def _on_step(self) -> bool:
+            every = int(cfg.eval_every)
+            if every and self.num_timesteps % every < int(cfg.n_envs):
+                probe = out_dir / "probe"
+                probe.mkdir(exist_ok=True)
+                save_run(self.model, self.model.get_env(), cfg, probe)
+                table = compare(cfg, probe, [999], 1000, [cfg.reference], 1).set_index("policy")
+                row = {
+                    "timesteps": self.num_timesteps,
+                    "learned": table.loc["learned", "slo_attainment"],
+                    cfg.reference: table.loc[cfg.reference, "slo_attainment"],
+                }
+                evaluations.append(row)
+                if logger is not None:
+                    logger.log({f"eval/{k}": v for k, v in row.items()}, step=self.num_timesteps)
+            return True
+
+    callbacks = [PeriodicEvaluation()]
+    if int(cfg.checkpoint_every):
+        callbacks.append(
+            CheckpointCallback(
+                max(1, int(cfg.checkpoint_every) // int(cfg.n_envs)), str(out_dir / "checkpoints"), name_prefix="model"
+            )
+        )
+    model.learn(
+        total_timesteps=int(cfg.total_timesteps), callback=CallbackList(callbacks), progress_bar=bool(cfg.progress)
+    )
+    save_run(model, vec, cfg, out_dir)
+    if evaluations:
+        import pandas as pd
+
+        pd.DataFrame(evaluations).to_csv(out_dir / "evaluations.csv", index=False)
+    final = cfg.final_eval
+    table = compare(
+        cfg,
+        out_dir,
+        list(final.seeds),
+        int(final.num_requests),
+        list(final.policies),
+        int(final.jobs),
+        float(final.rate_scale),
+    )
+    table.to_csv(out_dir / "comparison.csv", index=False)
+    from evaluate import print_tables
+
+    print_tables(table, next(iter(final.policies)) if final.policies else None)
+    learned = float(table.set_index("policy").loc["learned", "slo_attainment"])
+    if logger is not None:
+        logger.log(
+            {
+                "final/learned_slo_attainment": learned,
+                **{f"final/{p}": float(v) for p, v in zip(table["policy"], table["slo_attainment"], strict=True)},
+            }
+        )
+        logger.finish()
+    print(f"run: {out_dir}")
+    return learned
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

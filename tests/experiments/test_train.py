@@ -1,0 +1,85 @@
+"""The training entry point end to end on a tiny budget, and loading its run as a router."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from agents.harness import Task, run_task
+from agents.learned import ContractMismatch, LearnedRouter
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+from train import learned_policy_spec, run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "total_timesteps=512",
+                "n_envs=1",
+                "agent.kwargs.n_steps=256",
+                "agent.kwargs.batch_size=64",
+                "checkpoint_every=256",
+                "eval_every=256",
+                "logger=wandb",
+                "logger.mode=disabled",
+                "progress=false",
+                "train_window.num_requests=200",
+                "final_eval.seeds=[1000]",
+                "final_eval.num_requests=200",
+                "final_eval.policies=[vllm_rr]",
+                "final_eval.jobs=1",
+            ],
+        )
+    attainment = run(cfg, out)
+    return out, attainment
+
+
+def test_a_run_leaves_everything_evaluation_and_export_need(trained_run):
+    out, attainment = trained_run
+    assert 0.0 <= attainment <= 1.0
+    for name in (
+        "model.zip",
+        "vecnormalize.pkl",
+        "normalization.json",
+        "manifest.json",
+        "config.yaml",
+        "comparison.csv",
+        "evaluations.csv",
+        "git_revision.txt",
+    ):
+        assert (out / name).exists(), name
+    assert list((out / "checkpoints").glob("model_*_steps.zip"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["algorithm"] == "MaskablePPO" and manifest["env_id"] == "servegym/Route-v0"
+
+
+def test_the_saved_run_routes_in_the_harness(trained_run):
+    out, _ = trained_run
+    workload = {
+        "kind": "synthetic",
+        "num_requests": 80,
+        "arrivals": {"rate": 20.0},
+        "lengths": {"kind": "fixed", "prompt": 400, "output": 30},
+    }
+    cluster = {"groups": [{"count": 2, "engine": {"gpu": "H100-SXM"}}, {"count": 2, "engine": {"gpu": "A100-80GB"}}]}
+    row = run_task(Task("learned", "w", 0, 1.0), learned_policy_spec(out), workload, cluster)
+    assert row["completed"] == 80
+
+
+def test_a_policy_trained_on_another_contract_is_refused(trained_run, tmp_path):
+    out, _ = trained_run
+    for name in ("model.zip", "normalization.json"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["features"]["engine_features"][3]["scale"] = 128.0
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ContractMismatch, match="another observation contract"):
+        LearnedRouter(tmp_path)
