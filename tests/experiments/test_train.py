@@ -83,3 +83,38 @@ def test_a_policy_trained_on_another_contract_is_refused(trained_run, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ContractMismatch, match="another observation contract"):
         LearnedRouter(tmp_path)
+
+
+def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
+    import os
+    import subprocess
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments/train.py"),
+            "-m",
+            "seed=0,1",
+            "agent=ppo",
+            "total_timesteps=256",
+            "n_envs=1",
+            "agent.kwargs.n_steps=128",
+            "agent.kwargs.batch_size=64",
+            "eval_every=0",
+            "checkpoint_every=0",
+            "progress=false",
+            "train_window.num_requests=100",
+            "final_eval.seeds=[1000]",
+            "final_eval.num_requests=100",
+            "final_eval.policies=[vllm_rr]",
+            "final_eval.jobs=1",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job in ("0", "1"):
+        assert (tmp_path / job / "model.zip").exists() and (tmp_path / job / "comparison.csv").exists()
