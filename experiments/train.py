@@ -151,8 +151,12 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     vec = VecNormalize(vec, norm_obs=True, norm_reward=True, clip_obs=10.0)
     algorithm = algorithm_class(cfg.agent.algorithm)
     extra = {"tensorboard_log": str(out_dir / "tensorboard")} if cfg.logger.kind == "tensorboard" else {}
+    policy = cfg.agent.policy
+    if "." in policy:  # a policy class by import path, e.g. agents.slot_policy.SlotPolicy
+        module, _, name = policy.rpartition(".")
+        policy = getattr(__import__(module, fromlist=[name]), name)
     model = algorithm(
-        cfg.agent.policy,
+        policy,
         vec,
         seed=int(cfg.seed),
         verbose=0,

@@ -118,3 +118,30 @@ def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for job in ("0", "1"):
         assert (tmp_path / job / "model.zip").exists() and (tmp_path / job / "comparison.csv").exists()
+
+
+def test_the_slot_scoring_policy_trains_saves_and_routes(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "agent=maskable_ppo_slots",
+                "total_timesteps=256",
+                "n_envs=1",
+                "agent.kwargs.n_steps=128",
+                "agent.kwargs.batch_size=64",
+                "checkpoint_every=0",
+                "eval_every=0",
+                "logger=none",
+                "progress=false",
+                "train_window.num_requests=100",
+                "final_eval.seeds=[1000]",
+                "final_eval.num_requests=100",
+                "final_eval.policies=[vllm_rr]",
+                "final_eval.jobs=1",
+            ],
+        )
+    run(cfg, tmp_path)
+    router = LearnedRouter(tmp_path)
+    assert type(router.model.policy).__name__ == "SlotPolicy"
+    assert type(router.model.policy.action_net).__name__ == "TakeSlots"
