@@ -39,6 +39,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m perfmodel bench
 	$(PY) -m envs.sim.bench
+	$(PY) -m envs.bench
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
