@@ -6,14 +6,17 @@
 
 The run directory holds ``model.zip``, ``vecnormalize.pkl`` (SB3's normaliser) and the same statistics as
 plain ``normalization.json``, ``manifest.json`` (observation contract, algorithm, env id, git revision),
-``config.yaml``, checkpoints, ``evaluations.csv`` (periodic, against the reference heuristic) and
-``comparison.csv`` (the final table). The function returns the learned router's mean SLO attainment.
+``config.yaml``, checkpoints, ``evaluations.csv`` (periodic, against the reference heuristic), ``best/``
+(the policy with the best periodic evaluation: PPO can collapse after a peak) and ``comparison.csv`` (the
+final table, for ``best/`` when periodic evaluation ran, else for the last policy). The function returns
+the learned router's mean SLO attainment.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +185,8 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
                     cfg.reference: table.loc[cfg.reference, "slo_attainment"],
                 }
                 evaluations.append(row)
+                if row["learned"] > max((e["learned"] for e in evaluations[:-1]), default=-1.0):
+                    shutil.copytree(probe, out_dir / "best", dirs_exist_ok=True)  # PPO can collapse later
                 if logger is not None:
                     logger.log({f"eval/{k}": v for k, v in row.items()}, step=self.num_timesteps)
             return True
@@ -202,9 +207,10 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
 
         pd.DataFrame(evaluations).to_csv(out_dir / "evaluations.csv", index=False)
     final = cfg.final_eval
+    chosen = out_dir / "best" if (out_dir / "best").exists() else out_dir  # the best periodic policy, if any
     table = compare(
         cfg,
-        out_dir,
+        chosen,
         list(final.seeds),
         int(final.num_requests),
         list(final.policies),

@@ -57,6 +57,7 @@ def test_a_run_leaves_everything_evaluation_and_export_need(trained_run):
     ):
         assert (out / name).exists(), name
     assert list((out / "checkpoints").glob("model_*_steps.zip"))
+    assert (out / "best" / "model.zip").exists()  # the policy of the best periodic evaluation
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["algorithm"] == "MaskablePPO" and manifest["env_id"] == "servegym/Route-v0"
 
