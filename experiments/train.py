@@ -195,7 +195,10 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     if int(cfg.checkpoint_every):
         callbacks.append(
             CheckpointCallback(
-                max(1, int(cfg.checkpoint_every) // int(cfg.n_envs)), str(out_dir / "checkpoints"), name_prefix="model"
+                max(1, int(cfg.checkpoint_every) // int(cfg.n_envs)),
+                str(out_dir / "checkpoints"),
+                name_prefix="model",
+                save_vecnormalize=True,
             )
         )
     model.learn(
