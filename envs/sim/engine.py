@@ -148,7 +148,8 @@ class Engine:
         self.cache = (
             PrefixCache(config.prefix_segment_tokens, config.block_size) if config.enable_prefix_caching else None
         )
-        self._jump: tuple[float, np.ndarray, int, int] | None = None  # start, latencies, first step, used blocks
+        # during a decode jump: (start time, step latencies, first step, blocks used before)
+        self._jump: tuple[float, np.ndarray, int, int] | None = None
         self._decode_base: dict[int, float] = {}  # decode step time (s) of n sequences at zero KV
         kv_probe = 1 << 16
         self._decode_per_kv = (
@@ -230,7 +231,7 @@ class Engine:
     def used_blocks_at(self, t: float) -> int:
         """KV blocks in use at time ``t`` (``t`` within the current step or jump), as a scraper would read."""
         if self._jump is not None:
-            start, latencies, first_step, used_before = self._jump
+            start, latencies, first_step, used_before = self._jump  # reconstructed only when someone looks
             starts = np.concatenate([[0.0], np.cumsum(latencies[:-1])])
             started = int(np.searchsorted(starts, t - start, side="right"))
             keys = (first_step + np.arange(started)) % self.block_size
@@ -359,10 +360,10 @@ class Engine:
         """The performance model's latency of the next step: the decodes plus a prefill chunk of the budget."""
         budget = max(self.config.max_num_batched_tokens, self.n_dec)
         prefill = min(self.pending_prefill_tokens, budget - self.n_dec)
+        if prefill <= 0:  # decode-only (or idle): the cached linear form, no model evaluation
+            return self.decode_step_s(self.n_dec, self.dec_ctx_sum) * 1e3 if self.n_dec else 0.0
         batch = StepBatch.decode(self.n_dec, self.dec_ctx_sum) if self.n_dec else StepBatch()
-        if prefill > 0:
-            batch = batch + StepBatch.prefill(prefill)
-        return self.perf.predict(batch)
+        return self.perf.predict(batch + StepBatch.prefill(prefill))
 
     @property
     def pending_prefill_tokens(self) -> int:
