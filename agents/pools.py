@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from agents.routing.classic import argmin
-from agents.routing.predictive import EngineModels
+from envs.features import EngineModels
 from envs.sim.view import ClusterView, EngineInfo, RequestInfo
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import predict_ttft
@@ -60,7 +60,6 @@ class Arrow:
         self._decode_streak = self._prefill_streak = 0
         self._last_flip = -math.inf
         self._wanted: str | None = None  # a pool the router found short of capacity
-        self.decode_only_roles = ("decode",)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def prefill_time_s(self, view: ClusterView, i: int, extra_tokens: int = 0) -> float:
@@ -69,13 +68,12 @@ class Arrow:
         queued = s.pending_prefill_tokens + extra_tokens
         if queued <= 0:
             return 0.0
-        running = StepBatch.decode(s.num_decodes, max(0, s.decode_kv_tokens - s.num_decodes)) if s.num_decodes else None
         return (
             predict_ttft(
                 self.models(info),
                 1,
                 queued_prefill_tokens=queued - 1,
-                running=running,
+                running=s.running_decodes(),
                 max_num_batched_tokens=info.max_num_batched_tokens,
             )
             / 1e3

@@ -54,32 +54,24 @@ class TakeSlots(nn.Module):
         return latent[:, : self.slots]
 
 
-def _slot_kwargs(kwargs: dict) -> dict:
-    kwargs.setdefault("features_extractor_class", SlotFeatures)
-    kwargs.setdefault("net_arch", {"pi": [], "vf": [64, 64]})
-    kwargs.setdefault("share_features_extractor", True)
-    return kwargs
+class _SlotActor:
+    """Mixin: the slot scorer as features extractor (shared with the critic) and ``TakeSlots`` as actor."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("features_extractor_class", SlotFeatures)
+        kwargs.setdefault("net_arch", {"pi": [], "vf": [64, 64]})
+        kwargs.setdefault("share_features_extractor", True)
+        super().__init__(*args, **kwargs)
+
+    def _build(self, lr_schedule) -> None:
+        super()._build(lr_schedule)
+        self.action_net = TakeSlots(self.features_extractor.slots)
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
 
-class SlotPolicy(MaskableActorCriticPolicy):
+class SlotPolicy(_SlotActor, MaskableActorCriticPolicy):
     """MaskablePPO policy with a per-slot scorer as the actor."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **_slot_kwargs(kwargs))
 
-    def _build(self, lr_schedule) -> None:
-        super()._build(lr_schedule)
-        self.action_net = TakeSlots(self.features_extractor.slots)
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
-
-
-class SlotPolicyPPO(ActorCriticPolicy):
+class SlotPolicyPPO(_SlotActor, ActorCriticPolicy):
     """The same network for plain PPO (no masks)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **_slot_kwargs(kwargs))
-
-    def _build(self, lr_schedule) -> None:
-        super()._build(lr_schedule)
-        self.action_net = TakeSlots(self.features_extractor.slots)
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)

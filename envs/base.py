@@ -9,8 +9,8 @@ simulator to the next decision. Other decisions are made inline by configured he
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -103,8 +103,16 @@ class ServeGymEnv(gym.Env):
         raise NotImplementedError
 
     # -- shared machinery ------------------------------------------------------------------------------
+    # Heuristics keep state (round-robin's turn, local corrections, LENS's refitted models): every cluster
+    # an episode or the reference run builds gets its own copy, so episodes do not leak into each other.
     def _router(self):
-        return self.inline_router or LeastOutstandingRequests()
+        return copy.deepcopy(self.inline_router) if self.inline_router is not None else LeastOutstandingRequests()
+
+    def _batch(self):
+        return copy.deepcopy(self.inline_batch)
+
+    def _pools(self):
+        return copy.deepcopy(self.inline_pools)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
@@ -129,8 +137,8 @@ class ServeGymEnv(gym.Env):
     def _reference_outcomes(self, workload_seed: int, sim_seed: int) -> dict[int, bool]:
         reference = Cluster(
             self.cluster_config,
-            LeastOutstandingRequests() if self.inline_router is None else self.inline_router,
-            batch_policy=self.inline_batch,
+            self._router(),
+            batch_policy=self._batch(),
             seed=sim_seed,
         )
         result = reference.run(self.workload.generate(workload_seed))
@@ -146,7 +154,7 @@ class ServeGymEnv(gym.Env):
             self._area_time += in_system * (env.now - before)
 
     def _on_completion(self, request: Request) -> None:
-        met = _met(request)
+        met = request.slo_met
         self._completed.append((request, met))
         self._met_total += met
         self.context.observe_completion(request.output_tokens)
@@ -203,20 +211,3 @@ class ServeGymEnv(gym.Env):
 
     def _event(self) -> simpy.Event:
         return self.sim.env.event()
-
-
-def _met(request: Request) -> bool:
-    if not math.isfinite(request.finished_s):
-        return False
-    ttft = request.first_token_s - request.arrival_s
-    e2e = request.finished_s - request.arrival_s
-    tpot = (
-        (request.finished_s - request.first_token_s) / (request.output_tokens - 1) if request.output_tokens > 1 else 0.0
-    )
-    return request.slo.met(ttft, tpot, e2e)
-
-
-def with_noise(config: ClusterConfig, sigma: float) -> ClusterConfig:
-    """The same cluster with a step-time noise on every engine."""
-    groups = tuple(replace(g, engine=replace(g.engine, noise_sigma=sigma)) for g in config.groups)
-    return replace(config, groups=groups)

@@ -61,7 +61,7 @@ class BatchEnv(ServeGymEnv):
             self._router(),
             batch_policy=_AgentBatcher(self),
             seed=seed,
-            pool_policy=self.inline_pools,
+            pool_policy=self._pools(),
         )
 
     def _observe(self) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from envs.sim.view import ClusterView, EngineInfo, RequestInfo
+from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import predict_ttft
 from perfmodel.structural import StructuralModel
@@ -68,27 +68,54 @@ REQUEST_FEATURES: tuple[Feature, ...] = (
 )
 
 
-@dataclass
-class FeatureContext:
-    """Router-side state the features need: models per engine type, session table, output estimate."""
+class EngineModels:
+    """One structural model per (GPU, model, TP) an engine runs, built on first use, and the engines'
+    prefill capacity: the performance-model side of every predictive router and of the features."""
 
-    output_mean: float = 256.0
-    models: dict[tuple[str, str, int], StructuralModel] = field(default_factory=dict)
-    capacity: dict[tuple[str, str, int, int], float] = field(default_factory=dict)
-    sessions: dict[int, int] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str, int], StructuralModel] = {}
+        self._capacity: dict[tuple[str, str, int, int], float] = {}
 
-    def model(self, info: EngineInfo) -> StructuralModel:
+    def __call__(self, info: EngineInfo) -> StructuralModel:
         key = (info.gpu, info.model, info.tp)
-        if key not in self.models:
-            self.models[key] = StructuralModel(info.gpu, info.model, tp=info.tp)
-        return self.models[key]
+        if key not in self._models:
+            self._models[key] = StructuralModel(info.gpu, info.model, tp=info.tp)
+        return self._models[key]
 
     def prefill_capacity(self, info: EngineInfo) -> float:
+        """Tokens per second the engine computes with full token budgets (PRISM's capacity)."""
         key = (info.gpu, info.model, info.tp, info.max_num_batched_tokens)
-        if key not in self.capacity:
+        if key not in self._capacity:
             budget = info.max_num_batched_tokens
-            self.capacity[key] = budget / (self.model(info).predict(StepBatch.prefill(budget)) / 1e3)
-        return self.capacity[key]
+            self._capacity[key] = budget / (self(info).predict(StepBatch.prefill(budget)) / 1e3)
+        return self._capacity[key]
+
+    def routed_latency_ms(
+        self, info: EngineInfo, snap: EngineSnapshot, prompt_tokens: int, queued_extra: int = 0
+    ) -> tuple[float, float]:
+        """Predicted TTFT and TPOT (ms) of a request of ``prompt_tokens`` routed to this engine: through its
+        pending prefill work (plus ``queued_extra`` tokens sent since the snapshot) with its decodes held
+        fixed, then a decode step of its batch with this request added."""
+        perf = self(info)
+        ttft = predict_ttft(
+            perf,
+            prompt_tokens,
+            queued_prefill_tokens=snap.pending_prefill_tokens + queued_extra,
+            running=snap.running_decodes(),
+            max_num_batched_tokens=info.max_num_batched_tokens,
+        )
+        resident = max(0, snap.decode_kv_tokens - snap.num_decodes)
+        tpot = perf.predict(StepBatch.decode(snap.num_decodes + 1, resident + prompt_tokens))
+        return ttft, tpot
+
+
+@dataclass
+class FeatureContext:
+    """Router-side state the features need: engine models, session table, output estimate."""
+
+    output_mean: float = 256.0
+    engines: EngineModels = field(default_factory=EngineModels)
+    sessions: dict[int, int] = field(default_factory=dict)
 
     def observe_route(self, request: RequestInfo, engine: int) -> None:
         if request.session_id >= 0:
@@ -142,25 +169,10 @@ class FeatureSpec:
         last = context.sessions.get(request.session_id) if request.session_id >= 0 else None
         for i, (info, snap) in enumerate(zip(view.engines, view.snapshots, strict=True)):
             role = view.roles[i]
-            perf = context.model(info)
-            capacity = context.prefill_capacity(info)
-            running = StepBatch.decode(snap.num_decodes, max(0, snap.decode_kv_tokens - snap.num_decodes))
+            capacity = context.engines.prefill_capacity(info)
             queued = snap.pending_prefill_tokens
-            ttft = (
-                predict_ttft(
-                    perf,
-                    request.prompt_tokens,
-                    queued_prefill_tokens=queued,
-                    running=running if snap.num_decodes else None,
-                    max_num_batched_tokens=info.max_num_batched_tokens,
-                )
-                / 1e3
-            )
-            tpot = perf.predict(
-                StepBatch.decode(
-                    snap.num_decodes + 1, max(0, snap.decode_kv_tokens - snap.num_decodes) + request.prompt_tokens
-                )
-            )
+            ttft_ms, tpot = context.engines.routed_latency_ms(info, snap, request.prompt_tokens)
+            ttft = ttft_ms / 1e3
             rows[i] = (
                 1.0,
                 float(role in ("both", "prefill")),

@@ -63,7 +63,7 @@ class PoolsEnv(ServeGymEnv):
         return Cluster(
             self.cluster_config,
             self._router(),
-            batch_policy=self.inline_batch,
+            batch_policy=self._batch(),
             seed=seed,
             pool_policy=_AgentPools(self),
         )

@@ -43,9 +43,9 @@ class RouteEnv(ServeGymEnv):
         return Cluster(
             self.cluster_config,
             _AgentRouter(self),
-            batch_policy=self.inline_batch,
+            batch_policy=self._batch(),
             seed=seed,
-            pool_policy=self.inline_pools,
+            pool_policy=self._pools(),
         )
 
     def _ask(self, phase: str, request: RequestInfo, view: ClusterView):

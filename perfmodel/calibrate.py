@@ -65,7 +65,7 @@ def fit_gpu_steps(
     names = list(bounds)
     lower = np.log([bounds[n][0] for n in names])
     upper = np.log([bounds[n][1] for n in names])
-    start = np.clip(np.log([_value(base, n) for n in names]), lower, upper)
+    start = np.clip(np.log([base.value(n) for n in names]), lower, upper)
     prior_scale = np.sqrt(prior_weight)
 
     def residuals(log_values: np.ndarray) -> np.ndarray:
@@ -75,10 +75,6 @@ def fit_gpu_steps(
 
     result = least_squares(residuals, start, bounds=(lower, upper), loss="soft_l1", f_scale=0.05)
     return base.with_values(dict(zip(names, np.exp(result.x), strict=True)))
-
-
-def _value(coefficients: Coefficients, name: str) -> float:
-    return getattr(coefficients, name)
 
 
 def calibrate(

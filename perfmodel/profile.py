@@ -77,7 +77,14 @@ class Coefficients:
 
     def as_vector(self) -> np.ndarray:
         """Flat vector of all coefficients, in :meth:`vector_names` order (for fitting)."""
-        return np.array([_get_path(self, name) for name in self.vector_names()], dtype=np.float64)
+        return np.array([self.value(name) for name in self.vector_names()], dtype=np.float64)
+
+    def value(self, name: str) -> float:
+        """One coefficient by name; elementwise kinds are dotted (``elem_mem_eff.norm``)."""
+        if "." in name:
+            group, kind = name.split(".", 1)
+            return getattr(self, group)[kind]
+        return getattr(self, name)
 
     @staticmethod
     def vector_names() -> list[str]:
@@ -104,13 +111,6 @@ class Coefficients:
             else:
                 scalars[name] = float(value)
         return replace(self, **scalars, **nested)
-
-
-def _get_path(coefficients: Coefficients, name: str) -> float:
-    if "." in name:
-        group, kind = name.split(".", 1)
-        return getattr(coefficients, group)[kind]
-    return getattr(coefficients, name)
 
 
 def geometric_mean(sets: list[Coefficients]) -> Coefficients:

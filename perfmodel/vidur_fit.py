@@ -75,16 +75,9 @@ def _fit(
         trial = base.with_values(dict(zip(names, np.exp(log_values), strict=True)))
         return np.log(predict_ops(rows, trial, gpu)) - measured
 
-    start = np.log(np.clip([_value(base, n) for n in names], lower, upper))
+    start = np.log(np.clip([base.value(n) for n in names], lower, upper))
     result = least_squares(residuals, start, bounds=(np.log(lower), np.log(upper)), loss="soft_l1", f_scale=0.05)
     return base.with_values(dict(zip(names, np.exp(result.x), strict=True)))
-
-
-def _value(coefficients: Coefficients, name: str) -> float:
-    if "." in name:
-        group, kind = name.split(".", 1)
-        return getattr(coefficients, group)[kind]
-    return getattr(coefficients, name)
 
 
 def fit_gpu_ops(ops: pd.DataFrame, gpu: str, base: Coefficients | None = None) -> Coefficients:

@@ -11,28 +11,8 @@ import math
 
 from agents.routing.classic import LeastResidentDecode, argmin
 from agents.routing.common import LocalCorrection, OutputEstimate
-from envs.sim.view import ClusterView, EngineInfo, RequestInfo
-from perfmodel.batch import StepBatch
-from perfmodel.capacity import predict_ttft
-from perfmodel.structural import StructuralModel
-
-
-class EngineModels:
-    """One structural model per (GPU, model, TP) an engine runs, built on first use."""
-
-    def __init__(self) -> None:
-        self._models: dict[tuple[str, str, int], StructuralModel] = {}
-
-    def __call__(self, info: EngineInfo) -> StructuralModel:
-        key = (info.gpu, info.model, info.tp)
-        if key not in self._models:
-            self._models[key] = StructuralModel(info.gpu, info.model, tp=info.tp)
-        return self._models[key]
-
-    def prefill_capacity(self, info: EngineInfo) -> float:
-        """Tokens per second the engine computes with full token budgets (PRISM's capacity)."""
-        budget = info.max_num_batched_tokens
-        return budget / (self(info).predict(StepBatch.prefill(budget)) / 1e3)
+from envs.features import EngineModels
+from envs.sim.view import ClusterView, RequestInfo
 
 
 class Prism(LeastResidentDecode):
@@ -56,7 +36,6 @@ class Prism(LeastResidentDecode):
         self.slo_tpot_s, self.affinity_window_s, self.weights = slo_tpot_s, affinity_window_s, tuple(weights)
         self.correction = LocalCorrection()
         self.models = EngineModels()
-        self._capacity: dict[int, float] = {}
         self._sessions: dict[int, tuple[int, float]] = {}
 
     def scores(self, request: RequestInfo, view: ClusterView) -> dict[int, float]:
@@ -65,11 +44,9 @@ class Prism(LeastResidentDecode):
         out = {}
         for i in view.prefill_candidates:
             s = view.snapshots[i]
-            if i not in self._capacity:
-                self._capacity[i] = self.models.prefill_capacity(view.engines[i])
             s_lat = max(0.0, 1.0 - min(s.predicted_step_ms / 1e3 / self.slo_tpot_s, 5.0))
             pending = s.pending_prefill_tokens + self.correction.tokens(view, i)
-            s_load = 1.0 - math.tanh(pending / self._capacity[i] / 1.0)
+            s_load = 1.0 - math.tanh(pending / self.models.prefill_capacity(view.engines[i]) / 1.0)
             tokens = s.recent_tokens_per_step
             s_mode = 1.0 if tokens < 256 else 0.5 if tokens <= 1024 else 0.0
             s_kv = 1.0 if last is not None and last[0] == i and view.now_s - last[1] <= self.affinity_window_s else 0.0
@@ -102,19 +79,9 @@ class BlockPredictive(LeastResidentDecode):
         self.outputs = OutputEstimate(output_prior)
 
     def predicted_e2e_s(self, request: RequestInfo, view: ClusterView, i: int) -> float:
-        s, info = view.snapshots[i], view.engines[i]
-        perf = self.models(info)
-        running = StepBatch.decode(s.num_decodes, max(0, s.decode_kv_tokens - s.num_decodes)) if s.num_decodes else None
-        queued = s.pending_prefill_tokens + self.correction.tokens(view, i)
-        ttft = predict_ttft(
-            perf,
-            request.prompt_tokens,
-            queued_prefill_tokens=queued,
-            running=running,
-            max_num_batched_tokens=info.max_num_batched_tokens,
+        ttft, tpot = self.models.routed_latency_ms(
+            view.engines[i], view.snapshots[i], request.prompt_tokens, queued_extra=self.correction.tokens(view, i)
         )
-        batch = StepBatch.decode(s.num_decodes + 1, max(0, s.decode_kv_tokens - s.num_decodes) + request.prompt_tokens)
-        tpot = perf.predict(batch)
         return (ttft + (self.outputs.expected(request) - 1) * tpot) / 1e3
 
     def route(self, request: RequestInfo, view: ClusterView) -> int:

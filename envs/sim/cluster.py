@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
@@ -395,8 +395,3 @@ class Cluster:
             sim_s=self.env.now,
             wall_s=time.perf_counter() - started,
         )
-
-
-def single_group(count: int, **engine: object) -> ClusterConfig:
-    """A homogeneous cluster of ``count`` engines (a convenience for tests and notebooks)."""
-    return ClusterConfig(groups=(InstanceGroup(count, replace(EngineConfig(), **engine)),))

@@ -38,11 +38,7 @@ RECORD_COLUMNS = (
 
 def record(request: Request) -> dict[str, Any]:
     """One request's outcome; latencies are NaN until they happen."""
-    ttft = request.first_token_s - request.arrival_s
-    e2e = request.finished_s - request.arrival_s
-    tpot = (
-        (request.finished_s - request.first_token_s) / (request.output_tokens - 1) if request.output_tokens > 1 else 0.0
-    )
+    ttft, tpot, e2e = request.latencies()
     finished = request.state is State.FINISHED
     return {
         "id": request.id,
@@ -61,7 +57,7 @@ def record(request: Request) -> dict[str, Any]:
         "max_gap_s": request.max_gap_s,
         "preemptions": request.preemptions,
         "prefix_hit_tokens": request.prefix_hit_tokens,
-        "slo_met": bool(finished and request.slo.met(ttft, tpot, e2e)),
+        "slo_met": request.slo_met,
         "reject_reason": request.reject_reason,
     }
 

@@ -75,6 +75,19 @@ class Request:
     shared_blocks: int = 0  # KV blocks those segments cover (not counted in ``blocks``)
     prefix_hit_tokens: int = 0
 
+    def latencies(self) -> tuple[float, float, float]:
+        """(TTFT, TPOT, E2E) in seconds; NaN for what has not happened. TPOT = (finish − first token) /
+        (output − 1), 0 for a single-token output."""
+        ttft = self.first_token_s - self.arrival_s
+        e2e = self.finished_s - self.arrival_s
+        tpot = (self.finished_s - self.first_token_s) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+        return ttft, tpot, e2e
+
+    @property
+    def slo_met(self) -> bool:
+        """Finished within every target of its SLO class."""
+        return self.state is State.FINISHED and self.slo.met(*self.latencies())
+
     @property
     def max_kv_tokens(self) -> int:
         """KV tokens held at the end: prompt plus every output token but the last."""

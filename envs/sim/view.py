@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from envs.sim.request import SloClass
+from perfmodel.batch import StepBatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,12 @@ class EngineSnapshot:
     recent_step_ms: float = 0.0  # EWMA of step latency (observed inter-token time)
     predicted_step_ms: float = 0.0  # performance-model prediction of the next step
     role: str = "both"
+
+    def running_decodes(self) -> StepBatch | None:
+        """The engine's decode batch as the pushed counts describe it (None when nothing decodes)."""
+        if not self.num_decodes:
+            return None
+        return StepBatch.decode(self.num_decodes, max(0, self.decode_kv_tokens - self.num_decodes))
 
 
 @dataclass(frozen=True, slots=True)
