@@ -17,6 +17,7 @@ import multiprocessing
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,20 @@ def load_policy(spec: Mapping) -> PolicyBundle:
     elif pools:
         pools = instantiate(pools)
     return PolicyBundle(router, batch, pools)
+
+
+def saved_policy_spec(path: str | Path, batch: Mapping | None = None) -> dict[str, Any]:
+    """A policy spec for a saved router: an export (``policy.json`` + ONNX, no pickle) or a training run
+    (``manifest.json`` + ``model.zip``, unpickled by stable-baselines3: trusted paths only). vLLM batching
+    unless ``batch`` says otherwise."""
+    path = Path(path)
+    if (path / "policy.json").exists() or path.name == "policy.json":
+        router = {"_target_": "agents.exported.ExportedRouter", "path": str(path)}
+    elif (path / "manifest.json").exists():
+        router = {"_target_": "agents.learned.LearnedRouter", "run": str(path)}
+    else:
+        raise FileNotFoundError(f"{path}: neither an exported policy (policy.json) nor a training run (manifest.json)")
+    return {"router": router, "batch": dict(batch) if batch else {"_target_": "envs.sim.engine.VllmPolicy"}}
 
 
 @dataclass(frozen=True)
@@ -200,6 +215,36 @@ def summarise(rows: list[dict[str, Any]], reference: str | None = None) -> pd.Da
                 table[metric].iloc[n] / ref.get(k, math.nan) if ref.get(k) else math.nan for n, k in enumerate(keys)
             ]
     return table
+
+
+def head_to_head(rows: list[dict[str, Any]], policy: str, metric: str = "slo_attainment") -> pd.DataFrame:
+    """``policy`` against every other policy, seed by seed on the same arrivals: the paired difference
+    (mean, 95% CI half-width) and how many seeds it wins, ties and loses, per workload and load."""
+    frame = pd.DataFrame([{k: v for k, v in row.items() if k != "records"} for row in rows])
+    mine = frame[frame["policy"] == policy].set_index(["workload", "load", "seed"])[metric]
+    out = []
+    for (workload, load, other), group in frame[frame["policy"] != policy].groupby(
+        ["workload", "load", "policy"], sort=False
+    ):
+        keys = [(workload, load, seed) for seed in group["seed"]]
+        diff = mine.reindex(keys).to_numpy() - group[metric].to_numpy()
+        diff = diff[~np.isnan(diff)]
+        mean, half = confidence_interval(diff)
+        out.append(
+            {
+                "workload": workload,
+                "load": load,
+                "policy": policy,
+                "versus": other,
+                "seeds": len(diff),
+                f"{metric}_diff": mean,
+                f"{metric}_diff_ci": half,
+                "wins": int(np.sum(diff > 1e-12)),
+                "ties": int(np.sum(np.abs(diff) <= 1e-12)),
+                "losses": int(np.sum(diff < -1e-12)),
+            }
+        )
+    return pd.DataFrame(out)
 
 
 def max_sustainable_load(

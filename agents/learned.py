@@ -46,41 +46,30 @@ def algorithm_class(name: str):
     return getattr(__import__(module, fromlist=[attribute]), attribute)
 
 
-class LearnedRouter:
-    """Routes with a saved policy, computing the observation contract from the router's view.
+class FeatureRouter:
+    """A router that decides from the observation contract: computes the features from the router's view
+    (the same :class:`FeatureSpec` the environments use) and asks :meth:`act` for an engine.
 
-    An action the policy's mask would forbid (possible for algorithms that ignore masks) falls back to the
-    valid engine with the fewest outstanding requests and is counted in :attr:`fallbacks`.
+    An action outside the candidates (possible for algorithms that ignore masks) falls back to the valid
+    engine with the fewest outstanding requests and is counted in :attr:`fallbacks`.
     """
 
-    def __init__(self, run: str | Path, deterministic: bool = True) -> None:
-        run = Path(run)
-        manifest_path = run / "manifest.json"
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"{run}: no manifest.json (is this a training run directory?)")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.spec = FeatureSpec(int(self.manifest["features"]["max_instances"]))
-        check_manifest(self.manifest["features"], self.spec, str(run))
-        self.algorithm = self.manifest["algorithm"]
-        self.model = algorithm_class(self.algorithm).load(run / "model.zip", device="cpu")
-        norm = json.loads((run / "normalization.json").read_text())
-        self.mean, self.var = np.asarray(norm["mean"], np.float32), np.asarray(norm["var"], np.float32)
-        self.clip, self.epsilon = float(norm["clip_obs"]), float(norm["epsilon"])
-        self.deterministic = deterministic
+    def __init__(self, features_manifest: dict[str, Any], where: str) -> None:
+        self.spec = FeatureSpec(int(features_manifest["max_instances"]))
+        check_manifest(features_manifest, self.spec, where)
         self.context = FeatureContext()
         self.fallbacks = 0
 
-    def normalise(self, observation: np.ndarray) -> np.ndarray:
-        return np.clip((observation - self.mean) / np.sqrt(self.var + self.epsilon), -self.clip, self.clip)
+    def act(self, observation: np.ndarray, mask: np.ndarray) -> int:
+        """The engine for one raw (unnormalised) observation and its action mask."""
+        raise NotImplementedError
 
     def _choose(self, request: RequestInfo, view: ClusterView, decode_phase: bool) -> int:
         observation, _ = self.spec.vector(view, request, self.context, decode_phase)
         candidates = view.decode_candidates if decode_phase else view.prefill_candidates
         mask = np.zeros(self.spec.max_instances, dtype=bool)
         mask[candidates] = True
-        kwargs = {"action_masks": mask} if self.algorithm == "MaskablePPO" else {}
-        action, _ = self.model.predict(self.normalise(observation), deterministic=self.deterministic, **kwargs)
-        choice = int(np.asarray(action).item())
+        choice = self.act(observation, mask)
         if choice not in candidates:
             self.fallbacks += 1
             choice = min(candidates, key=lambda i: (view.outstanding_requests[i], i))
@@ -96,3 +85,29 @@ class LearnedRouter:
 
     def observe_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
         self.context.observe_completion(output_tokens)
+
+
+class LearnedRouter(FeatureRouter):
+    """Routes with a saved stable-baselines3 policy (a training run directory)."""
+
+    def __init__(self, run: str | Path, deterministic: bool = True) -> None:
+        run = Path(run)
+        manifest_path = run / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{run}: no manifest.json (is this a training run directory?)")
+        self.manifest = json.loads(manifest_path.read_text())
+        super().__init__(self.manifest["features"], str(run))
+        self.algorithm = self.manifest["algorithm"]
+        self.model = algorithm_class(self.algorithm).load(run / "model.zip", device="cpu")
+        norm = json.loads((run / "normalization.json").read_text())
+        self.mean, self.var = np.asarray(norm["mean"], np.float32), np.asarray(norm["var"], np.float32)
+        self.clip, self.epsilon = float(norm["clip_obs"]), float(norm["epsilon"])
+        self.deterministic = deterministic
+
+    def normalise(self, observation: np.ndarray) -> np.ndarray:
+        return np.clip((observation - self.mean) / np.sqrt(self.var + self.epsilon), -self.clip, self.clip)
+
+    def act(self, observation: np.ndarray, mask: np.ndarray) -> int:
+        kwargs = {"action_masks": mask} if self.algorithm == "MaskablePPO" else {}
+        action, _ = self.model.predict(self.normalise(observation), deterministic=self.deterministic, **kwargs)
+        return int(np.asarray(action).item())

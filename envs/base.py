@@ -54,8 +54,11 @@ class ServeGymEnv(gym.Env):
             ``relative`` (+1/−1 per finishing request that meets/misses its SLO where the reference heuristic
             on the same arrivals missed/met it). Each step's reward is clipped to [−10, 10].
         horizon: decisions per episode before truncation (None: until the workload is drained).
-        reference_router / reference_batch: the heuristics of the ``relative`` reward (and the inline
-            decisions the agent does not make).
+        load_range: ``(low, high)``: every episode compresses the workload's arrival times by a factor
+            drawn uniformly from this range (1.2 = 20% more load), so one policy trains across loads rather
+            than at the single rate it will not be deployed at. ``None``: the workload as configured.
+        router / batch / pools: the heuristics of the ``relative`` reward (and the inline decisions the agent
+            does not make).
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 (Gymnasium's convention)
@@ -70,10 +73,17 @@ class ServeGymEnv(gym.Env):
         router: Any = None,
         batch: Any = None,
         pools: Any = None,
+        load_range: tuple[float, float] | None = None,
         render_mode: str | None = None,
     ) -> None:
         if reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+        if load_range is not None:
+            load_range = (float(load_range[0]), float(load_range[1]))
+            if not 0 < load_range[0] <= load_range[1]:
+                raise ValueError(f"load_range must be (low, high) with 0 < low <= high, got {load_range}")
+        self.load_range = load_range
+        self.load_factor = 1.0
         self.cluster_config = (
             cluster if isinstance(cluster, ClusterConfig) else cluster_from(cluster or DEFAULT_CLUSTER)
         )
@@ -119,7 +129,10 @@ class ServeGymEnv(gym.Env):
         options = options or {}
         workload_seed = int(options.get("workload_seed", self.np_random.integers(0, 2**31 - 1)))
         sim_seed = int(options.get("sim_seed", self.np_random.integers(0, 2**31 - 1)))
-        requests = self.workload.generate(workload_seed)
+        self.load_factor = float(
+            options.get("load_factor", self.np_random.uniform(*self.load_range) if self.load_range else 1.0)
+        )
+        requests = self._generate(workload_seed)
         self._reference = self._reference_outcomes(workload_seed, sim_seed) if self.reward_kind == "relative" else {}
         self.context = FeatureContext()
         self._pending = None
@@ -141,8 +154,15 @@ class ServeGymEnv(gym.Env):
             batch_policy=self._batch(),
             seed=sim_seed,
         )
-        result = reference.run(self.workload.generate(workload_seed))
+        result = reference.run(self._generate(workload_seed))
         return {int(row.id): bool(row.slo_met) for row in result.records().itertuples()}
+
+    def _generate(self, workload_seed: int) -> list[Request]:
+        requests = self.workload.generate(workload_seed)
+        if self.load_factor != 1.0:
+            for request in requests:
+                request.arrival_s /= self.load_factor
+        return requests
 
     def _advance(self) -> None:
         """Run the simulator until a decision is pending or nothing is left to simulate."""
@@ -196,6 +216,7 @@ class ServeGymEnv(gym.Env):
     def _info(self) -> dict[str, Any]:
         return {
             "sim_time": self.sim.env.now,
+            "load_factor": self.load_factor,
             "decisions": self._decisions,
             "completed": len(self.sim.finished),
             "slo_met": self._met_total,

@@ -3,6 +3,8 @@
     python experiments/evaluate.py                                   # conf/evaluate.yaml's grid
     python experiments/evaluate.py policies=[vllm_rr,vllm_prism] workloads=[azure_conv] seeds=[0,1,2]
     python experiments/evaluate.py loads=[0.5,0.75,1.0,1.25] max_rate.enabled=true
+    python experiments/evaluate.py +saved.ppo=outputs/train/RUN/best +saved.onnx=outputs/train/RUN/best/export \
+        workloads=[azure_conv,azure_code] loads=[1.0,1.25]       # saved policies, incl. a held-out trace
 
 Policies and workloads are named by their files in ``conf/policy`` and ``conf/workload``.
 """
@@ -22,7 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from agents.harness import Task, max_sustainable_load, run_tasks, summarise  # noqa: E402
+from agents.harness import (  # noqa: E402
+    Task,
+    head_to_head,
+    max_sustainable_load,
+    run_tasks,
+    saved_policy_spec,
+    summarise,
+)
 
 SHOWN = (
     ("SLO att.", "slo_attainment", "{:.1%}"),
@@ -90,6 +99,27 @@ def print_tables(table, reference: str | None) -> None:
         console.print(rich_table)
 
 
+def print_head_to_head(table) -> None:
+    """One saved policy against each other policy, paired over seeds."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    for (workload, load, policy), group in table.groupby(["workload", "load", "policy"], sort=False):
+        rich_table = Table(title=f"{policy} head to head, {workload} (load x{load:g}; paired over seeds)")
+        for column in ("versus", "SLO att. difference (95% CI)", "wins", "ties", "losses"):
+            rich_table.add_column(column, justify="left" if column == "versus" else "right")
+        for row in group.itertuples():
+            rich_table.add_row(
+                row.versus,
+                _cell(row.slo_attainment_diff, row.slo_attainment_diff_ci, "{:+.1%}"),
+                str(row.wins),
+                str(row.ties),
+                str(row.losses),
+            )
+        console.print(rich_table)
+
+
 def plot_attainment_vs_load(table, path: Path) -> None:
     import matplotlib
 
@@ -147,6 +177,10 @@ def plot_cdfs(rows: list[dict], path: Path, workload: str) -> None:
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """The whole comparison; returns {"table": DataFrame, "rows": [...], "max_rate": {...}}."""
     policies = named_configs("policy", list(cfg.policies), _plain(cfg.get("policy_overrides")))
+    for name, path in _plain(cfg.get("saved")).items():  # trained runs and exports beside the heuristics
+        if name in policies:
+            raise ValueError(f"saved policy {name!r} has the name of a conf/policy entry; rename it")
+        policies[name] = saved_policy_spec(path)
     workloads = named_configs("workload", list(cfg.workloads), _plain(cfg.get("workload_overrides")))
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
     seeds, loads = [int(s) for s in cfg.seeds], [float(x) for x in cfg.loads]
@@ -165,6 +199,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     table.to_csv(out_dir / "summary.csv", index=False)
     (out_dir / "summary.json").write_text(table.to_json(orient="records", indent=1))
     print_tables(table, reference if reference in policies else None)
+    for name in _plain(cfg.get("saved")):
+        duel = head_to_head(rows, name)
+        duel.to_csv(out_dir / f"head_to_head_{name}.csv", index=False)
+        print_head_to_head(duel)
     for workload in workloads:
         first = [r for r in rows if r["workload"] == workload and r["seed"] == seeds[0] and r["load"] == loads[-1]]
         plot_cdfs(first, out_dir / f"latency_cdf_{workload}.png", workload)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import envs  # noqa: E402, F401  (registers the ids in this process)
-from agents.harness import Task, run_tasks, summarise  # noqa: E402
+from agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise  # noqa: E402
 from agents.learned import algorithm_class  # noqa: E402
 from envs.features import FeatureSpec  # noqa: E402
 
@@ -57,6 +57,7 @@ def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "reward": cfg.env.reward,
         "horizon": cfg.env.horizon,
         "max_instances": cfg.env.max_instances,
+        "load_range": list(cfg.env.load_range) if cfg.env.get("load_range") else None,
         "render_mode": None,
     }
 
@@ -88,13 +89,6 @@ def save_run(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def learned_policy_spec(run_dir: Path) -> dict[str, Any]:
-    return {
-        "router": {"_target_": "agents.learned.LearnedRouter", "run": str(run_dir)},
-        "batch": {"_target_": "envs.sim.engine.VllmPolicy"},
-    }
-
-
 def compare(
     cfg: DictConfig,
     run_dir: Path,
@@ -103,12 +97,13 @@ def compare(
     policies: list[str],
     jobs: int,
     rate_scale: float | None = None,
+    with_rows: bool = False,
 ) -> Any:
     """The learned router and the named baselines on the same held-out windows."""
     from evaluate import named_configs
 
     specs = named_configs("policy", policies)
-    specs["learned"] = learned_policy_spec(run_dir)
+    specs["learned"] = saved_policy_spec(run_dir)
     workload = OmegaConf.to_container(cfg.workload, resolve=True)
     workload.update({"num_requests": num_requests, "random_window": True})
     if rate_scale is not None:
@@ -116,7 +111,37 @@ def compare(
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
     tasks = [Task(p, "eval", s, 1.0) for p in specs for s in seeds]
     rows = run_tasks(tasks, specs, {"eval": workload}, cluster, jobs=jobs, progress=False)
-    return summarise(rows, reference=policies[0] if policies else None)
+    table = summarise(rows, reference=policies[0] if policies else None)
+    return (table, rows) if with_rows else table
+
+
+def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float]:
+    """Behaviour-clone the configured expert router into the policy (agents/imitation.py)."""
+    from evaluate import named_configs
+
+    from agents.imitation import collect_demonstrations, pretrain
+
+    imitation = cfg.imitation
+    expert = named_configs("policy", [imitation.expert])[imitation.expert]["router"]
+    demos = collect_demonstrations(
+        f"envs:{cfg.env.id}", env_kwargs(cfg), expert, int(imitation.episodes), int(cfg.seed) + 1_000_000
+    )
+    figures = pretrain(
+        model,
+        vec_normalize,
+        demos,
+        epochs=int(imitation.epochs),
+        batch_size=int(imitation.batch_size),
+        learning_rate=float(imitation.learning_rate),
+        seed=int(cfg.seed),
+    )
+    print(
+        f"imitation of {imitation.expert}: {len(demos)} decisions, agreement {figures['train_agreement']:.1%} "
+        f"(held-out {figures['holdout_agreement']:.1%})"
+    )
+    if logger is not None:
+        logger.log({f"imitation/{k}": v for k, v in figures.items()}, step=0)
+    return figures
 
 
 def make_logger(cfg: DictConfig, out_dir: Path):
@@ -167,29 +192,51 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
         **OmegaConf.to_container(cfg.agent.kwargs, resolve=True),
         **extra,
     )
+    if cfg.imitation.expert:
+        warm_start(model, vec, cfg, logger)
     evaluations: list[dict[str, Any]] = []
 
     class PeriodicEvaluation(BaseCallback):
-        """Save the current policy and compare it with the reference heuristic on a fixed window."""
+        """Save the current policy and compare it with the reference heuristic on fixed validation windows
+        (the policy before training too, so an imitation warm start is among the candidates for best/)."""
+
+        def _on_training_start(self) -> None:
+            if int(cfg.eval_every):
+                self._evaluate()
 
         def _on_step(self) -> bool:
             every = int(cfg.eval_every)
             if every and self.num_timesteps % every < int(cfg.n_envs):
-                probe = out_dir / "probe"
-                probe.mkdir(exist_ok=True)
-                save_run(self.model, self.model.get_env(), cfg, probe)
-                table = compare(cfg, probe, [999], 1000, [cfg.reference], 1).set_index("policy")
-                row = {
-                    "timesteps": self.num_timesteps,
-                    "learned": table.loc["learned", "slo_attainment"],
-                    cfg.reference: table.loc[cfg.reference, "slo_attainment"],
-                }
-                evaluations.append(row)
-                if row["learned"] > max((e["learned"] for e in evaluations[:-1]), default=-1.0):
-                    shutil.copytree(probe, out_dir / "best", dirs_exist_ok=True)  # PPO can collapse later
-                if logger is not None:
-                    logger.log({f"eval/{k}": v for k, v in row.items()}, step=self.num_timesteps)
+                self._evaluate()
             return True
+
+        def _evaluate(self) -> None:
+            probe = out_dir / "probe"
+            probe.mkdir(exist_ok=True)
+            save_run(self.model, self.model.get_env(), cfg, probe)
+            validation = cfg.validation
+            row: dict[str, Any] = {"timesteps": self.num_timesteps}
+            for scale in validation.rate_scales:
+                first = not evaluations  # the reference's figures do not change: measure them once
+                table = compare(
+                    cfg,
+                    probe,
+                    list(validation.seeds),
+                    int(validation.num_requests),
+                    [cfg.reference] if first else [],
+                    int(validation.jobs),
+                    scale,
+                ).set_index("policy")
+                row[f"learned_x{scale:g}"] = table.loc["learned", "slo_attainment"]
+                reference = f"{cfg.reference}_x{scale:g}"
+                row[reference] = table.loc[cfg.reference, "slo_attainment"] if first else evaluations[0][reference]
+            row["learned"] = float(np.mean([row[f"learned_x{s:g}"] for s in validation.rate_scales]))
+            evaluations.append(row)
+            print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "timesteps"))
+            if row["learned"] > max((e["learned"] for e in evaluations[:-1]), default=-1.0):
+                shutil.copytree(probe, out_dir / "best", dirs_exist_ok=True)  # PPO can collapse later
+            if logger is not None:
+                logger.log({f"eval/{k}": v for k, v in row.items()}, step=self.num_timesteps)
 
     callbacks = [PeriodicEvaluation()]
     if int(cfg.checkpoint_every):
@@ -211,7 +258,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
         pd.DataFrame(evaluations).to_csv(out_dir / "evaluations.csv", index=False)
     final = cfg.final_eval
     chosen = out_dir / "best" if (out_dir / "best").exists() else out_dir  # the best periodic policy, if any
-    table = compare(
+    table, rows = compare(
         cfg,
         chosen,
         list(final.seeds),
@@ -219,11 +266,15 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
         list(final.policies),
         int(final.jobs),
         float(final.rate_scale),
+        with_rows=True,
     )
     table.to_csv(out_dir / "comparison.csv", index=False)
-    from evaluate import print_tables
+    duel = head_to_head(rows, "learned")
+    duel.to_csv(out_dir / "head_to_head.csv", index=False)
+    from evaluate import print_head_to_head, print_tables
 
     print_tables(table, next(iter(final.policies)) if final.policies else None)
+    print_head_to_head(duel)
     learned = float(table.set_index("policy").loc["learned", "slo_attainment"])
     if logger is not None:
         logger.log(

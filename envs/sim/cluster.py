@@ -228,7 +228,7 @@ class Cluster:
             if request.arrival_s > env.now:
                 yield env.timeout(request.arrival_s - env.now)
             self._arrived += 1
-            info = self._request_info(request)
+            info = self.request_info(request)
             for hook in self._arrival_hooks:
                 hook(info)
             choice = self.router.route(info, self.view())
@@ -254,7 +254,8 @@ class Cluster:
             if progress is not None:
                 progress.update(1)
 
-    def _request_info(self, request: Request) -> RequestInfo:
+    def request_info(self, request: Request) -> RequestInfo:
+        """What a router may know of a request (its output length only in oracle mode)."""
         return RequestInfo(
             request.id,
             request.arrival_s,
@@ -273,7 +274,7 @@ class Cluster:
         for listener in self.finish_listeners:
             listener(request)
         for hook in self._completion_hooks:  # a router sees each response end, and its length
-            hook(self._request_info(request), request.instance, request.output_tokens, self.env.now - request.arrival_s)
+            hook(self.request_info(request), request.instance, request.output_tokens, self.env.now - request.arrival_s)
 
     # -- prefill/decode disaggregation -------------------------------------------------------------------
     def decode_candidates(self) -> list[int]:
@@ -289,7 +290,7 @@ class Cluster:
         if chooser is None:
             self._start_transfer(source, request, min(self.decode_candidates(), key=self.outstanding.__getitem__))
             return None
-        choice = chooser(self._request_info(request), self.view())
+        choice = chooser(self.request_info(request), self.view())
         if isinstance(choice, simpy.Event):
             choice.callbacks.append(lambda event: self._start_transfer(source, request, event.value))
             return choice

@@ -138,6 +138,21 @@ def test_workload_seed_fixes_arrivals_across_agents():
     assert [r.arrival_s for r in env.unwrapped._requests] == first
 
 
+def test_load_range_compresses_each_episodes_arrivals_and_the_reference_sees_the_same():
+    env = gym.make(
+        "servegym/Route-v0", cluster=HETERO, workload=SMALL_WORKLOAD, reward="relative", load_range=(1.5, 2.0)
+    )
+    env.reset(seed=1, options={"workload_seed": 5, "load_factor": 1.0})
+    base = np.array([r.arrival_s for r in env.unwrapped._requests])
+    _, info = env.reset(seed=1, options={"workload_seed": 5})
+    factor = info["load_factor"]
+    assert 1.5 <= factor <= 2.0
+    np.testing.assert_allclose([r.arrival_s for r in env.unwrapped._requests], base / factor)
+    assert env.unwrapped._generate(5)[-1].arrival_s == pytest.approx(base[-1] / factor)  # the reference run's
+    with pytest.raises(ValueError, match="load_range"):
+        gym.make("servegym/Route-v0", cluster=HETERO, load_range=(2.0, 1.0))
+
+
 def test_invalid_actions_fall_back_penalised_and_counted():
     env = gym.make("servegym/Route-v0", cluster=PD, workload=SMALL_WORKLOAD, max_instances=6)
     env.reset(seed=0)

@@ -5,41 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from agents.harness import Task, run_task
+from agents.harness import Task, run_task, saved_policy_spec
 from agents.learned import ContractMismatch, LearnedRouter
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
-from train import learned_policy_spec, run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                "total_timesteps=512",
-                "n_envs=1",
-                "agent.kwargs.n_steps=256",
-                "agent.kwargs.batch_size=64",
-                "checkpoint_every=256",
-                "eval_every=256",
-                "logger=wandb",
-                "logger.mode=disabled",
-                "progress=false",
-                "train_window.num_requests=200",
-                "final_eval.seeds=[1000]",
-                "final_eval.num_requests=200",
-                "final_eval.policies=[vllm_rr]",
-                "final_eval.jobs=1",
-            ],
-        )
-    attainment = run(cfg, out)
-    return out, attainment
 
 
 def test_a_run_leaves_everything_evaluation_and_export_need(trained_run):
@@ -71,7 +42,7 @@ def test_the_saved_run_routes_in_the_harness(trained_run):
         "lengths": {"kind": "fixed", "prompt": 400, "output": 30},
     }
     cluster = {"groups": [{"count": 2, "engine": {"gpu": "H100-SXM"}}, {"count": 2, "engine": {"gpu": "A100-80GB"}}]}
-    row = run_task(Task("learned", "w", 0, 1.0), learned_policy_spec(out), workload, cluster)
+    row = run_task(Task("learned", "w", 0, 1.0), saved_policy_spec(out), workload, cluster)
     assert row["completed"] == 80
 
 
@@ -97,6 +68,7 @@ def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
             "-m",
             "seed=0,1",
             "agent=ppo",
+            "imitation.expert=null",
             "total_timesteps=256",
             "n_envs=1",
             "agent.kwargs.n_steps=128",
@@ -121,28 +93,10 @@ def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
         assert (tmp_path / job / "model.zip").exists() and (tmp_path / job / "comparison.csv").exists()
 
 
-def test_the_slot_scoring_policy_trains_saves_and_routes(tmp_path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                "agent=maskable_ppo_slots",
-                "total_timesteps=256",
-                "n_envs=1",
-                "agent.kwargs.n_steps=128",
-                "agent.kwargs.batch_size=64",
-                "checkpoint_every=0",
-                "eval_every=0",
-                "logger=none",
-                "progress=false",
-                "train_window.num_requests=100",
-                "final_eval.seeds=[1000]",
-                "final_eval.num_requests=100",
-                "final_eval.policies=[vllm_rr]",
-                "final_eval.jobs=1",
-            ],
-        )
-    run(cfg, tmp_path)
-    router = LearnedRouter(tmp_path)
+def test_the_default_agent_is_the_slot_scorer_warm_started_by_imitation(trained_run):
+    out, _ = trained_run
+    router = LearnedRouter(out)
     assert type(router.model.policy).__name__ == "SlotPolicy"
     assert type(router.model.policy.action_net).__name__ == "TakeSlots"
+    evaluations = (out / "evaluations.csv").read_text().splitlines()
+    assert evaluations[1].startswith("0,")  # the cloned policy is evaluated before any RL update

@@ -1,0 +1,76 @@
+"""Export a trained routing policy to ONNX (normaliser and mask inside the graph) plus a JSON manifest,
+then check the graph against the stable-baselines3 policy on observations recorded from the run's own
+environment.
+
+    python experiments/export.py run=outputs/train/2026-11-23_14-00-00          # -> RUN/export/
+    python experiments/export.py run=outputs/train/2026-11-23_14-00-00/best out=router_policy
+
+The export loads the run's ``model.zip`` (a pickle: export only runs you trust); the exported files load
+without pickle (``agents.exported.ExportedRouter``). Exits non-zero if the parity check fails.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from agents.exported import ExportError, export_run, parity  # noqa: E402
+
+
+def recorded_observations(run: Path, decisions: int, seed: int):
+    """Observations and masks of the run's environment (its config.yaml), least-outstanding routing acting."""
+    from agents.imitation import collect_demonstrations
+
+    config_path = run / "config.yaml" if (run / "config.yaml").exists() else run.parent / "config.yaml"
+    if not config_path.exists():
+        raise ExportError(f"{run}: no config.yaml to rebuild the environment the policy was trained on")
+    cfg = OmegaConf.load(config_path)
+    workload = OmegaConf.to_container(cfg.workload, resolve=True)
+    workload.update(OmegaConf.to_container(cfg.train_window, resolve=True))
+    workload["num_requests"] = decisions  # one episode of exactly this many decisions (colocated clusters)
+    env_kwargs = {
+        "cluster": OmegaConf.to_container(cfg.cluster, resolve=True),
+        "workload": workload,
+        "max_instances": int(cfg.env.max_instances),
+        "horizon": decisions,
+        "render_mode": None,
+    }
+    demos = collect_demonstrations(
+        f"envs:{cfg.env.id}", env_kwargs, {"_target_": "envs.sim.routing.LeastOutstandingRequests"}, 1, seed
+    )
+    return demos.observations, demos.masks
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    source = Path(cfg.run)
+    out = export_run(source, cfg.out)
+    print(f"exported: {out / 'policy.onnx'} and {out / 'policy.json'}")
+    if not int(cfg.check.decisions):
+        return {}
+    observations, masks = recorded_observations(source, int(cfg.check.decisions), int(cfg.check.seed))
+    report = parity(source, out, observations, masks)
+    print(
+        f"parity on {int(report['decisions'])} recorded decisions: actions agree {report['action_agreement']:.1%}, "
+        f"largest log-probability difference {report['max_logit_difference']:.2e}"
+    )
+    if report["max_logit_difference"] > float(cfg.check.tolerance):
+        raise SystemExit(f"parity check failed: difference above {cfg.check.tolerance}")
+    return report
+
+
+@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ExportError as exc:
+        raise SystemExit(f"export failed: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
