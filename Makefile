@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench report clean
+.PHONY: setup run simulate test lint bench report clean
 
 setup: $(STAMP)
 
@@ -17,13 +17,18 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e ".[dev,export]"
+	$(PY) -m pip install -q -e ".[dev,export,sweep]"
 	touch $(STAMP)
 
-# The main job on the built-in default scenario: simulate the Azure conversation trace on the
-# heterogeneous 4x H100 + 4x A100 cluster (hydra overrides go in ARGS="...").
+# The main job on the built-in default scenario (the Azure conversation trace on 4x H100 + 4x A100):
+# train a router (imitation of PRISM, then MaskablePPO), then compare it with the baselines on held-out
+# windows. Hydra overrides go in ARGS="...".
 run: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) experiments/simulate.py $(ARGS)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) experiments/train.py $(ARGS)
+
+# Simulate the default scenario under one policy and print its summary.
+simulate: $(STAMP)
+	$(PY) experiments/simulate.py $(ARGS)
 
 # Held-out accuracy of the performance model on real GPU measurements.
 report: $(STAMP)

@@ -54,8 +54,22 @@ class TakeSlots(nn.Module):
         return latent[:, : self.slots]
 
 
+class DetachScores(nn.Module):
+    """The critic reads the slot scores but its loss does not move them: with a shared extractor, the
+    value regression on noisy returns would otherwise rewrite the actor (measured: a cloned policy lost
+    2–3 points of validation attainment within 10k PPO steps before this)."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__()
+        self.slots = slots
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([features[:, : self.slots].detach(), features[:, self.slots :]], dim=1)
+
+
 class _SlotActor:
-    """Mixin: the slot scorer as features extractor (shared with the critic) and ``TakeSlots`` as actor."""
+    """Mixin: the slot scorer as features extractor (read by the critic, trained by the actor's loss only)
+    and ``TakeSlots`` as actor."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("features_extractor_class", SlotFeatures)
@@ -65,7 +79,9 @@ class _SlotActor:
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
-        self.action_net = TakeSlots(self.features_extractor.slots)
+        slots = self.features_extractor.slots
+        self.action_net = TakeSlots(slots)
+        self.mlp_extractor.value_net = nn.Sequential(DetachScores(slots), *self.mlp_extractor.value_net)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
 

@@ -139,6 +139,8 @@ def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float
         f"imitation of {imitation.expert}: {len(demos)} decisions, agreement {figures['train_agreement']:.1%} "
         f"(held-out {figures['holdout_agreement']:.1%})"
     )
+    if imitation.get("freeze_normalizer"):
+        vec_normalize.training = False  # keep the input scale the clone was fitted on
     if logger is not None:
         logger.log({f"imitation/{k}": v for k, v in figures.items()}, step=0)
     return figures

@@ -126,7 +126,7 @@ def test_impossible_workloads_are_named(mapping, message):
 
 
 def test_readme_main_command_on_a_small_window(tmp_path):
-    """`make run` is `python experiments/simulate.py`; here on 300 requests of the default scenario."""
+    """`make simulate` is `python experiments/simulate.py`; here on 300 requests of the default scenario."""
     result = subprocess.run(
         [
             sys.executable,

@@ -1,10 +1,13 @@
 """The training entry point end to end on a tiny budget, and loading its run as a router."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from agents.harness import Task, run_task, saved_policy_spec
 from agents.learned import ContractMismatch, LearnedRouter
@@ -57,40 +60,58 @@ def test_a_policy_trained_on_another_contract_is_refused(trained_run, tmp_path):
         LearnedRouter(tmp_path)
 
 
-def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
-    import os
-    import subprocess
+TINY = [
+    "imitation.expert=null",
+    "total_timesteps=128",
+    "n_envs=1",
+    "agent.kwargs.n_steps=128",
+    "agent.kwargs.batch_size=64",
+    "eval_every=0",
+    "checkpoint_every=0",
+    "progress=false",
+    "train_window.num_requests=100",
+    "final_eval.seeds=[1000]",
+    "final_eval.num_requests=100",
+    "final_eval.policies=[vllm_rr]",
+    "final_eval.jobs=1",
+]
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments/train.py"),
-            "-m",
-            "seed=0,1",
-            "agent=ppo",
-            "imitation.expert=null",
-            "total_timesteps=256",
-            "n_envs=1",
-            "agent.kwargs.n_steps=128",
-            "agent.kwargs.batch_size=64",
-            "eval_every=0",
-            "checkpoint_every=0",
-            "progress=false",
-            "train_window.num_requests=100",
-            "final_eval.seeds=[1000]",
-            "final_eval.num_requests=100",
-            "final_eval.policies=[vllm_rr]",
-            "final_eval.jobs=1",
-            f"hydra.sweep.dir={tmp_path}",
-        ],
+
+def _multirun(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments/train.py"), "-m", *TINY, *overrides],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "WANDB_MODE": "disabled"},
     )
+
+
+def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
+    result = _multirun("seed=0,1", "agent=ppo,maskable_ppo", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
-    for job in ("0", "1"):
+    for job in ("0", "1", "2", "3"):
         assert (tmp_path / job / "model.zip").exists() and (tmp_path / job / "comparison.csv").exists()
+    algorithms = {json.loads((tmp_path / j / "manifest.json").read_text())["algorithm"] for j in ("0", "1", "2", "3")}
+    assert algorithms == {"PPO", "MaskablePPO"}
+
+
+def test_an_optuna_search_maximises_the_returned_attainment(tmp_path):
+    result = _multirun(
+        "hydra/sweeper=optuna_search",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "agent.kwargs.learning_rate" in best
+
+
+def test_cluster_launcher_configs_compose():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.cpus_per_task == 4
 
 
 def test_the_default_agent_is_the_slot_scorer_warm_started_by_imitation(trained_run):
