@@ -118,12 +118,15 @@ def pretrain(
     value_coef: float = 0.5,
     holdout: float = 0.1,
     seed: int = 0,
+    temperature: float = 1.0,
 ) -> dict[str, float]:
     """Fit the actor to the expert's actions (cross-entropy over masked logits) and the critic to its returns.
 
     ``normalizer`` (SB3's ``VecNormalize``) first absorbs the demonstrations' observation and return
-    statistics, so PPO continues with the scale the networks were fitted on. Returns the final losses and
-    the agreement with the expert on the last ``holdout`` fraction of decisions (never trained on).
+    statistics, so PPO continues with the scale the networks were fitted on. ``temperature`` < 1 then
+    sharpens the cloned actor (its logits divided by it: same arg-max, less random sampling), so RL's
+    stochastic rollouts stay near the clone instead of near chance. Returns the final losses and the
+    agreement with the expert on the last ``holdout`` fraction of decisions (never trained on).
     """
     if not hasattr(model.policy, "evaluate_actions") or not hasattr(model.policy, "value_net"):
         raise ValueError(f"imitation needs an actor-critic policy; {type(model).__name__} has none")
@@ -164,6 +167,8 @@ def pretrain(
             optimizer.step()
             policy_loss, value_loss = p_loss.item(), v_loss.item()
     policy.set_training_mode(False)
+    if temperature != 1.0:
+        _sharpen(policy, temperature)
     return {
         "policy_loss": policy_loss,
         "value_loss": value_loss,
@@ -171,6 +176,24 @@ def pretrain(
         "holdout_agreement": _agreement(policy, observations[n_train:], demos, slice(n_train, None), masked),
         "decisions": float(len(demos)),
     }
+
+
+def _sharpen(policy: Any, temperature: float) -> None:
+    """Divide the actor's logits by ``temperature`` by scaling the last linear layer that produces them."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    last = None
+    for module in policy.action_net.modules():
+        if isinstance(module, torch.nn.Linear):
+            last = module
+    if last is None:  # the slot policy: the logits come from the features extractor's scorer
+        scorer = getattr(policy.features_extractor, "scorer", None)
+        last = [m for m in scorer.modules() if isinstance(m, torch.nn.Linear)][-1] if scorer is not None else None
+    if last is None:
+        raise ValueError(f"cannot find the layer producing the logits of {type(policy).__name__}")
+    with torch.no_grad():
+        last.weight /= temperature
+        last.bias /= temperature
 
 
 def _agreement(policy: Any, observations: torch.Tensor, demos: Demonstrations, part: slice, masked: bool) -> float:

@@ -57,6 +57,14 @@ class ServeGymEnv(gym.Env):
         load_range: ``(low, high)``: every episode compresses the workload's arrival times by a factor
             drawn uniformly from this range (1.2 = 20% more load), so one policy trains across loads rather
             than at the single rate it will not be deployed at. ``None``: the workload as configured.
+        warmup: decisions made by the inline heuristic at the start of every episode before the agent takes
+            over (the agent then acts in a loaded cluster instead of an empty one).
+        drain: at truncation, keep simulating (the inline heuristic deciding) until every request the agent
+            placed has finished, and pay their outcomes in the last step's reward (not clipped). With the
+            ``relative`` reward and ``gamma`` = 1, an episode's return is then exactly how many more
+            requests met their SLO than under the reference heuristic because of the agent's ``horizon``
+            decisions: the counterfactual credit that per-step rewards, arriving hundreds of decisions
+            after the choice that caused them, do not give.
         router / batch / pools: the heuristics of the ``relative`` reward (and the inline decisions the agent
             does not make).
     """
@@ -74,6 +82,8 @@ class ServeGymEnv(gym.Env):
         batch: Any = None,
         pools: Any = None,
         load_range: tuple[float, float] | None = None,
+        warmup: int = 0,
+        drain: bool = False,
         render_mode: str | None = None,
     ) -> None:
         if reward not in REWARDS:
@@ -84,6 +94,13 @@ class ServeGymEnv(gym.Env):
                 raise ValueError(f"load_range must be (low, high) with 0 < low <= high, got {load_range}")
         self.load_range = load_range
         self.load_factor = 1.0
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0 decisions, got {warmup}")
+        if drain and horizon is None:
+            raise ValueError("drain needs a horizon (it acts when an episode is truncated)")
+        if (warmup or drain) and type(self)._answer_inline is ServeGymEnv._answer_inline:
+            raise ValueError(f"warmup and drain are routing-environment options; {type(self).__name__} has neither")
+        self.warmup, self.drain = int(warmup), bool(drain)
         self.cluster_config = (
             cluster if isinstance(cluster, ClusterConfig) else cluster_from(cluster or DEFAULT_CLUSTER)
         )
@@ -139,12 +156,18 @@ class ServeGymEnv(gym.Env):
         self._completed: list[Request] = []
         self._decisions = self._invalid = self._clipped = self._met_total = 0
         self._area_time = 0.0
+        self._warm_left, self._draining, self._placed = self.warmup, False, set()
         self.sim = self._build(requests, sim_seed)
         self.sim.finish_listeners.append(self._on_completion)
         self._requests = requests
         self.sim.start(requests)
         self._last_time = 0.0
         self._advance()
+        if self._pending is None:
+            raise ValueError(
+                f"the episode has no decision for the agent: warmup ({self.warmup}) consumed the whole workload "
+                f"window ({len(requests)} requests); lower warmup or lengthen the window"
+            )
         return self._observe(), self._info()
 
     def _reference_outcomes(self, workload_seed: int, sim_seed: int) -> dict[int, bool]:
@@ -173,13 +196,40 @@ class ServeGymEnv(gym.Env):
             env.step()
             self._area_time += in_system * (env.now - before)
 
+    def _inline_now(self) -> bool:
+        """Whether the inline heuristic, not the agent, takes the current decision (warm-up or drain)."""
+        if self._draining:
+            return True
+        if self._warm_left > 0:
+            self._warm_left -= 1
+            return True
+        return False
+
+    def _answer_inline(self) -> None:
+        """Answer the pending decision with the inline heuristic (subclasses that support warm-up/drain)."""
+        raise NotImplementedError
+
+    def _drain(self) -> None:
+        """Simulate until every request the agent placed has finished (the inline heuristic deciding)."""
+        self._draining = True
+        if self._pending is not None:  # the decision the truncated episode left open: arrivals wait on it
+            self._answer_inline()
+            self._pending = None
+        env = self.sim.env
+        while self._placed and env.peek() != math.inf:
+            before = env.now
+            in_system = self.sim.in_system
+            env.step()
+            self._area_time += in_system * (env.now - before)
+
     def _on_completion(self, request: Request) -> None:
+        self._placed.discard(request.id)
         met = request.slo_met
         self._completed.append((request, met))
         self._met_total += met
         self.context.observe_completion(request.output_tokens)
 
-    def _reward(self) -> float:
+    def _reward(self, clip: float = 10.0) -> float:
         if self.reward_kind == "goodput":
             value = float(sum(met for _, met in self._completed))
         elif self.reward_kind == "latency":
@@ -187,7 +237,7 @@ class ServeGymEnv(gym.Env):
         else:
             value = float(sum(met - self._reference.get(r.id, False) for r, met in self._completed))
         self._completed, self._area_time = [], 0.0
-        return float(np.clip(value, -10.0, 10.0))
+        return float(np.clip(value, -clip, clip))
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self.sim is None:
@@ -200,8 +250,10 @@ class ServeGymEnv(gym.Env):
         self._advance()
         terminated = self._pending is None
         truncated = not terminated and self.horizon is not None and self._decisions >= self.horizon
-        reward = self._reward() - penalty
         observation = self._observe() if not terminated else np.zeros(self.observation_space.shape, np.float32)
+        if truncated and self.drain:
+            self._drain()
+        reward = self._reward(clip=math.inf if truncated and self.drain else 10.0) - penalty
         info = self._info()
         if terminated:
             info["summary"] = self.summary()

@@ -32,6 +32,11 @@ class _AgentRouter:
     def route_decode(self, request: RequestInfo, view: ClusterView):
         return self.env._ask("decode", request, view)
 
+    def observe_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
+        hook = getattr(self.env._inline, "observe_completion", None)  # the warm-up/drain heuristic's state
+        if hook is not None:
+            hook(request, instance, output_tokens, e2e_s)
+
 
 class RouteEnv(ServeGymEnv):
     def __init__(self, **kwargs: Any) -> None:
@@ -40,6 +45,7 @@ class RouteEnv(ServeGymEnv):
         self.observation_space = spaces.Box(self.spec_features.low, self.spec_features.high, dtype=np.float32)
 
     def _build(self, requests: list[Request], seed: int) -> Cluster:
+        self._inline = self._router()  # warm-up and drain decisions (the reference heuristic)
         return Cluster(
             self.cluster_config,
             _AgentRouter(self),
@@ -48,7 +54,20 @@ class RouteEnv(ServeGymEnv):
             pool_policy=self._pools(),
         )
 
+    def _inline_choice(self, phase: str, request: RequestInfo, view: ClusterView) -> int:
+        if phase == "decode":
+            return self._inline.route_decode(request, view)
+        choice = self._inline.route(request, view)
+        self.context.observe_route(request, choice)
+        return choice
+
+    def _answer_inline(self) -> None:
+        phase, request, view, event = self._pending
+        event.succeed(self._inline_choice(phase, request, view))
+
     def _ask(self, phase: str, request: RequestInfo, view: ClusterView):
+        if self._inline_now():
+            return self._inline_choice(phase, request, view)
         event = self._event()
         self._pending = (phase, request, view, event)
         return event
@@ -83,5 +102,7 @@ class RouteEnv(ServeGymEnv):
             penalty = 1.0
             self._invalid += 1
         self.context.observe_route(request, choice)
+        if _phase == "prefill":
+            self._placed.add(request.id)
         event.succeed(choice)
         return penalty

@@ -58,6 +58,8 @@ def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "horizon": cfg.env.horizon,
         "max_instances": cfg.env.max_instances,
         "load_range": list(cfg.env.load_range) if cfg.env.get("load_range") else None,
+        "warmup": int(cfg.env.get("warmup", 0)),
+        "drain": bool(cfg.env.get("drain", False)),
         "render_mode": None,
     }
 
@@ -109,8 +111,9 @@ def compare(
     if rate_scale is not None:
         workload["rate_scale"] = rate_scale
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
-    tasks = [Task(p, "eval", s, 1.0) for p in specs for s in seeds]
-    rows = run_tasks(tasks, specs, {"eval": workload}, cluster, jobs=jobs, progress=False)
+    name = f"{workload.get('name', 'workload')} x{workload.get('rate_scale', 1.0):g}"
+    tasks = [Task(p, name, s, 1.0) for p in specs for s in seeds]
+    rows = run_tasks(tasks, specs, {name: workload}, cluster, jobs=jobs, progress=False)
     table = summarise(rows, reference=policies[0] if policies else None)
     return (table, rows) if with_rows else table
 
@@ -134,6 +137,7 @@ def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float
         batch_size=int(imitation.batch_size),
         learning_rate=float(imitation.learning_rate),
         seed=int(cfg.seed),
+        temperature=float(imitation.get("temperature", 1.0)),
     )
     print(
         f"imitation of {imitation.expert}: {len(demos)} decisions, agreement {figures['train_agreement']:.1%} "

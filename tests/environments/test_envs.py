@@ -35,6 +35,7 @@ VARIANTS = [
     ("servegym/Route-v0", {"cluster": HETERO}),
     ("servegym/Route-v0", {"cluster": PD, "reward": "latency"}),
     ("servegym/Route-v0", {"cluster": HETERO, "reward": "relative", "max_instances": 4}),
+    ("servegym/Route-v0", {"cluster": HETERO, "reward": "relative", "warmup": 20, "drain": True}),
     ("servegym/Batch-v0", {"cluster": HETERO}),
     ("servegym/Batch-v0", {"cluster": HETERO, "continuous": True, "reward": "latency"}),
     ("servegym/Pools-v0", {"cluster": PD}),
@@ -151,6 +152,46 @@ def test_load_range_compresses_each_episodes_arrivals_and_the_reference_sees_the
     assert env.unwrapped._generate(5)[-1].arrival_s == pytest.approx(base[-1] / factor)  # the reference run's
     with pytest.raises(ValueError, match="load_range"):
         gym.make("servegym/Route-v0", cluster=HETERO, load_range=(2.0, 1.0))
+
+
+def test_counterfactual_windows_pay_exactly_the_agents_effect():
+    """Warm-up by the reference heuristic, the agent's window, then a drain: an agent that decides as the
+    reference does earns exactly 0, and every request the agent placed is finished and paid."""
+    workload = dict(SMALL_WORKLOAD, num_requests=300, arrivals={"rate": 40.0, "cv": 2.0})
+    kwargs = {
+        "cluster": HETERO,
+        "workload": workload,
+        "reward": "relative",
+        "horizon": 32,
+        "warmup": 100,
+        "drain": True,
+    }
+    env = gym.make("servegym/Route-v0", **kwargs)
+    returns = {"copy": [], "random": []}
+    for mode in returns:
+        for episode in range(4):
+            env.reset(seed=episode)
+            copy, rng, total, done, steps = LeastOutstandingRequests(), np.random.default_rng(episode), 0.0, False, 0
+            while not done:
+                _, request, view = env.unwrapped.decision()
+                valid = np.flatnonzero(env.unwrapped.action_masks())
+                action = copy.route(request, view) if mode == "copy" else int(rng.choice(valid))
+                _, reward, terminated, truncated, info = env.step(action)
+                total, done, steps = total + reward, terminated or truncated, steps + 1
+            assert steps == 32 and truncated and not env.unwrapped._placed  # all placed requests finished
+            assert info["completed"] >= 100
+            returns[mode].append(total)
+    assert returns["copy"] == [0.0] * 4
+    assert any(r != 0.0 for r in returns["random"])  # random placement changes outcomes
+
+
+def test_warmup_and_drain_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="consumed the whole workload"):
+        gym.make("servegym/Route-v0", cluster=HETERO, workload=SMALL_WORKLOAD, warmup=10_000).reset(seed=0)
+    with pytest.raises(ValueError, match="needs a horizon"):
+        gym.make("servegym/Route-v0", cluster=HETERO, drain=True)
+    with pytest.raises(ValueError, match="routing-environment options"):
+        gym.make("servegym/Batch-v0", cluster=HETERO, warmup=5)
 
 
 def test_invalid_actions_fall_back_penalised_and_counted():
