@@ -74,7 +74,7 @@ class FeatureRouter:
             self.fallbacks += 1
             choice = min(candidates, key=lambda i: (view.outstanding_requests[i], i))
         if not decode_phase:
-            self.context.observe_route(request, choice)
+            self.context.observe_route(request, choice, view)
         return choice
 
     def route(self, request: RequestInfo, view: ClusterView) -> int:

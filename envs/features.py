@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
+from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, LocalCorrection, RequestInfo
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import predict_ttft
 from perfmodel.structural import StructuralModel
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: prompts sent since the snapshot (PRISM's decision-lag correction) in the load features
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,15 @@ ENGINE_FEATURES: tuple[Feature, ...] = (
     Feature("outstanding", "requests", 256.0, 4.0, "requests this router sent and has not seen finish"),
     Feature("outstanding_prompt", "tokens", 100_000.0, 10.0, "their prompt tokens"),
     Feature("pending_prefill_s", "s", 10.0, 10.0, "pushed pending prefill tokens / prefill capacity"),
+    Feature("sent_since_snapshot", "requests", 16.0, 8.0, "requests this router sent here since the snapshot"),
+    Feature(
+        "corrected_pending_s", "s", 10.0, 10.0, "(pushed pending + prompt tokens sent since the snapshot) / capacity"
+    ),
     Feature("decode_kv_share", "fraction", 1.0, 1.0, "resident decode KV tokens / KV capacity"),
     Feature("tokens_per_step", "tokens", 8192.0, 2.0, "recent tokens per step (scheduling mode)"),
     Feature("step_ms", "ms", 100.0, 10.0, "recent step latency (observed inter-token time)"),
     Feature("predicted_step_ms", "ms", 100.0, 10.0, "performance model: next step latency"),
-    Feature("predicted_ttft_s", "s", 10.0, 10.0, "performance model: this request's TTFT if routed here"),
+    Feature("predicted_ttft_s", "s", 10.0, 10.0, "performance model: TTFT if routed here (incl. prompts sent since)"),
     Feature("predicted_tpot_ms", "ms", 100.0, 10.0, "performance model: decode step with this request added"),
     Feature("prefill_capacity", "tokens/s", 100_000.0, 10.0, "static: prefill tokens/s at full budget"),
     Feature("kv_capacity", "tokens", 1_000_000.0, 10.0, "static: KV cache capacity"),
@@ -117,7 +121,11 @@ class FeatureContext:
     engines: EngineModels = field(default_factory=EngineModels)
     sessions: dict[int, int] = field(default_factory=dict)
 
-    def observe_route(self, request: RequestInfo, engine: int) -> None:
+    correction: LocalCorrection = field(default_factory=LocalCorrection)
+
+    def observe_route(self, request: RequestInfo, engine: int, view: ClusterView) -> None:
+        """Record a placement: the session table and what was sent since the engine's snapshot."""
+        self.correction.record(view, engine, request)
         if request.session_id >= 0:
             self.sessions[request.session_id] = engine
 
@@ -171,7 +179,10 @@ class FeatureSpec:
             role = view.roles[i]
             capacity = context.engines.prefill_capacity(info)
             queued = snap.pending_prefill_tokens
-            ttft_ms, tpot = context.engines.routed_latency_ms(info, snap, request.prompt_tokens)
+            sent_tokens = context.correction.tokens(view, i)
+            ttft_ms, tpot = context.engines.routed_latency_ms(
+                info, snap, request.prompt_tokens, queued_extra=sent_tokens
+            )
             ttft = ttft_ms / 1e3
             rows[i] = (
                 1.0,
@@ -183,6 +194,8 @@ class FeatureSpec:
                 view.outstanding_requests[i],
                 view.outstanding_prompt_tokens[i],
                 queued / capacity,
+                context.correction.requests(view, i),
+                (queued + sent_tokens) / capacity,
                 snap.decode_kv_tokens / max(info.kv_capacity_tokens, 1),
                 snap.recent_tokens_per_step,
                 snap.recent_step_ms,

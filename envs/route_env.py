@@ -58,7 +58,7 @@ class RouteEnv(ServeGymEnv):
         if phase == "decode":
             return self._inline.route_decode(request, view)
         choice = self._inline.route(request, view)
-        self.context.observe_route(request, choice)
+        self.context.observe_route(request, choice, view)
         return choice
 
     def _answer_inline(self) -> None:
@@ -92,7 +92,7 @@ class RouteEnv(ServeGymEnv):
         return mask
 
     def _apply(self, action: Any) -> float:
-        _phase, request, view, event = self._pending
+        phase, request, view, event = self._pending
         mask = self.action_masks()
         choice = int(action) if np.ndim(action) == 0 else int(np.asarray(action).item())
         penalty = 0.0
@@ -101,8 +101,8 @@ class RouteEnv(ServeGymEnv):
             choice = int(min(valid, key=lambda i: (view.outstanding_requests[i], i)))
             penalty = 1.0
             self._invalid += 1
-        self.context.observe_route(request, choice)
-        if _phase == "prefill":
+        if phase == "prefill":
+            self.context.observe_route(request, choice, view)
             self._placed.add(request.id)
         event.succeed(choice)
         return penalty

@@ -28,6 +28,8 @@ def trained_run(tmp_path_factory):
                 "logger.mode=disabled",
                 "progress=false",
                 "train_window.num_requests=200",
+                "env.warmup=50",
+                "env.horizon=32",
                 "imitation.episodes=2",
                 "validation.seeds=[990]",
                 "validation.num_requests=200",
