@@ -89,6 +89,30 @@ def _multirun(*overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_readme_main_command_on_a_small_budget(tmp_path):
+    """`make run` is `python experiments/train.py`: clone, train, compare, print the head-to-head table."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments/train.py"),
+            *TINY,
+            "imitation.expert=vllm_prism",
+            "imitation.episodes=2",
+            "final_eval.policies=[vllm_rr,vllm_jsq]",
+            "final_eval.seeds=[1000,1001]",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "imitation of vllm_prism" in result.stdout and "learned head to head" in result.stdout
+    duel = (tmp_path / "head_to_head.csv").read_text().splitlines()
+    assert len(duel) == 3 and duel[1].split(",")[3] == "vllm_rr"  # the learned router against each baseline
+
+
 def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
     result = _multirun("seed=0,1", "agent=ppo,maskable_ppo", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
