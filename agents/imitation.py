@@ -129,7 +129,10 @@ def pretrain(
     agreement with the expert on the last ``holdout`` fraction of decisions (never trained on).
     """
     if not hasattr(model.policy, "evaluate_actions") or not hasattr(model.policy, "value_net"):
-        raise ValueError(f"imitation needs an actor-critic policy; {type(model).__name__} has none")
+        raise ValueError(
+            f"imitation needs an actor-critic policy; {type(model).__name__} has none "
+            "(train it from scratch: imitation.expert=null)"
+        )
     masked = "action_masks" in model.policy.evaluate_actions.__code__.co_varnames
     normalizer.obs_rms.update(demos.observations)
     forward, _ = _discounted(demos.rewards, demos.episode_ends, float(normalizer.gamma))

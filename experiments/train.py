@@ -137,13 +137,13 @@ def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float
         batch_size=int(imitation.batch_size),
         learning_rate=float(imitation.learning_rate),
         seed=int(cfg.seed),
-        temperature=float(imitation.get("temperature", 1.0)),
+        temperature=float(imitation.temperature),
     )
     print(
         f"imitation of {imitation.expert}: {len(demos)} decisions, agreement {figures['train_agreement']:.1%} "
         f"(held-out {figures['holdout_agreement']:.1%})"
     )
-    if imitation.get("freeze_normalizer"):
+    if imitation.freeze_normalizer:
         vec_normalize.training = False  # keep the input scale the clone was fitted on
     if logger is not None:
         logger.log({f"imitation/{k}": v for k, v in figures.items()}, step=0)

@@ -85,3 +85,12 @@ def test_the_clone_routes_better_than_random(cloned):
     chance = attainment(lambda: RandomRouter(seed=0))
     clone = attainment(lambda: _Cloned(model, vec))
     assert clone > chance + 0.05, (clone, chance)
+
+
+def test_a_policy_without_an_actor_is_refused_with_the_way_out(cloned):
+    from stable_baselines3 import DQN
+
+    demos, _, vec, _ = cloned
+    model = DQN("MlpPolicy", vec, device="cpu", seed=0)
+    with pytest.raises(ValueError, match=r"imitation\.expert=null"):
+        pretrain(model, vec, demos)
