@@ -33,6 +33,26 @@ from agents.harness import (  # noqa: E402
     summarise,
 )
 
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that name a bad input (config, trace, saved policy): one line and exit 2, not a traceback."""
+    from agents.exported import ExportError
+    from agents.learned import ContractMismatch
+    from envs.sim.cluster import ClusterConfigError
+    from envs.sim.traces import TraceError
+    from envs.sim.workload import WorkloadError
+
+    return (
+        ConfigError,
+        ClusterConfigError,
+        WorkloadError,
+        TraceError,
+        ContractMismatch,
+        ExportError,
+        FileNotFoundError,
+    )
+
+
 SHOWN = (
     ("SLO att.", "slo_attainment", "{:.1%}"),
     ("goodput r/s", "goodput_rps", "{:.2f}"),
@@ -45,6 +65,10 @@ SHOWN = (
 )
 
 
+class ConfigError(ValueError):
+    """A name on the command line that no config file or saved policy answers to."""
+
+
 def named_configs(group: str, names: list[str], overrides: dict | None = None) -> dict[str, dict]:
     """``conf/<group>/<name>.yaml`` as plain mappings, with per-name overrides merged in."""
     out = {}
@@ -52,7 +76,7 @@ def named_configs(group: str, names: list[str], overrides: dict | None = None) -
         path = ROOT / "conf" / group / f"{name}.yaml"
         if not path.exists():
             known = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-            raise ValueError(f"unknown {group} {name!r}; known: {', '.join(known)}")
+            raise ConfigError(f"unknown {group} {name!r}; known: {', '.join(known)}")
         config = OmegaConf.load(path)
         if overrides and name in overrides:
             config = OmegaConf.merge(config, overrides[name])
@@ -179,7 +203,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     policies = named_configs("policy", list(cfg.policies), _plain(cfg.get("policy_overrides")))
     for name, path in _plain(cfg.get("saved")).items():  # trained runs and exports beside the heuristics
         if name in policies:
-            raise ValueError(f"saved policy {name!r} has the name of a conf/policy entry; rename it")
+            raise ConfigError(f"saved policy {name!r} has the name of a conf/policy entry; rename it")
         policies[name] = saved_policy_spec(path)
     workloads = named_configs("workload", list(cfg.workloads), _plain(cfg.get("workload_overrides")))
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
@@ -252,7 +276,11 @@ def max_rates(cfg, policies, workloads, cluster, seeds) -> dict[str, dict[str, d
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     table = result["table"]
     return float(table["slo_attainment"].mean())
 

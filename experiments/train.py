@@ -296,9 +296,14 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from evaluate import user_errors
     from hydra.core.hydra_config import HydraConfig
 
-    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

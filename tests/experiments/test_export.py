@@ -109,3 +109,39 @@ def test_the_export_command_checks_parity(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "actions agree 100.0%" in result.stdout
     assert (tmp_path / "policy.onnx").exists()
+
+
+def test_evaluate_compares_saved_runs_and_exports_with_the_heuristics(exported, tmp_path):
+    from evaluate import run as evaluate
+    from hydra import compose, initialize_config_dir
+
+    run, out = exported
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="evaluate",
+            overrides=[
+                "policies=[vllm_rr,vllm_jsq]",
+                f"+saved.trained={run}",
+                f"+saved.onnx={out}",
+                "seeds=[0,1]",
+                "jobs=1",
+                "progress=false",
+                "+workload_overrides={azure_conv: {num_requests: 300, random_window: true}}",
+            ],
+        )
+    table = evaluate(cfg, tmp_path)["table"].set_index("policy")
+    assert set(table.index) == {"vllm_rr", "vllm_jsq", "trained", "onnx"}
+    assert table.loc["trained", "slo_attainment"] == table.loc["onnx", "slo_attainment"]
+    duel = (tmp_path / "head_to_head_trained.csv").read_text()
+    assert "vllm_jsq" in duel and "onnx" in duel
+
+
+def test_evaluate_names_a_bad_saved_path_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments/evaluate.py"), f"+saved.x={tmp_path}/missing", "seeds=[0]"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "neither an exported policy" in result.stderr and "Traceback" not in result.stderr
