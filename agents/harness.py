@@ -139,6 +139,13 @@ def run_task(
     return row
 
 
+def _inside_a_sweep_worker() -> bool:
+    """In a joblib/loky (or other non-standard) worker process: its start method is not one that a spawned
+    child can re-create ("cannot find context for 'loky'"), and a daemon cannot have children at all."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    return method not in (None, "spawn", "fork", "forkserver") or multiprocessing.current_process().daemon
+
+
 def _run_packed(args: tuple) -> dict[str, Any]:
     return run_task(*args)
 
@@ -160,6 +167,8 @@ def run_tasks(
 
         bar = tqdm(total=len(tasks), desc="evaluating", unit="run")
     rows: list[dict[str, Any]] = []
+    if jobs > 1 and _inside_a_sweep_worker():
+        jobs = 1  # the sweep already runs jobs in parallel, and its workers cannot start spawn pools
     if jobs > 1:
         # spawn, not fork: a forked child of a process whose torch/OpenMP threads are running can hang
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

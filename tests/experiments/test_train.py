@@ -114,7 +114,9 @@ def test_readme_main_command_on_a_small_budget(tmp_path):
 
 
 def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
-    result = _multirun("seed=0,1", "agent=ppo,maskable_ppo", f"hydra.sweep.dir={tmp_path}")
+    # final_eval.jobs=2: the comparison inside a joblib worker falls back to one process (a spawn pool there
+    # failed with "cannot find context for 'loky'")
+    result = _multirun("seed=0,1", "agent=ppo,maskable_ppo", "final_eval.jobs=2", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     for job in ("0", "1", "2", "3"):
         assert (tmp_path / job / "model.zip").exists() and (tmp_path / job / "comparison.csv").exists()
