@@ -1,15 +1,20 @@
 """Train a router with stable-baselines3 on the default scenario, then compare it with the baselines.
 
-    python experiments/train.py                                   # MaskablePPO, 20k steps, wandb offline
-    python experiments/train.py agent=ppo total_timesteps=50000 logger=tensorboard
+    python experiments/train.py              # clone PRISM, then MaskablePPO for 20k steps; wandb offline
+    python experiments/train.py agent=ppo imitation.expert=null total_timesteps=50000 logger=tensorboard
     python experiments/train.py -m seed=0,1,2 agent=ppo,maskable_ppo   # a sweep (joblib, 2 jobs)
+    python experiments/train.py -m hydra/launcher=slurm ...   |   -m hydra/sweeper=optuna_search
+
+The recipe (docs/training.md): behaviour cloning of an expert router (``imitation``), then RL on
+counterfactual windows of ``servegym/Route-v0`` across loads, keeping the best validated policy.
 
 The run directory holds ``model.zip``, ``vecnormalize.pkl`` (SB3's normaliser) and the same statistics as
 plain ``normalization.json``, ``manifest.json`` (observation contract, algorithm, env id, git revision),
 ``config.yaml``, checkpoints, ``evaluations.csv`` (periodic, against the reference heuristic), ``best/``
-(the policy with the best periodic evaluation: PPO can collapse after a peak) and ``comparison.csv`` (the
-final table, for ``best/`` when periodic evaluation ran, else for the last policy). The function returns
-the learned router's mean SLO attainment.
+(the policy with the best periodic evaluation, the clone included: PPO can lose what it had),
+``comparison.csv`` and ``head_to_head.csv`` (the final tables, for ``best/`` when periodic evaluation
+ran, else for the last policy). The function returns the learned router's mean SLO attainment (the
+objective of an Optuna search).
 """
 
 from __future__ import annotations
