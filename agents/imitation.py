@@ -64,12 +64,7 @@ def collect_demonstrations(
         observation, _ = env.reset(seed=seed + episode)
         router = _expert(expert)
         if hasattr(router, "observe_completion"):
-            sim = base.sim
-            sim.finish_listeners.append(
-                lambda r, sim=sim, router=router: router.observe_completion(
-                    sim.request_info(r), r.instance, r.output_tokens, sim.env.now - r.arrival_s
-                )
-            )
+            base.sim.completion_hooks.append(router.observe_completion)
         done = False
         while not done:
             phase, request, view = base.decision()

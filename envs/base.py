@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -189,15 +190,20 @@ class ServeGymEnv(gym.Env):
 
     def _advance(self) -> None:
         """Run the simulator until a decision is pending or nothing is left to simulate."""
+        self._simulate_while(lambda: self._pending is None)
+
+    def _simulate_while(self, going: Callable[[], bool]) -> None:
+        """Step the simulator while ``going()`` holds and events remain, integrating requests in system."""
         env = self.sim.env
-        while self._pending is None and env.peek() != math.inf:
+        while going() and env.peek() != math.inf:
             before = env.now
             in_system = self.sim.in_system
             env.step()
             self._area_time += in_system * (env.now - before)
 
-    def _inline_now(self) -> bool:
-        """Whether the inline heuristic, not the agent, takes the current decision (warm-up or drain)."""
+    def _inline_turn(self) -> bool:
+        """Whether the inline heuristic, not the agent, takes the current decision (warm-up or drain);
+        a warm-up decision is used up by asking."""
         if self._draining:
             return True
         if self._warm_left > 0:
@@ -215,12 +221,7 @@ class ServeGymEnv(gym.Env):
         if self._pending is not None:  # the decision the truncated episode left open: arrivals wait on it
             self._answer_inline()
             self._pending = None
-        env = self.sim.env
-        while self._placed and env.peek() != math.inf:
-            before = env.now
-            in_system = self.sim.in_system
-            env.step()
-            self._area_time += in_system * (env.now - before)
+        self._simulate_while(lambda: bool(self._placed))
 
     def _on_completion(self, request: Request) -> None:
         self._placed.discard(request.id)

@@ -179,7 +179,7 @@ class FeatureSpec:
             role = view.roles[i]
             capacity = context.engines.prefill_capacity(info)
             queued = snap.pending_prefill_tokens
-            sent_tokens = context.correction.tokens(view, i)
+            sent_requests, sent_tokens = context.correction.sent(view, i)
             ttft_ms, tpot = context.engines.routed_latency_ms(
                 info, snap, request.prompt_tokens, queued_extra=sent_tokens
             )
@@ -194,7 +194,7 @@ class FeatureSpec:
                 view.outstanding_requests[i],
                 view.outstanding_prompt_tokens[i],
                 queued / capacity,
-                context.correction.requests(view, i),
+                sent_requests,
                 (queued + sent_tokens) / capacity,
                 snap.decode_kv_tokens / max(info.kv_capacity_tokens, 1),
                 snap.recent_tokens_per_step,

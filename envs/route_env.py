@@ -66,7 +66,7 @@ class RouteEnv(ServeGymEnv):
         event.succeed(self._inline_choice(phase, request, view))
 
     def _ask(self, phase: str, request: RequestInfo, view: ClusterView):
-        if self._inline_now():
+        if self._inline_turn():
             return self._inline_choice(phase, request, view)
         event = self._event()
         self._pending = (phase, request, view, event)

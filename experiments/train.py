@@ -104,9 +104,9 @@ def compare(
     policies: list[str],
     jobs: int,
     rate_scale: float | None = None,
-    with_rows: bool = False,
-) -> Any:
-    """The learned router and the named baselines on the same held-out windows."""
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The learned router and the named baselines on the same held-out windows: the summary table (paired
+    against the first baseline) and the per-run rows."""
     from evaluate import named_configs
 
     specs = named_configs("policy", policies)
@@ -119,8 +119,7 @@ def compare(
     name = f"{workload.get('name', 'workload')} x{workload.get('rate_scale', 1.0):g}"
     tasks = [Task(p, name, s, 1.0) for p in specs for s in seeds]
     rows = run_tasks(tasks, specs, {name: workload}, cluster, jobs=jobs, progress=False)
-    table = summarise(rows, reference=policies[0] if policies else None)
-    return (table, rows) if with_rows else table
+    return summarise(rows, reference=policies[0] if policies else None), rows
 
 
 def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float]:
@@ -229,7 +228,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
             row: dict[str, Any] = {"timesteps": self.num_timesteps}
             for scale in validation.rate_scales:
                 first = not evaluations  # the reference's figures do not change: measure them once
-                table = compare(
+                table, _ = compare(
                     cfg,
                     probe,
                     list(validation.seeds),
@@ -237,7 +236,8 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
                     [cfg.reference] if first else [],
                     int(validation.jobs),
                     scale,
-                ).set_index("policy")
+                )
+                table = table.set_index("policy")
                 row[f"learned_x{scale:g}"] = table.loc["learned", "slo_attainment"]
                 reference = f"{cfg.reference}_x{scale:g}"
                 row[reference] = table.loc[cfg.reference, "slo_attainment"] if first else evaluations[0][reference]
@@ -277,7 +277,6 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
         list(final.policies),
         int(final.jobs),
         float(final.rate_scale),
-        with_rows=True,
     )
     table.to_csv(out_dir / "comparison.csv", index=False)
     duel = head_to_head(rows, "learned")

@@ -123,7 +123,9 @@ class Cluster:
         self.batch_policy = batch_policy or VllmPolicy()
         self.nodes: list[str] = []
         hooks = [router] if pool_policy is None or pool_policy is router else [router, pool_policy]
-        self._completion_hooks = [h.observe_completion for h in hooks if hasattr(h, "observe_completion")]
+        # observe_completion(RequestInfo, instance, output_tokens, e2e_s) of the router and pool policy; others
+        # (an expert being imitated beside an agent) may append theirs
+        self.completion_hooks = [h.observe_completion for h in hooks if hasattr(h, "observe_completion")]
         self._arrival_hooks = [h.observe_arrival for h in hooks if hasattr(h, "observe_arrival")]
         self.flips: list[tuple[float, int, str, str]] = []  # (time, instance, from role, to role)
         self._pending = 0
@@ -228,7 +230,7 @@ class Cluster:
             if request.arrival_s > env.now:
                 yield env.timeout(request.arrival_s - env.now)
             self._arrived += 1
-            info = self.request_info(request)
+            info = self._request_info(request)
             for hook in self._arrival_hooks:
                 hook(info)
             choice = self.router.route(info, self.view())
@@ -254,7 +256,7 @@ class Cluster:
             if progress is not None:
                 progress.update(1)
 
-    def request_info(self, request: Request) -> RequestInfo:
+    def _request_info(self, request: Request) -> RequestInfo:
         """What a router may know of a request (its output length only in oracle mode)."""
         return RequestInfo(
             request.id,
@@ -273,8 +275,8 @@ class Cluster:
         self._pending -= 1
         for listener in self.finish_listeners:
             listener(request)
-        for hook in self._completion_hooks:  # a router sees each response end, and its length
-            hook(self.request_info(request), request.instance, request.output_tokens, self.env.now - request.arrival_s)
+        for hook in self.completion_hooks:  # a router sees each response end, and its length
+            hook(self._request_info(request), request.instance, request.output_tokens, self.env.now - request.arrival_s)
 
     # -- prefill/decode disaggregation -------------------------------------------------------------------
     def decode_candidates(self) -> list[int]:
@@ -290,7 +292,7 @@ class Cluster:
         if chooser is None:
             self._start_transfer(source, request, min(self.decode_candidates(), key=self.outstanding.__getitem__))
             return None
-        choice = chooser(self.request_info(request), self.view())
+        choice = chooser(self._request_info(request), self.view())
         if isinstance(choice, simpy.Event):
             choice.callbacks.append(lambda event: self._start_transfer(source, request, event.value))
             return choice
