@@ -1,23 +1,26 @@
 """Engine-level batching policies: SynergySched's LENS and Kossmann et al.'s LARRY.
 
-vLLM's default and Sarathi live in the simulator (:mod:`envs.sim.engine`); these plug into the same
-:class:`envs.sim.engine.BatchPolicy` protocol. One policy object serves every engine of a cluster and
-keeps per-engine state keyed by the engine's index.
+vLLM's default and Sarathi live in the simulator (:mod:`envs.sim.policies`); these subclass the same
+:class:`envs.sim.policies.BatchPolicy` and read engines through its read-only
+:class:`envs.sim.policies.EngineView`. One policy object serves every engine of a cluster and keeps
+per-engine state keyed by the engine's index; both learn from the cluster's notifications (they are
+observers the cluster subscribes).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from envs.sim.engine import Engine
+from envs.sim.policies import BatchPolicy, EngineView
 from envs.sim.request import Request
+from envs.sim.view import RequestInfo
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import token_budget
 from perfmodel.online import OnlineRefit
 
 
 @dataclass
-class Lens:
+class Lens(BatchPolicy):
     """LENS: SLO-aware adaptive batching.
 
     Each step: a target step time grows with the waiting queue Q, ``T = T_min + (SLO_TPOT − T_min)·Q/Q_thr``
@@ -41,29 +44,31 @@ class Lens:
     prefill_order: str = "shortest_remaining"
     models: dict[int, OnlineRefit] = field(default_factory=dict, repr=False)
 
-    def attach(self, engine: Engine) -> None:
-        model = OnlineRefit(engine.perf, threshold=self.refit_threshold)
-        self.models[engine.index] = model
+    def attach(self, engine: EngineView) -> None:
+        self.models[engine.index] = OnlineRefit(engine.perf, threshold=self.refit_threshold)
+
+    def on_step(self, engine: EngineView, batch: StepBatch, latency_s: float) -> None:
         if self.online_refit:
-            engine.step_observers.append(lambda _engine, batch, latency_s: model.observe(batch, latency_s * 1e3))
+            self.models[engine.index].observe(batch, latency_s * 1e3)
 
     def target_s(self, queue: int) -> float:
         target = self.t_min_s + (self.slo_tpot_s - self.t_min_s) * queue / self.queue_threshold
         return min(max(target, self.t_min_s), self.slo_tpot_s)
 
-    def token_budget(self, engine: Engine) -> int:
-        base = StepBatch.decode(engine.n_dec, engine.dec_ctx_sum) if engine.n_dec else None
+    def token_budget(self, engine: EngineView) -> int:
+        decodes = engine.num_decodes
+        base = StepBatch.decode(decodes, engine.decode_context_tokens) if decodes else None
         extra = token_budget(
             self.models[engine.index],
-            self.target_s(len(engine.waiting)) * 1e3,
+            self.target_s(engine.num_waiting) * 1e3,
             base=base,
-            max_tokens=engine.config.max_num_batched_tokens,
+            max_tokens=engine.max_num_batched_tokens,
         )
-        return engine.n_dec + extra
+        return decodes + extra
 
 
 @dataclass
-class Larry:
+class Larry(BatchPolicy):
     """LARRY-style memory-aware admission and preemption (reading of Kossmann et al., rules unpublished).
 
     Admission: a waiting request is admitted only if the engine's free KV blocks cover its expected
@@ -80,28 +85,22 @@ class Larry:
     supports_decode_jumps: bool = True
     mean_output: dict[int, float] = field(default_factory=dict, repr=False)
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: EngineView) -> None:
         self.mean_output[engine.index] = self.output_prior
-        finish = engine.on_finish
 
-        def learn_then_finish(request: Request) -> None:
-            mean = self.mean_output[engine.index]
-            self.mean_output[engine.index] = mean + 0.02 * (request.output_tokens - mean)
-            finish(request)
+    def on_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
+        if instance in self.mean_output:  # the engine that finished it learns its length
+            mean = self.mean_output[instance]
+            self.mean_output[instance] = mean + 0.02 * (output_tokens - mean)
 
-        engine.on_finish = learn_then_finish
-
-    def token_budget(self, engine: Engine) -> int:
-        return engine.config.max_num_batched_tokens
-
-    def admit(self, engine: Engine, request: Request, blocks: int) -> bool:
-        if not engine.running:
+    def admit(self, engine: EngineView, request: Request, blocks: int) -> bool:
+        if not engine.num_running:
             return True
         expected = self.mean_output[engine.index]
         footprint = -(-(request.prefill_target + int(expected)) // engine.block_size)
-        reserve = engine.n_dec * self.reserve_fraction * expected / engine.block_size
+        reserve = engine.num_decodes * self.reserve_fraction * expected / engine.block_size
         return engine.free_blocks >= footprint + reserve
 
-    def choose_victim(self, engine: Engine) -> Request:
-        order = list(engine.running.values())
+    def choose_victim(self, engine: EngineView) -> Request:
+        order = engine.running_requests()
         return max(reversed(order), key=lambda r: engine.held_blocks(r) / (engine.computed_tokens(r) + 1))

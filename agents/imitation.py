@@ -22,6 +22,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from envs.sim.policies import DecisionKind, RoutingPolicy
+
 __all__ = ["Demonstrations", "collect_demonstrations", "pretrain"]
 
 
@@ -57,18 +59,22 @@ def collect_demonstrations(
         raise ValueError(f"imitation needs at least one episode, got {episodes}")
     env = gym.make(env_id, **dict(env_kwargs))
     base = env.unwrapped
-    if not hasattr(base, "decision"):
-        raise ValueError(f"{env_id}: imitation of a router needs a routing environment (with decision())")
+    if DecisionKind.ROUTE not in base.decision_kinds:
+        raise ValueError(f"{env_id}: imitation of a router needs a routing environment (Route-v0)")
     observations, masks, actions, rewards, ends = [], [], [], [], []
     for episode in range(episodes):
         observation, _ = env.reset(seed=seed + episode)
         router = _expert(expert)
-        if hasattr(router, "observe_completion"):
-            base.sim.completion_hooks.append(router.observe_completion)
+        if not isinstance(router, RoutingPolicy):
+            raise ValueError(f"the expert {expert.get('_target_')} is not a RoutingPolicy")
+        base.subscribe(router)  # the expert sees every arrival and completion, as when installed
         done = False
         while not done:
-            phase, request, view = base.decision()
-            action = router.route_decode(request, view) if phase == "decode" else router.route(request, view)
+            decision = base.decision
+            if decision.kind is DecisionKind.ROUTE_DECODE:
+                action = router.route_decode(decision.request, decision.view)
+            else:
+                action = router.route(decision.request, decision.view)
             observations.append(observation)
             masks.append(base.action_masks())
             actions.append(action)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from envs.features import FeatureContext, FeatureSpec
+from envs.sim.policies import RoutingPolicy, fallback_engine
 from envs.sim.view import ClusterView, RequestInfo
 
 ALGORITHMS = {
@@ -46,7 +47,7 @@ def algorithm_class(name: str):
     return getattr(__import__(module, fromlist=[attribute]), attribute)
 
 
-class FeatureRouter:
+class FeatureRouter(RoutingPolicy):
     """A router that decides from the observation contract: computes the features from the router's view
     (the same :class:`FeatureSpec` the environments use) and asks :meth:`act` for an engine.
 
@@ -72,7 +73,7 @@ class FeatureRouter:
         choice = self.act(observation, mask)
         if choice not in candidates:
             self.fallbacks += 1
-            choice = min(candidates, key=lambda i: (view.outstanding_requests[i], i))
+            choice = fallback_engine(view, candidates)
         if not decode_phase:
             self.context.observe_route(request, choice, view)
         return choice
@@ -83,7 +84,7 @@ class FeatureRouter:
     def route_decode(self, request: RequestInfo, view: ClusterView) -> int:
         return self._choose(request, view, decode_phase=True)
 
-    def observe_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
+    def on_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
         self.context.observe_completion(output_tokens)
 
 

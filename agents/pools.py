@@ -1,5 +1,5 @@
 """Prefill/decode pool policies: Arrow's SLO-aware scheduler with elastic pools, and an SLA planner in
-the manner of NVIDIA Dynamo's. The static ratio is :class:`envs.sim.routing.StaticPools`.
+the manner of NVIDIA Dynamo's. The static ratio is :class:`envs.sim.policies.StaticPools`.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import math
 
 from agents.routing.classic import argmin
 from envs.features import EngineModels
+from envs.sim.policies import PoolPolicy, RoutingPolicy
+from envs.sim.roles import Role
 from envs.sim.view import ClusterView, EngineInfo, RequestInfo
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import predict_ttft
@@ -15,7 +17,7 @@ from perfmodel.capacity import predict_ttft
 DECODE_CONTEXT_GUESS = 1024  # mean context per resident decode when a token count must become a batch
 
 
-class Arrow:
+class Arrow(RoutingPolicy, PoolPolicy):
     """Arrow (arXiv 2505.11916): routes both phases and flips instance roles; use it as router *and* pool policy.
 
     Request scheduling (Alg. 1), lexicographic costs: a prefill on instance i costs (decode tokens resident
@@ -59,7 +61,7 @@ class Arrow:
         self._max_tokens: dict[tuple, int] = {}
         self._decode_streak = self._prefill_streak = 0
         self._last_flip = -math.inf
-        self._wanted: str | None = None  # a pool the router found short of capacity
+        self._wanted: Role | None = None  # a pool the router found short of capacity
 
     # -- helpers ---------------------------------------------------------------------------------------
     def prefill_time_s(self, view: ClusterView, i: int, extra_tokens: int = 0) -> float:
@@ -103,7 +105,7 @@ class Arrow:
         }
         meeting = [i for i in candidates if costs[i][1] <= self.slo_ttft_s]
         if not meeting:
-            self._wanted = "prefill"
+            self._wanted = Role.PREFILL
         return argmin(meeting or candidates, costs.__getitem__)
 
     def route_decode(self, request: RequestInfo, view: ClusterView) -> int:
@@ -117,13 +119,13 @@ class Arrow:
             )
         meeting = [i for i in candidates if costs[i][1] <= 0]
         if not meeting:
-            self._wanted = "decode"
+            self._wanted = Role.DECODE
         return argmin(meeting or candidates, costs.__getitem__)
 
     # -- pools -----------------------------------------------------------------------------------------
     def loads(self, view: ClusterView) -> tuple[float, float]:
-        prefill = [i for i, r in enumerate(view.roles) if r == "prefill"]
-        decode = [i for i, r in enumerate(view.roles) if r == "decode"]
+        prefill = [i for i, r in enumerate(view.roles) if r is Role.PREFILL]
+        decode = [i for i, r in enumerate(view.roles) if r is Role.DECODE]
         prefill_load = (
             sum(self.prefill_time_s(view, i) for i in prefill) / len(prefill) / self.slo_ttft_s if prefill else 0.0
         )
@@ -134,7 +136,7 @@ class Arrow:
         )
         return prefill_load, decode_load
 
-    def rebalance(self, view: ClusterView) -> list[tuple[int, str]]:
+    def rebalance(self, view: ClusterView) -> list[tuple[int, Role]]:
         prefill_load, decode_load = self.loads(view)
         self._decode_streak = self._decode_streak + 1 if decode_load > self.decode_high else 0
         self._prefill_streak = self._prefill_streak + 1 if prefill_load > self.prefill_high else 0
@@ -143,15 +145,15 @@ class Arrow:
             return []
         # reading: "prefill load low" moves capacity to decode only while decode is busy (not when idle)
         idle_prefill = prefill_load < self.prefill_low and decode_load > self.decode_low
-        to_decode = self._decode_streak >= self.sustain or idle_prefill or wanted == "decode"
-        to_prefill = (self._prefill_streak >= self.sustain or wanted == "prefill") and decode_load < self.decode_low
+        to_decode = self._decode_streak >= self.sustain or idle_prefill or wanted is Role.DECODE
+        to_prefill = (self._prefill_streak >= self.sustain or wanted is Role.PREFILL) and decode_load < self.decode_low
         if to_prefill:
-            return self._flip(view, "decode", "prefill")
+            return self._flip(view, Role.DECODE, Role.PREFILL)
         if to_decode:
-            return self._flip(view, "prefill", "decode")
+            return self._flip(view, Role.PREFILL, Role.DECODE)
         return []
 
-    def _flip(self, view: ClusterView, source: str, target: str) -> list[tuple[int, str]]:
+    def _flip(self, view: ClusterView, source: Role, target: Role) -> list[tuple[int, Role]]:
         pool = [i for i, r in enumerate(view.roles) if r == source]
         if len(pool) < 2:
             return []
@@ -159,7 +161,7 @@ class Arrow:
         def work(i: int) -> tuple[int, int]:
             s = view.snapshots[i]
             # prefer an instance already serving the other phase, then the least resident work
-            serving_other = s.num_decodes > 0 if source == "prefill" else s.pending_prefill_tokens > 0
+            serving_other = s.num_decodes > 0 if source is Role.PREFILL else s.pending_prefill_tokens > 0
             return (0 if serving_other else 1, s.pending_prefill_tokens + s.decode_kv_tokens)
 
         choice = argmin(pool, work)
@@ -168,7 +170,7 @@ class Arrow:
         return [(choice, target)]
 
 
-class SlaPlanner:
+class SlaPlanner(PoolPolicy):
     """Dynamo-style SLA planner: size the prefill and decode pools for the forecast load.
 
     Every interval it forecasts the arrival rate and mean prompt/output lengths (EWMA of what arrived and
@@ -195,11 +197,11 @@ class SlaPlanner:
         self._last_tick = 0.0
         self._last_flip = -math.inf
 
-    def observe_arrival(self, request: RequestInfo) -> None:
+    def on_arrival(self, request: RequestInfo) -> None:
         self._arrivals += 1
         self._prompt_sum += request.prompt_tokens
 
-    def observe_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
+    def on_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
         self.output += 0.02 * (output_tokens - self.output)
 
     def targets(self, view: ClusterView) -> tuple[int, int]:
@@ -222,7 +224,7 @@ class SlaPlanner:
         prefill = min(max(prefill, 1), total - 1)
         return prefill, max(1, min(decode, total - prefill))
 
-    def rebalance(self, view: ClusterView) -> list[tuple[int, str]]:
+    def rebalance(self, view: ClusterView) -> list[tuple[int, Role]]:
         elapsed = view.now_s - self._last_tick
         if elapsed > 0 and self._arrivals:
             self.rate += self.smoothing * (self._arrivals / elapsed - self.rate)
@@ -231,14 +233,14 @@ class SlaPlanner:
         if view.now_s - self._last_flip < self.cooldown_s:
             return []
         want_prefill, _ = self.targets(view)
-        prefill = [i for i, r in enumerate(view.roles) if r == "prefill"]
-        decode = [i for i, r in enumerate(view.roles) if r == "decode"]
+        prefill = [i for i, r in enumerate(view.roles) if r is Role.PREFILL]
+        decode = [i for i, r in enumerate(view.roles) if r is Role.DECODE]
         if len(prefill) < want_prefill and len(decode) > 1:
             choice = argmin(decode, lambda i: view.snapshots[i].decode_kv_tokens)
-            flip = (choice, "prefill")
+            flip = (choice, Role.PREFILL)
         elif len(prefill) > want_prefill and len(prefill) > 1:
             choice = argmin(prefill, lambda i: view.snapshots[i].pending_prefill_tokens)
-            flip = (choice, "decode")
+            flip = (choice, Role.DECODE)
         else:
             return []
         self._last_flip = view.now_s

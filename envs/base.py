@@ -11,20 +11,35 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import simpy
 
 from envs.features import FeatureContext, FeatureSpec
-from envs.sim.cluster import Cluster, ClusterConfig
+from envs.sim.cluster import Cluster, ClusterConfig, check_buildable
 from envs.sim.config import cluster_from, workload_from
+from envs.sim.metrics import SimResult
+from envs.sim.policies import (
+    BatchPolicy,
+    Decision,
+    DecisionKind,
+    EngineView,
+    LeastOutstandingRequests,
+    Observer,
+    PoolPolicy,
+    RoutingPolicy,
+    StaticPools,
+    VllmPolicy,
+    fallback_engine,
+)
 from envs.sim.request import Request
-from envs.sim.routing import LeastOutstandingRequests
 from envs.sim.view import ClusterView, RequestInfo
+from envs.sim.workload import scale_load
 
+ROUTING_KINDS = (DecisionKind.ROUTE, DecisionKind.ROUTE_DECODE)
 REWARDS = ("goodput", "latency", "relative")
 DEFAULT_CLUSTER = {
     "snapshot_interval_s": 0.1,
@@ -44,7 +59,11 @@ DEFAULT_WORKLOAD = {
 
 
 class ServeGymEnv(gym.Env):
-    """Base class: subclasses set the action space and install their external policy in :meth:`_build`.
+    """Base class. A subclass names the decision kinds its agent answers (:attr:`decision_kinds`), sets the
+    action space and says how an action answers a :class:`Decision` (:meth:`_answer_of`), how it is
+    masked (:meth:`_mask`) and observed (:meth:`_observe`); this class runs the simulator to the next
+    pending decision, lets the inline heuristics answer warm-up and drain decisions, falls back on an
+    invalid action, and computes rewards — the same way for every kind.
 
     Args:
         cluster: a cluster mapping (as in ``conf/cluster``) or a :class:`ClusterConfig`.
@@ -60,8 +79,8 @@ class ServeGymEnv(gym.Env):
             than at the single rate it will not be deployed at. ``None``: the workload as configured.
         warmup: decisions made by the inline heuristic at the start of every episode before the agent takes
             over (the agent then acts in a loaded cluster instead of an empty one).
-        drain: at truncation, keep simulating (the inline heuristic deciding) until every request the agent
-            placed has finished, and pay their outcomes in the last step's reward (not clipped). With the
+        drain: (routing environments) at truncation, keep simulating (the inline heuristic deciding) until
+            every request the agent placed has finished, and pay their outcomes in the last step's reward (not clipped). With the
             ``relative`` reward and ``gamma`` = 1, an episode's return is then exactly how many more
             requests met their SLO than under the reference heuristic because of the agent's ``horizon``
             decisions: the counterfactual credit that per-step rewards, arriving hundreds of decisions
@@ -71,6 +90,7 @@ class ServeGymEnv(gym.Env):
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 (Gymnasium's convention)
+    decision_kinds: tuple[DecisionKind, ...] = ()
 
     def __init__(
         self,
@@ -89,6 +109,10 @@ class ServeGymEnv(gym.Env):
     ) -> None:
         if reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+        if horizon is not None and (
+            isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral) or horizon < 1
+        ):
+            raise ValueError(f"horizon must be a positive number of decisions (or None), got {horizon!r}")
         if load_range is not None:
             load_range = (float(load_range[0]), float(load_range[1]))
             if not 0 < load_range[0] <= load_range[1]:
@@ -99,13 +123,27 @@ class ServeGymEnv(gym.Env):
             raise ValueError(f"warmup must be >= 0 decisions, got {warmup}")
         if drain and horizon is None:
             raise ValueError("drain needs a horizon (it acts when an episode is truncated)")
-        if (warmup or drain) and type(self)._answer_inline is ServeGymEnv._answer_inline:
-            raise ValueError(f"warmup and drain are routing-environment options; {type(self).__name__} has neither")
+        if drain and not set(self.decision_kinds) & set(ROUTING_KINDS):
+            raise ValueError(
+                f"drain pays the outcomes of the requests the agent routed; {type(self).__name__} routes none"
+            )
         self.warmup, self.drain = int(warmup), bool(drain)
+        for name, value, base in (
+            ("router", router, RoutingPolicy),
+            ("batch", batch, BatchPolicy),
+            ("pools", pools, PoolPolicy),
+        ):
+            if value is not None and not isinstance(value, base):
+                raise ValueError(
+                    f"{name} must be an envs.sim.policies.{base.__name__} object (e.g. an instance from "
+                    f"agents/ or envs.sim.policies), got {value!r}"
+                )
         self.cluster_config = (
             cluster if isinstance(cluster, ClusterConfig) else cluster_from(cluster or DEFAULT_CLUSTER)
         )
+        check_buildable(self.cluster_config)
         self.workload = workload_from(workload or DEFAULT_WORKLOAD)
+        self.workload.generate(0)  # a missing trace or an empty window is named now, not inside reset()
         engines = sum(g.count for g in self.cluster_config.groups)
         if engines > max_instances:
             raise ValueError(f"the cluster has {engines} engines but max_instances is {max_instances}")
@@ -114,33 +152,87 @@ class ServeGymEnv(gym.Env):
         self.inline_router, self.inline_batch, self.inline_pools = router, batch, pools
         self.render_mode = render_mode
         self.sim: Cluster | None = None
-        self._pending: tuple[Any, ...] | None = None
+        self._pending: Decision | None = None
 
-    # -- subclass hooks --------------------------------------------------------------------------------
+    # -- what a subclass says about its actions ----------------------------------------------------------
     def _build(self, requests: list[Request], seed: int) -> Cluster:
+        """The episode's cluster, with the agent installed for :attr:`decision_kinds` (see :meth:`_agent`)."""
         raise NotImplementedError
 
-    def _observe(self) -> np.ndarray:
+    def _observe(self, decision: Decision) -> np.ndarray:
         raise NotImplementedError
+
+    def _mask(self, decision: Decision | None) -> np.ndarray:
+        """Allowed actions for ``decision`` (None: nothing pending, any action is ignored)."""
+        raise NotImplementedError
+
+    def _answer_of(self, decision: Decision, action: Any) -> Any:
+        """What ``action`` answers to ``decision``, or None if the action is invalid there."""
+        raise NotImplementedError
+
+    # -- the inline heuristics (warm-up, drain, the decisions the agent does not make, the reference) ---
+    # Heuristics keep state (round-robin's turn, local corrections, LENS's refitted models): every cluster
+    # an episode or the reference run builds gets its own copies, taken together so that one object
+    # serving two roles (Arrow: router and pool policy) stays one object.
+    def _heuristics(self) -> tuple[RoutingPolicy, BatchPolicy, PoolPolicy | None]:
+        """Fresh copies of the inline router, batch former and pool policy (None: static pools, no monitor)."""
+        router, batch, pools = copy.deepcopy((self.inline_router, self.inline_batch, self.inline_pools))
+        return router or LeastOutstandingRequests(), batch or VllmPolicy(), pools
+
+    def _agent(self) -> _Agent:
+        """The policy object that turns the simulator's questions of this environment's kinds into decisions."""
+        return _Agent(self._ask, self._inline_batch, lambda: self.sim.view())
+
+    def _inline_answer(
+        self, kind: DecisionKind, view: ClusterView, request: RequestInfo | None, engine: EngineView | None
+    ) -> Any:
+        if kind is DecisionKind.ROUTE:
+            choice = self._inline_router.route(request, view)
+            self.context.observe_route(request, choice, view)
+            return choice
+        if kind is DecisionKind.ROUTE_DECODE:
+            return self._inline_router.route_decode(request, view)
+        if kind is DecisionKind.BATCH:
+            return self._inline_batch.token_budget(engine)
+        return (self._inline_pools or StaticPools()).rebalance(view)
+
+    def _fallback(self, decision: Decision) -> Any:
+        """The answer to an invalid action: least outstanding requests for routing, the largest listed budget
+        for batching, no flip for pools."""
+        if decision.kind is DecisionKind.ROUTE:
+            return fallback_engine(decision.view, decision.view.prefill_candidates)
+        if decision.kind is DecisionKind.ROUTE_DECODE:
+            return fallback_engine(decision.view, decision.view.decode_candidates)
+        if decision.kind is DecisionKind.BATCH:
+            return self.budgets[-1]
+        return []
+
+    def _ask(
+        self,
+        kind: DecisionKind,
+        view: ClusterView,
+        request: RequestInfo | None = None,
+        engine: EngineView | None = None,
+    ) -> Any:
+        """The simulator asks: the inline heuristic answers (warm-up, drain) or the question becomes pending."""
+        if self._inline_turn():
+            return self._inline_answer(kind, view, request, engine)
+        self._pending = Decision(kind, view, self.sim.env.event(), request, engine)
+        return self._pending.event
+
+    @property
+    def decision(self) -> Decision | None:
+        """The pending decision, as a heuristic would see it (None once the episode has ended)."""
+        return self._pending
+
+    def subscribe(self, observer: Observer) -> None:
+        """Let ``observer`` follow the current episode's cluster (an expert being imitated, a logger)."""
+        if self.sim is None:
+            raise RuntimeError("call reset() before subscribe()")
+        self.sim.subscribe(observer)
 
     def action_masks(self) -> np.ndarray:
-        raise NotImplementedError
-
-    def _apply(self, action: Any) -> float:
-        """Answer the pending decision; returns a penalty for an invalid action (0 otherwise)."""
-        raise NotImplementedError
-
-    # -- shared machinery ------------------------------------------------------------------------------
-    # Heuristics keep state (round-robin's turn, local corrections, LENS's refitted models): every cluster
-    # an episode or the reference run builds gets its own copy, so episodes do not leak into each other.
-    def _router(self):
-        return copy.deepcopy(self.inline_router) if self.inline_router is not None else LeastOutstandingRequests()
-
-    def _batch(self):
-        return copy.deepcopy(self.inline_batch)
-
-    def _pools(self):
-        return copy.deepcopy(self.inline_pools)
+        return self._mask(self._pending)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
@@ -154,12 +246,16 @@ class ServeGymEnv(gym.Env):
         self._reference = self._reference_outcomes(workload_seed, sim_seed) if self.reward_kind == "relative" else {}
         self.context = FeatureContext()
         self._pending = None
-        self._completed: list[Request] = []
+        self._completed: list[tuple[Request, bool]] = []
         self._decisions = self._invalid = self._clipped = self._met_total = 0
         self._area_time = 0.0
         self._warm_left, self._draining, self._placed = self.warmup, False, set()
+        self._inline_router, self._inline_batch, self._inline_pools = self._heuristics()
         self.sim = self._build(requests, sim_seed)
-        self.sim.finish_listeners.append(self._on_completion)
+        self.sim.subscribe(_EpisodeLedger(self._on_completion))
+        for heuristic in (self._inline_router, self._inline_batch, self._inline_pools):
+            if heuristic is not None:
+                self.sim.subscribe(heuristic)  # what the inline decisions know (output means, refits)
         self._requests = requests
         self.sim.start(requests)
         self._last_time = 0.0
@@ -169,24 +265,19 @@ class ServeGymEnv(gym.Env):
                 f"the episode has no decision for the agent: warmup ({self.warmup}) consumed the whole workload "
                 f"window ({len(requests)} requests); lower warmup or lengthen the window"
             )
-        return self._observe(), self._info()
+        return self._observe(self._pending), self._info()
 
     def _reference_outcomes(self, workload_seed: int, sim_seed: int) -> dict[int, bool]:
-        reference = Cluster(
-            self.cluster_config,
-            self._router(),
-            batch_policy=self._batch(),
-            seed=sim_seed,
-        )
-        result = reference.run(self._generate(workload_seed))
-        return {int(row.id): bool(row.slo_met) for row in result.records().itertuples()}
+        """Which requests meet their SLO when the inline heuristics make every decision (router, batch
+        former and pool policy alike) on the same arrivals and simulator seed."""
+        router, batch, pools = self._heuristics()
+        reference = Cluster(self.cluster_config, router, batch_policy=batch, seed=sim_seed, pool_policy=pools)
+        requests = self._generate(workload_seed)
+        reference.run(requests)
+        return {request.id: request.slo_met for request in requests}
 
     def _generate(self, workload_seed: int) -> list[Request]:
-        requests = self.workload.generate(workload_seed)
-        if self.load_factor != 1.0:
-            for request in requests:
-                request.arrival_s /= self.load_factor
-        return requests
+        return scale_load(self.workload, self.load_factor).generate(workload_seed)
 
     def _advance(self) -> None:
         """Run the simulator until a decision is pending or nothing is left to simulate."""
@@ -211,15 +302,12 @@ class ServeGymEnv(gym.Env):
             return True
         return False
 
-    def _answer_inline(self) -> None:
-        """Answer the pending decision with the inline heuristic (subclasses that support warm-up/drain)."""
-        raise NotImplementedError
-
     def _drain(self) -> None:
         """Simulate until every request the agent placed has finished (the inline heuristic deciding)."""
         self._draining = True
-        if self._pending is not None:  # the decision the truncated episode left open: arrivals wait on it
-            self._answer_inline()
+        pending = self._pending
+        if pending is not None:  # the decision the truncated episode left open: arrivals wait on it
+            pending.answer(self._inline_answer(pending.kind, pending.view, pending.request, pending.engine))
             self._pending = None
         self._simulate_while(lambda: bool(self._placed))
 
@@ -245,13 +333,15 @@ class ServeGymEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if self._pending is None:
             raise RuntimeError("the episode has ended; call reset()")
-        penalty = self._apply(action)
+        penalty = self._apply(self._pending, action)
         self._pending = None
         self._decisions += 1
         self._advance()
         terminated = self._pending is None
         truncated = not terminated and self.horizon is not None and self._decisions >= self.horizon
-        observation = self._observe() if not terminated else np.zeros(self.observation_space.shape, np.float32)
+        observation = (
+            self._observe(self._pending) if not terminated else np.zeros(self.observation_space.shape, np.float32)
+        )
         if truncated and self.drain:
             self._drain()
         reward = self._reward(clip=math.inf if truncated and self.drain else 10.0) - penalty
@@ -260,10 +350,21 @@ class ServeGymEnv(gym.Env):
             info["summary"] = self.summary()
         return observation, reward, terminated, truncated, info
 
+    def _apply(self, decision: Decision, action: Any) -> float:
+        """Answer ``decision`` with ``action``; an invalid action gets the fallback and a penalty of 1."""
+        answer = self._answer_of(decision, action)
+        penalty = 0.0
+        if answer is None:
+            answer, penalty = self._fallback(decision), 1.0
+            self._invalid += 1
+        if decision.kind is DecisionKind.ROUTE:
+            self.context.observe_route(decision.request, answer, decision.view)
+            self._placed.add(decision.request.id)
+        decision.answer(answer)
+        return penalty
+
     def summary(self) -> dict[str, Any]:
         """The simulator's summary of the episode so far (the whole run once terminated)."""
-        from envs.sim.metrics import SimResult
-
         return SimResult(self._requests, self.sim.engines, self.sim.env.now, 0.0).summary()
 
     def _info(self) -> dict[str, Any]:
@@ -271,7 +372,7 @@ class ServeGymEnv(gym.Env):
             "sim_time": self.sim.env.now,
             "load_factor": self.load_factor,
             "decisions": self._decisions,
-            "completed": len(self.sim.finished),
+            "completed": self.sim.completed,
             "slo_met": self._met_total,
             "invalid_actions": self._invalid,
             "clipped_features": self._clipped,
@@ -283,5 +384,66 @@ class ServeGymEnv(gym.Env):
         self._clipped += clipped
         return vector
 
-    def _event(self) -> simpy.Event:
-        return self.sim.env.event()
+
+def action_index(action: Any, what: str) -> int:
+    """A discrete action as an int: an integer, or an integer-valued number or one-element array. NaN,
+    None, strings and fractional values are refused with a message naming them (not truncated)."""
+    value = action
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise ValueError(f"{what}: expected one discrete action, got an array of shape {value.shape}")
+        value = value.reshape(-1)[0]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what}: the action must be an integer, got {action!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not math.isfinite(value) or float(value) != int(value):
+        raise ValueError(f"{what}: the action must be an integer, got {action!r}")
+    return int(value)
+
+
+class _EpisodeLedger(Observer):
+    """The environment's own listener: every finished request goes to its rewards."""
+
+    def __init__(self, record: Callable[[Request], None]) -> None:
+        self._record = record
+
+    def on_finish(self, request: Request) -> None:
+        self._record(request)
+
+
+class _Agent(RoutingPolicy, BatchPolicy, PoolPolicy):
+    """Installed in the cluster for the environment's decision kinds: each question becomes a call of the
+    environment's ``ask`` (a pending decision for the agent, or an inline answer during warm-up/drain).
+
+    As a batch policy it is the configured batch former with the budget left to the agent: its chunk
+    cap, prefill order, admission veto and preemption choice are the inline policy's.
+    """
+
+    name = "agent"
+    supports_decode_jumps = False  # every step is a decision
+
+    def __init__(self, ask: Callable[..., Any], batch: BatchPolicy, view: Callable[[], ClusterView]) -> None:
+        self._ask, self._batch, self._view = ask, batch, view
+        self.max_chunk_tokens, self.prefill_order = batch.max_chunk_tokens, batch.prefill_order
+
+    def route(self, request: RequestInfo, view: ClusterView) -> Any:
+        return self._ask(DecisionKind.ROUTE, view, request=request)
+
+    def route_decode(self, request: RequestInfo, view: ClusterView) -> Any:
+        return self._ask(DecisionKind.ROUTE_DECODE, view, request=request)
+
+    def rebalance(self, view: ClusterView) -> Any:
+        return self._ask(DecisionKind.POOLS, view)
+
+    def attach(self, engine: EngineView) -> None:
+        self._batch.attach(engine)
+
+    def request_budget(self, engine: EngineView) -> Any:
+        return self._ask(DecisionKind.BATCH, self._view(), engine=engine)
+
+    def admit(self, engine: EngineView, request: Request, blocks: int) -> bool:
+        return self._batch.admit(engine, request, blocks)
+
+    def choose_victim(self, engine: EngineView) -> Request:
+        return self._batch.choose_victim(engine)

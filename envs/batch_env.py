@@ -3,8 +3,9 @@
 Action: the step's token budget — ``Discrete(len(budgets))`` indexing ``budgets`` (default 128…8192), or
 with ``continuous=True`` a ``Box([-1, 1])`` mapped log-linearly onto [min, max] of ``budgets``. The engine's
 batch former turns the budget into a batch as vLLM does (decodes first and never starved, then prefill
-chunks, then FCFS admission). Observation: the contract's features of the whole cluster (no request:
-request features are zero) followed by a one-hot of the deciding engine.
+chunks, then FCFS admission), with the configured batch policy's chunk cap, prefill order, admission and
+preemption rules. Observation: the contract's features of the whole cluster (no request: request features
+are zero) followed by a one-hot of the deciding engine. An invalid index gets the last listed budget.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import ServeGymEnv
+from envs.base import ServeGymEnv, action_index
 from envs.sim.cluster import Cluster
-from envs.sim.engine import Engine
+from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request, SloClass
 from envs.sim.view import RequestInfo
 
@@ -24,25 +25,9 @@ DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048, 4096, 8192)
 NO_REQUEST = RequestInfo(-1, 0.0, 0, SloClass("none"))
 
 
-class _AgentBatcher:
-    """Installed as every engine's batch policy: each step's budget becomes a pending decision."""
-
-    name = "agent"
-    supports_decode_jumps = False  # every step is a decision
-
-    def __init__(self, env: BatchEnv) -> None:
-        self.env = env
-
-    def token_budget(self, engine: Engine) -> int:
-        return engine.config.max_num_batched_tokens
-
-    def request_budget(self, engine: Engine):
-        event = self.env._event()
-        self.env._pending = (engine, event)
-        return event
-
-
 class BatchEnv(ServeGymEnv):
+    decision_kinds = (DecisionKind.BATCH,)
+
     def __init__(self, budgets: tuple[int, ...] = DEFAULT_BUDGETS, continuous: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not budgets or min(budgets) < 1:
@@ -58,19 +43,18 @@ class BatchEnv(ServeGymEnv):
     def _build(self, requests: list[Request], seed: int) -> Cluster:
         return Cluster(
             self.cluster_config,
-            self._router(),
-            batch_policy=_AgentBatcher(self),
+            self._inline_router,
+            batch_policy=self._agent(),
             seed=seed,
-            pool_policy=self._pools(),
+            pool_policy=self._inline_pools,
         )
 
-    def _observe(self) -> np.ndarray:
-        engine, _ = self._pending
+    def _observe(self, decision: Decision) -> np.ndarray:
         identity = np.zeros(self.max_instances, np.float32)
-        identity[engine.index] = 1.0
-        return np.concatenate([self._features(self.sim.view(), NO_REQUEST), identity])
+        identity[decision.engine.index] = 1.0
+        return np.concatenate([self._features(decision.view, NO_REQUEST), identity])
 
-    def action_masks(self) -> np.ndarray:
+    def _mask(self, decision: Decision | None) -> np.ndarray:
         return np.ones(len(self.budgets), dtype=bool)
 
     def budget_of(self, action: Any) -> int:
@@ -78,13 +62,9 @@ class BatchEnv(ServeGymEnv):
             x = (float(np.clip(np.asarray(action, dtype=float).reshape(-1)[0], -1.0, 1.0)) + 1.0) / 2.0
             low, high = np.log(min(self.budgets)), np.log(max(self.budgets))
             return round(np.exp(low + x * (high - low)))
-        return self.budgets[int(action)]
+        return self.budgets[action_index(action, "Batch-v0")]
 
-    def _apply(self, action: Any) -> float:
-        _engine, event = self._pending
-        penalty = 0.0
-        if not self.continuous and not 0 <= int(action) < len(self.budgets):
-            action, penalty = len(self.budgets) - 1, 1.0
-            self._invalid += 1
-        event.succeed(self.budget_of(action))
-        return penalty
+    def _answer_of(self, decision: Decision, action: Any) -> int | None:
+        if not self.continuous and not 0 <= action_index(action, "Batch-v0") < len(self.budgets):
+            return None
+        return self.budget_of(action)

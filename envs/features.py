@@ -21,7 +21,7 @@ import numpy as np
 from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, LocalCorrection, RequestInfo
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import predict_ttft
-from perfmodel.structural import StructuralModel
+from perfmodel.structural import StructuralModel, structural_model
 
 FEATURE_VERSION = 2  # 2: prompts sent since the snapshot (PRISM's decision-lag correction) in the load features
 
@@ -73,22 +73,19 @@ REQUEST_FEATURES: tuple[Feature, ...] = (
 
 
 class EngineModels:
-    """One structural model per (GPU, model, TP) an engine runs, built on first use, and the engines'
-    prefill capacity: the performance-model side of every predictive router and of the features."""
+    """The performance-model side of every predictive router and of the features: each engine's
+    structural model (the one the simulator's engines share, :func:`perfmodel.structural.structural_model`)
+    and its prefill capacity."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str, int], StructuralModel] = {}
-        self._capacity: dict[tuple[str, str, int, int], float] = {}
+        self._capacity: dict[tuple[str, str, int, str, int], float] = {}
 
     def __call__(self, info: EngineInfo) -> StructuralModel:
-        key = (info.gpu, info.model, info.tp)
-        if key not in self._models:
-            self._models[key] = StructuralModel(info.gpu, info.model, tp=info.tp)
-        return self._models[key]
+        return structural_model(info.gpu, info.model, tp=info.tp, dtype=info.dtype)
 
     def prefill_capacity(self, info: EngineInfo) -> float:
         """Tokens per second the engine computes with full token budgets (PRISM's capacity)."""
-        key = (info.gpu, info.model, info.tp, info.max_num_batched_tokens)
+        key = (info.gpu, info.model, info.tp, info.dtype, info.max_num_batched_tokens)
         if key not in self._capacity:
             budget = info.max_num_batched_tokens
             self._capacity[key] = budget / (self(info).predict(StepBatch.prefill(budget)) / 1e3)
@@ -140,11 +137,6 @@ class FeatureSpec:
         if max_instances < 1:
             raise ValueError(f"max_instances must be at least 1, got {max_instances}")
         self.max_instances = max_instances
-        self.engine_features = ENGINE_FEATURES
-        self.request_features = REQUEST_FEATURES
-        self.names = [f"engine{i}.{f.name}" for i in range(max_instances) for f in ENGINE_FEATURES] + [
-            f"request.{f.name}" for f in REQUEST_FEATURES
-        ]
         per_engine = len(ENGINE_FEATURES)
         self.low = np.array(
             [f.low for f in ENGINE_FEATURES] * max_instances + [f.low for f in REQUEST_FEATURES], dtype=np.float32
@@ -186,8 +178,8 @@ class FeatureSpec:
             ttft = ttft_ms / 1e3
             rows[i] = (
                 1.0,
-                float(role in ("both", "prefill")),
-                float(role in ("both", "decode")),
+                float(role.accepts_new),
+                float(role.accepts_decode),
                 snap.num_requests_running,
                 snap.num_requests_waiting,
                 snap.kv_cache_usage_perc,

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import ServeGymEnv
+from envs.base import ServeGymEnv, action_index
 from envs.batch_env import NO_REQUEST
 from envs.sim.cluster import Cluster
+from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request
-from envs.sim.view import ClusterView
+from envs.sim.roles import Role, flip_allowed
 
 DEFAULT_PD_CLUSTER = {
     "snapshot_interval_s": 0.1,
@@ -40,17 +41,9 @@ DEFAULT_PD_CLUSTER = {
 }
 
 
-class _AgentPools:
-    def __init__(self, env: PoolsEnv) -> None:
-        self.env = env
-
-    def rebalance(self, view: ClusterView):
-        event = self.env._event()
-        self.env._pending = (view, event)
-        return event
-
-
 class PoolsEnv(ServeGymEnv):
+    decision_kinds = (DecisionKind.POOLS,)
+
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("cluster", DEFAULT_PD_CLUSTER)
         super().__init__(**kwargs)
@@ -62,43 +55,46 @@ class PoolsEnv(ServeGymEnv):
     def _build(self, requests: list[Request], seed: int) -> Cluster:
         return Cluster(
             self.cluster_config,
-            self._router(),
-            batch_policy=self._batch(),
+            self._inline_router,
+            batch_policy=self._inline_batch,
             seed=seed,
-            pool_policy=_AgentPools(self),
+            pool_policy=self._agent(),
         )
 
-    def _observe(self) -> np.ndarray:
-        view, _ = self._pending
-        return self._features(view, NO_REQUEST)
+    def _observe(self, decision: Decision) -> np.ndarray:
+        return self._features(decision.view, NO_REQUEST)
 
-    def action_masks(self) -> np.ndarray:
+    def flip_of(self, action: int) -> list[tuple[int, Role]]:
+        """The flips an action asks for: none, or one instance to decode or to prefill."""
+        n = self.max_instances
+        if action == 0:
+            return []
+        return [(action - 1, Role.DECODE)] if action <= n else [(action - 1 - n, Role.PREFILL)]
+
+    def action_of(self, flips: list[tuple[int, Role]]) -> int:
+        """The action asking for ``flips`` (at most one flip, as a pool policy like Arrow returns)."""
+        if not flips:
+            return 0
+        if len(flips) > 1:
+            raise ValueError(f"one action flips one instance; got {flips}")
+        index, role = flips[0]
+        return 1 + int(index) + (self.max_instances if Role(role) is Role.PREFILL else 0)
+
+    def _mask(self, decision: Decision | None) -> np.ndarray:
         n = self.max_instances
         mask = np.zeros(1 + 2 * n, dtype=bool)
         mask[0] = True
-        if self._pending is None:
+        if decision is None:
             return mask
-        roles = list(self._pending[0].roles)
+        roles = list(decision.view.roles)
         for i, role in enumerate(roles):
-            for offset, target in ((1, "decode"), (1 + n, "prefill")):
-                if role in ("prefill", "decode") and role != target:
-                    rest = roles[:i] + roles[i + 1 :] + [target]
-                    if {"prefill", "both"} & set(rest) and {"decode", "both"} & set(rest):
-                        mask[offset + i] = True
+            for offset, target in ((1, Role.DECODE), (1 + n, Role.PREFILL)):
+                if role in (Role.PREFILL, Role.DECODE) and role is not target and flip_allowed(roles, i, target):
+                    mask[offset + i] = True
         return mask
 
-    def _apply(self, action: Any) -> float:
-        _, event = self._pending
-        action = int(action)
-        if not 0 <= action < len(self.action_masks()) or not self.action_masks()[action]:
-            self._invalid += 1
-            event.succeed([])
-            return 1.0
-        n = self.max_instances
-        if action == 0:
-            event.succeed([])
-        elif action <= n:
-            event.succeed([(action - 1, "decode")])
-        else:
-            event.succeed([(action - 1 - n, "prefill")])
-        return 0.0
+    def _answer_of(self, decision: Decision, action: Any) -> list[tuple[int, Role]] | None:
+        action = action_index(action, "Pools-v0")
+        if not 0 <= action < 1 + 2 * self.max_instances or not self._mask(decision)[action]:
+            return None
+        return self.flip_of(action)

@@ -14,7 +14,7 @@ transfer to an unseen model, TP degree or GPU — which the accuracy report make
 
 from __future__ import annotations
 
-from typing import Protocol, Self
+from typing import Self
 
 import numpy as np
 from scipy.optimize import least_squares, nnls
@@ -22,14 +22,6 @@ from scipy.optimize import least_squares, nnls
 from perfmodel.batch import StepBatch, StepBatchArray
 from perfmodel.profile import Coefficients
 from perfmodel.structural import StructuralModel
-
-
-class LatencyModel(Protocol):
-    """What every family offers: latency (ms) of one step or of many."""
-
-    def predict(self, batch: StepBatch) -> float: ...
-
-    def predict_many(self, batches: StepBatchArray) -> np.ndarray: ...
 
 
 def ideal_coefficients() -> Coefficients:

@@ -98,6 +98,3 @@ class OnlineRefit:
         self._errors.clear()
         self.refits += 1
         return True
-
-    def named_weights(self) -> dict[str, float]:
-        return dict(zip(WEIGHT_NAMES, self.weights.tolist(), strict=True))

@@ -11,6 +11,7 @@ arrays, vectorised).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,3 +214,13 @@ class StructuralModel:
         ):
             ops[name] = self.elem_launch[kind] + n * self.elem_ms_per_token[kind]
         return ops
+
+
+@functools.lru_cache(maxsize=512)
+def structural_model(gpu: str, model: str, tp: int = 1, dtype: str = "bf16") -> StructuralModel:
+    """The shared :class:`StructuralModel` of (GPU, model, TP, dtype) with the default profile.
+
+    Models are immutable once built, so clusters, engines, features and predictive policies share one per
+    configuration instead of each keeping a cache of its own.
+    """
+    return StructuralModel(gpu, model, tp=tp, dtype=dtype)

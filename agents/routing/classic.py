@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.routing.common import LocalCorrection, OutputEstimate
-from envs.sim.routing import LeastOutstandingRequests, RoundRobin
-from envs.sim.view import ClusterView, RequestInfo
+from agents.routing.estimates import OutputEstimate
+from envs.sim.policies import LeastOutstandingRequests, RoundRobin, RoutingPolicy
+from envs.sim.view import ClusterView, LocalCorrection, RequestInfo
 
 __all__ = [
     "JoinShortestQueue",
@@ -31,7 +31,7 @@ def argmin(candidates: list[int], key) -> int:
     return min(candidates, key=lambda i: (key(i), i))
 
 
-class LeastResidentDecode:
+class LeastResidentDecode(RoutingPolicy):
     """Decode placement: the decode-capable engine with the fewest resident decode KV tokens, counting the
     prompts this router handed to it since its snapshot."""
 
@@ -131,5 +131,5 @@ class TokenAware(LeastResidentDecode):
         self.correction.record(view, choice, request)
         return choice
 
-    def observe_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
+    def on_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
         self.outputs.update(output_tokens)

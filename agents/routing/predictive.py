@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 from agents.routing.classic import LeastResidentDecode, argmin
-from agents.routing.common import LocalCorrection, OutputEstimate
+from agents.routing.estimates import OutputEstimate
 from envs.features import EngineModels
-from envs.sim.view import ClusterView, RequestInfo
+from envs.sim.view import ClusterView, LocalCorrection, RequestInfo
 
 
 class Prism(LeastResidentDecode):
@@ -89,5 +89,5 @@ class BlockPredictive(LeastResidentDecode):
         self.correction.record(view, choice, request)
         return choice
 
-    def observe_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
+    def on_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
         self.outputs.update(output_tokens)

@@ -13,7 +13,7 @@ import time
 
 from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
 from envs.sim.engine import EngineConfig
-from envs.sim.routing import LeastOutstandingRequests
+from envs.sim.policies import LeastOutstandingRequests
 from envs.sim.workload import TraceWorkload
 
 SCENARIOS = {

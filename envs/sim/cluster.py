@@ -1,7 +1,8 @@
 """The cluster: engines built from instance groups, the arrival process, the router and its view.
 
-The simulator never imports agents: the routing, batching and pool policies arrive as objects
-satisfying the protocols of :mod:`envs.sim.routing` and :mod:`envs.sim.engine`.
+The simulator never imports agents: the routing, batching and pool policies arrive as objects of the
+base classes of :mod:`envs.sim.policies`, and anyone else follows the run as an
+:class:`envs.sim.policies.Observer` registered with :meth:`Cluster.subscribe`.
 
 Prefill/decode disaggregation: engines of role ``prefill`` compute prompts and hand each request over
 to a decode-capable engine (role ``decode`` or ``both``) chosen by the router's ``route_decode`` (least
@@ -16,23 +17,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
 
-from envs.sim.engine import BatchPolicy, Engine, EngineConfig, VllmPolicy
+from envs.sim.engine import Engine, EngineConfig
+from envs.sim.errors import ClusterConfigError
 from envs.sim.metrics import SimResult
+from envs.sim.policies import BatchPolicy, Observer, PoolPolicy, RoutingPolicy, VllmPolicy, overrides
 from envs.sim.request import Request, State
-from envs.sim.routing import PoolPolicy, RoutingPolicy
+from envs.sim.roles import SERVING_ROLES, Role, flip_allowed
 from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
+from perfmodel.capacity import kv_capacity
 from perfmodel.errors import PerfModelError
-from perfmodel.structural import StructuralModel
+from perfmodel.structural import structural_model
 
-
-class ClusterConfigError(ValueError):
-    """An impossible cluster configuration; the message says which group and why."""
+__all__ = ["Cluster", "ClusterConfig", "ClusterConfigError", "InstanceGroup", "KvLink", "check_buildable"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,6 @@ class KvLink:
         return self.latency_ms / 1e3 + num_bytes / (self.bandwidth_gbps * 1e9)
 
 
-ROLES = ("both", "prefill", "decode")
 DEFAULT_LINKS = {"network": KvLink(50.0, 1.0), "nvlink": KvLink(450.0, 0.01)}
 
 
@@ -78,14 +79,10 @@ class ClusterConfig:
         for index, group in enumerate(self.groups):
             if group.count < 0:
                 raise ClusterConfigError(f"group {group.name or index}: count must be non-negative")
-            if group.engine.role not in ROLES:
-                raise ClusterConfigError(
-                    f"group {group.name or index}: role must be one of {ROLES}, got {group.engine.role!r}"
-                )
         roles = {g.engine.role for g in self.groups if g.count}
-        if "decode" in roles and not roles & {"prefill", "both"}:
+        if not any(role.accepts_new for role in roles):
             raise ClusterConfigError("a decode pool without prefill instances: give a group of role prefill or both")
-        if "prefill" in roles and not roles & {"decode", "both"}:
+        if not any(role.accepts_decode for role in roles):
             raise ClusterConfigError("a prefill pool without decode instances: give a group of role decode or both")
         if self.snapshot_interval_s < 0:
             raise ClusterConfigError(f"snapshot_interval_s must be non-negative, got {self.snapshot_interval_s}")
@@ -98,7 +95,19 @@ class ClusterConfig:
 
     @property
     def disaggregated(self) -> bool:
-        return any(g.engine.role == "prefill" and g.count for g in self.groups)
+        return any(g.engine.role is Role.PREFILL and g.count for g in self.groups)
+
+
+def check_buildable(config: ClusterConfig) -> None:
+    """Raise :class:`ClusterConfigError` naming the group if an engine of ``config`` cannot be built (an
+    unknown GPU or model, a TP degree that does not divide the heads, weights that do not fit the GPU)."""
+    for index, group in enumerate(config.groups):
+        e = group.engine
+        try:
+            perf = structural_model(e.gpu, e.model, tp=e.tp, dtype=e.dtype)
+            kv_capacity(perf, e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens, e.max_num_seqs)
+        except PerfModelError as error:
+            raise ClusterConfigError(f"group {group.name or index}: {error}") from None
 
 
 class Cluster:
@@ -109,6 +118,9 @@ class Cluster:
         router: a :class:`RoutingPolicy`.
         batch_policy: the engines' batch former (vLLM's default if omitted).
         seed: the simulator's own seed (step-time noise); the workload has its own.
+        pool_policy: flips instance roles every monitoring interval (static pools if omitted).
+        keep_requests: keep every finished and rejected request in :attr:`finished` / :attr:`rejected`
+            (what :meth:`run` summarises); False for long streams, whose outcomes observers aggregate.
     """
 
     def __init__(
@@ -118,44 +130,45 @@ class Cluster:
         batch_policy: BatchPolicy | None = None,
         seed: int = 0,
         pool_policy: PoolPolicy | None = None,
+        keep_requests: bool = True,
     ) -> None:
+        _check_policy("router", router, RoutingPolicy)
+        _check_policy("batch policy", batch_policy, BatchPolicy, optional=True)
+        _check_policy("pool policy", pool_policy, PoolPolicy, optional=True)
         self.config, self.router, self.pool_policy = config, router, pool_policy
         self.batch_policy = batch_policy or VllmPolicy()
+        self.keep_requests = keep_requests
         self.nodes: list[str] = []
-        hooks = [router] if pool_policy is None or pool_policy is router else [router, pool_policy]
-        # observe_completion(RequestInfo, instance, output_tokens, e2e_s) of the router and pool policy; others
-        # (an expert being imitated beside an agent) may append theirs
-        self.completion_hooks = [h.observe_completion for h in hooks if hasattr(h, "observe_completion")]
-        self._arrival_hooks = [h.observe_arrival for h in hooks if hasattr(h, "observe_arrival")]
-        self.flips: list[tuple[float, int, str, str]] = []  # (time, instance, from role, to role)
-        self._pending = 0
-        self._arrived = 0
-        self.finish_listeners: list = []  # called with each finished Request (environments' rewards)
+        self.flips: list[tuple[float, int, Role, Role]] = []  # (time, instance, from role, to role)
+        self._arrived = self.completed = self.num_rejected = 0
+        self._arrivals_done = False
+        # listeners of each Observer hook, in subscription order (only hooks an observer overrides)
+        self._on_arrival: list = []
+        self._on_completion: list = []
+        self._on_finish: list = []
+        self._on_step: list = []  # shared with every engine
+        self._subscribed: list[Observer] = []
         self.seed = seed
         self.env = simpy.Environment()
         self.finished: list[Request] = []
         self.rejected: list[Request] = []
         self.engines: list[Engine] = []
-        perfs: dict[tuple, StructuralModel] = {}
         for group_index, group in enumerate(config.groups):
             for _ in range(group.count):
                 e = group.engine
-                key = (e.gpu, e.model, e.tp, e.dtype)
                 try:
-                    if key not in perfs:
-                        perfs[key] = StructuralModel(e.gpu, e.model, tp=e.tp, dtype=e.dtype)
                     engine = Engine(
                         self.env,
                         len(self.engines),
                         e,
                         self.batch_policy,
                         np.random.default_rng([seed, len(self.engines)]),
-                        self._on_finish,
-                        perf=perfs[key],
+                        host=self,
+                        perf=structural_model(e.gpu, e.model, tp=e.tp, dtype=e.dtype),
+                        step_listeners=self._on_step,
                     )
                 except PerfModelError as error:
                     raise ClusterConfigError(f"group {group.name or group_index}: {error}") from None
-                engine.on_handoff = self._on_handoff
                 self.engines.append(engine)
                 self.nodes.append(group.node)
         self.infos = [
@@ -167,6 +180,7 @@ class Cluster:
                 eng.config.max_num_batched_tokens,
                 eng.config.max_num_seqs,
                 eng.total_blocks * eng.block_size,
+                eng.config.dtype,
             )
             for eng in self.engines
         ]
@@ -174,11 +188,29 @@ class Cluster:
         self.outstanding_prompt = [0] * len(self.engines)
         self._snapshots = [self._snapshot(engine) for engine in self.engines]
         self._snapshot_tick = -1
+        for policy in (router, self.batch_policy, pool_policy):
+            if policy is not None:
+                self.subscribe(policy)
+
+    def subscribe(self, observer: Observer) -> None:
+        """Tell ``observer`` what happens from now on (each object once; only the hooks its class overrides)."""
+        if not isinstance(observer, Observer):
+            raise TypeError(f"{observer!r} is not an envs.sim.policies.Observer")
+        if any(observer is known for known in self._subscribed):
+            return
+        self._subscribed.append(observer)
+        for hook, listeners in (
+            ("on_arrival", self._on_arrival),
+            ("on_completion", self._on_completion),
+            ("on_finish", self._on_finish),
+            ("on_step", self._on_step),
+        ):
+            if overrides(observer, Observer, hook):
+                listeners.append(getattr(observer, hook))
 
     # -- the router's view -------------------------------------------------------------------------------
     def _snapshot(self, engine: Engine) -> EngineSnapshot:
         used = engine.used_blocks_at(self.env.now)
-        cache = engine.cache
         return EngineSnapshot(
             time_s=self.env.now,
             num_requests_running=engine.num_running,
@@ -186,8 +218,6 @@ class Cluster:
             kv_cache_usage_perc=used / engine.total_blocks,
             num_gpu_blocks=engine.total_blocks,
             block_size=engine.block_size,
-            prefix_cache_hits=cache.hit_tokens if cache else 0,
-            prefix_cache_queries=cache.query_tokens if cache else 0,
             pending_prefill_tokens=engine.pending_prefill_tokens,
             num_decodes=engine.n_dec,
             decode_kv_tokens=engine.dec_ctx_sum + engine.n_dec,
@@ -213,7 +243,7 @@ class Cluster:
         )
 
     def _refresh(self, requests: Sequence[Request]):
-        """Take snapshots at the refresh ticks that precede some arrival (the only ticks anyone reads)."""
+        """Take snapshots at the refresh ticks that precede some arrival (the only ticks routers read)."""
         interval = self.config.snapshot_interval_s
         ticks = sorted({math.floor(r.arrival_s / interval) for r in requests})
         for tick in ticks:
@@ -223,15 +253,26 @@ class Cluster:
             self._snapshots = [self._snapshot(engine) for engine in self.engines]
             self._snapshot_tick = tick
 
+    def _scrape(self):
+        """For a stream of unknown length: take snapshots every interval while requests remain."""
+        interval = self.config.snapshot_interval_s
+        while not self._arrivals_done or self.in_system > 0:
+            tick = math.floor(self.env.now / interval) + 1
+            yield self.env.timeout(tick * interval - self.env.now)
+            self._snapshots = [self._snapshot(engine) for engine in self.engines]
+            self._snapshot_tick = tick
+
     # -- arrivals and completions ------------------------------------------------------------------------
-    def _arrivals(self, requests: Sequence[Request], progress):
+    def _arrivals(self, requests: Iterable[Request], progress):
         env = self.env
         for request in requests:
+            if request.state is not State.PENDING:
+                raise ValueError(f"request {request.id} was already simulated; generate the workload again")
             if request.arrival_s > env.now:
                 yield env.timeout(request.arrival_s - env.now)
             self._arrived += 1
             info = self._request_info(request)
-            for hook in self._arrival_hooks:
+            for hook in self._on_arrival:
                 hook(info)
             choice = self.router.route(info, self.view())
             if isinstance(choice, simpy.Event):  # an external decision maker (a Gymnasium agent) answers later
@@ -242,7 +283,7 @@ class Cluster:
                     f"valid engines are 0..{len(self.engines) - 1}"
                 )
             choice = int(choice)
-            if self.engines[choice].role not in ("both", "prefill"):
+            if not self.engines[choice].role.accepts_new:
                 raise ValueError(
                     f"router {type(self.router).__name__} sent request {request.id} to engine {choice}, "
                     f"whose role is {self.engines[choice].role}; new requests need a prefill instance"
@@ -251,10 +292,10 @@ class Cluster:
                 self.outstanding[choice] += 1
                 self.outstanding_prompt[choice] += request.prompt_tokens
             else:
-                self.rejected.append(request)
-                self._pending -= 1
+                self._reject(request)
             if progress is not None:
                 progress.update(1)
+        self._arrivals_done = True
 
     def _request_info(self, request: Request) -> RequestInfo:
         """What a router may know of a request (its output length only in oracle mode)."""
@@ -268,31 +309,36 @@ class Cluster:
             request.hash_ids,
         )
 
-    def _on_finish(self, request: Request) -> None:
+    def _reject(self, request: Request) -> None:
+        self.num_rejected += 1
+        if self.keep_requests:
+            self.rejected.append(request)
+
+    def engine_finished(self, request: Request) -> None:
+        """An engine finished ``request``: bookkeeping, then the observers (a router sees its length)."""
         self.outstanding[request.instance] -= 1
         self.outstanding_prompt[request.instance] -= request.prompt_tokens
-        self.finished.append(request)
-        self._pending -= 1
-        for listener in self.finish_listeners:
-            listener(request)
-        for hook in self.completion_hooks:  # a router sees each response end, and its length
-            hook(self._request_info(request), request.instance, request.output_tokens, self.env.now - request.arrival_s)
+        self.completed += 1
+        if self.keep_requests:
+            self.finished.append(request)
+        for hook in self._on_finish:
+            hook(request)
+        if self._on_completion:
+            info = self._request_info(request)
+            for hook in self._on_completion:
+                hook(info, request.instance, request.output_tokens, self.env.now - request.arrival_s)
 
     # -- prefill/decode disaggregation -------------------------------------------------------------------
     def decode_candidates(self) -> list[int]:
-        return [e.index for e in self.engines if e.role in ("decode", "both")]
+        return [e.index for e in self.engines if e.role.accepts_decode]
 
-    def _on_handoff(self, source: Engine, request: Request) -> simpy.Event | None:
+    def engine_handoff(self, source: Engine, request: Request) -> simpy.Event | None:
         """A prefill finished on a prefill instance: choose a decode instance and move the KV there.
 
         With an external decision maker the choice is a pending event: the source engine waits on it, so
         decisions are taken one at a time, each seeing the bookkeeping of the previous, as inline ones do.
         """
-        chooser = getattr(self.router, "route_decode", None)
-        if chooser is None:
-            self._start_transfer(source, request, min(self.decode_candidates(), key=self.outstanding.__getitem__))
-            return None
-        choice = chooser(self._request_info(request), self.view())
+        choice = self.router.route_decode(self._request_info(request), self.view())
         if isinstance(choice, simpy.Event):
             choice.callbacks.append(lambda event: self._start_transfer(source, request, event.value))
             return choice
@@ -323,60 +369,66 @@ class Cluster:
         if not target.submit_decode(request):
             self.outstanding[target.index] -= 1
             self.outstanding_prompt[target.index] -= request.prompt_tokens
-            self.rejected.append(request)
-            self._pending -= 1
+            self._reject(request)
 
     # -- pool policies -----------------------------------------------------------------------------------
     def _monitor(self):
         """Ask the pool policy for flips every monitoring interval while requests remain."""
-        while self._pending > 0:
+        while not self._arrivals_done or self.in_system > 0:
             yield self.env.timeout(self.config.monitor_interval_s)
             flips = self.pool_policy.rebalance(self.view())
             if isinstance(flips, simpy.Event):
                 flips = yield flips
             for index, role in flips or ():
-                self.flip(int(index), str(role))
+                self.flip(int(index), role)
 
-    def flip(self, index: int, role: str) -> None:
-        """Change an instance's role now (stateless) or after draining and a restart delay (drain)."""
+    def flip(self, index: int, role: Role | str) -> None:
+        """Change an instance's role now (stateless) or after draining and a restart delay (drain). A flip
+        that would leave no instance taking new requests or none decoding is refused."""
         engine = self.engines[index]
-        if role not in ROLES:
-            raise ValueError(f"pool policy asked for role {role!r} on engine {index}; roles are {ROLES}")
-        if engine.role == role or engine.role.startswith("draining"):
+        if role not in SERVING_ROLES:
+            raise ValueError(
+                f"pool policy asked for role {role!r} on engine {index}; roles are {[str(r) for r in SERVING_ROLES]}"
+            )
+        role = Role(role)
+        if engine.role is role or engine.role is Role.DRAINING:
             return
-        remaining = [e.role for e in self.engines if e is not engine] + [role]
-        if not {"prefill", "both"} & set(remaining) or not {"decode", "both"} & set(remaining):
-            return  # a flip that would leave no prefill or no decode instance is refused
+        if not flip_allowed([e.role for e in self.engines], index, role):
+            return
         self.flips.append((self.env.now, index, engine.role, role))
         if self.config.flip == "stateless":
-            engine.role, engine.hands_off = role, role == "prefill"
+            engine.set_role(role)
         else:
-            engine.role = f"draining->{role}"
+            engine.set_role(Role.DRAINING)
             self.env.process(self._drain(engine, role))
 
-    def _drain(self, engine: Engine, role: str):
+    def _drain(self, engine: Engine, role: Role):
         poll = self.config.monitor_interval_s / 10
         while not engine.idle:
             yield self.env.timeout(poll)
         yield self.env.timeout(self.config.restart_delay_s)
-        engine.role, engine.hands_off = role, role == "prefill"
+        engine.set_role(role)
 
-    def start(self, requests: Sequence[Request], progress=None) -> None:
+    def start(self, requests: Iterable[Request], progress=None) -> None:
         """Install the arrival, monitoring and snapshot processes without running the clock (environments
-        step the simulation themselves)."""
-        if any(r.state is not State.PENDING for r in requests):
+        step the simulation themselves). ``requests`` in arrival order: a list, or any iterable (a stream
+        of unknown length, drawn as the clock reaches each arrival)."""
+        is_sequence = isinstance(requests, Sequence)
+        if is_sequence and any(r.state is not State.PENDING for r in requests):
             raise ValueError("requests were already simulated; generate the workload again for a new run")
-        self._pending = len(requests)
         self.env.process(self._arrivals(requests, progress))
         if self.pool_policy is not None:
             self.env.process(self._monitor())
-        if self.config.snapshot_interval_s > 0 and requests:
-            self.env.process(self._refresh(requests))
+        if self.config.snapshot_interval_s > 0:
+            if not is_sequence:
+                self.env.process(self._scrape())
+            elif requests:
+                self.env.process(self._refresh(requests))
 
     @property
     def in_system(self) -> int:
         """Requests that arrived and have not finished or been rejected."""
-        return self._arrived - len(self.finished) - len(self.rejected)
+        return self._arrived - self.completed - self.num_rejected
 
     def run(self, requests: Sequence[Request], until_s: float | None = None, progress: bool = False) -> SimResult:
         """Simulate ``requests`` (fresh copies are not made: pass newly generated ones) to completion or ``until_s``."""
@@ -397,4 +449,16 @@ class Cluster:
             engines=self.engines,
             sim_s=self.env.now,
             wall_s=time.perf_counter() - started,
+        )
+
+
+def _check_policy(what: str, policy: object, base: type, optional: bool = False) -> None:
+    """Refuse a policy that is not an object of its base class (a string from a config, say), naming it."""
+    if policy is None and optional:
+        return
+    if not isinstance(policy, base):
+        hint = " (a name: load it through agents.harness.load_policy)" if isinstance(policy, str) else ""
+        raise ClusterConfigError(
+            f"{what} must be an envs.sim.policies.{base.__name__} object, got {policy!r}{hint}; "
+            f"subclass {base.__name__} (its optional members have defaults)"
         )

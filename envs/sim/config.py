@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from envs.sim.cluster import DEFAULT_LINKS, ClusterConfig, ClusterConfigError, InstanceGroup, KvLink
+from envs.sim.cluster import DEFAULT_LINKS, ClusterConfig, InstanceGroup, KvLink
 from envs.sim.engine import EngineConfig
+from envs.sim.errors import ClusterConfigError
 from envs.sim.workload import (
     ConcatWorkload,
     LengthSampler,
@@ -65,10 +66,12 @@ def cluster_from(mapping: Mapping) -> ClusterConfig:
         count = group.get("count", 1)
         if not isinstance(count, int) or count < 0:
             raise ClusterConfigError(f"{where}.count must be a non-negative integer, got {count!r}")
+        try:
+            engine_config = EngineConfig(**engine)
+        except ClusterConfigError as error:
+            raise ClusterConfigError(f"{where}.engine: {error}") from None
         groups.append(
-            InstanceGroup(
-                count, EngineConfig(**engine), name=str(group.get("name", index)), node=str(group.get("node") or "")
-            )
+            InstanceGroup(count, engine_config, name=str(group.get("name", index)), node=str(group.get("node") or ""))
         )
     links = dict(DEFAULT_LINKS)
     for name, link in (mapping.get("links") or {}).items():

@@ -22,56 +22,32 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import simpy
 
+from envs.sim.errors import ClusterConfigError
+from envs.sim.policies import BatchPolicy, EngineView, overrides
 from envs.sim.prefix_cache import PrefixCache
 from envs.sim.request import Request, State
+from envs.sim.roles import SERVING_ROLES, Role
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import kv_capacity
-from perfmodel.structural import StructuralModel
+from perfmodel.structural import StructuralModel, structural_model
 
 
-class BatchPolicy(Protocol):
-    """How an engine forms its batch: the step's token budget (a knob LENS-like policies turn).
+class EngineHost(Protocol):
+    """What an engine tells the cluster it belongs to."""
 
-    Optional members an engine uses when present: ``max_chunk_tokens`` (cap on one prefill chunk),
-    ``prefill_order`` (``"admission"`` or ``"shortest_remaining"`` for running prefills),
-    ``admit(engine, request, blocks) -> bool`` (veto an admission that would fit), ``choose_victim(engine)
-    -> Request`` (which running request to preempt), and ``attach(engine)`` (called once per engine).
-    """
+    def engine_finished(self, request: Request) -> None:
+        """``request`` finished on this engine."""
 
-    name: str
-    supports_decode_jumps: bool  # True when jumps stay exact: the budget never shrinks below the decodes
-
-    def token_budget(self, engine: Engine) -> int: ...
-
-
-@dataclass(frozen=True)
-class VllmPolicy:
-    """vLLM's default: a fixed ``max_num_batched_tokens`` per step."""
-
-    name: str = "vllm"
-    supports_decode_jumps: bool = True
-
-    def token_budget(self, engine: Engine) -> int:
-        return engine.config.max_num_batched_tokens
-
-
-@dataclass(frozen=True)
-class SarathiPolicy:
-    """Sarathi-Serve's stall-free batching: a small fixed chunk budget so decodes never wait on a long prefill."""
-
-    chunk_tokens: int = 512
-    name: str = "sarathi"
-    supports_decode_jumps: bool = True
-
-    def token_budget(self, engine: Engine) -> int:
-        return self.chunk_tokens
+    def engine_handoff(self, engine: Engine, request: Request) -> simpy.Event | None:
+        """A prefill instance computed ``request``'s prompt: move it to a decode instance. Returns a pending
+        event when an agent makes the choice (the engine waits on it; no time passes)."""
 
 
 @dataclass(frozen=True)
@@ -88,9 +64,14 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     noise_sigma: float = 0.0  # lognormal sigma of a multiplicative step-time noise (0: deterministic)
-    role: str = "both"  # both (colocated), prefill or decode (disaggregated pools)
+    role: Role = Role.BOTH  # both (colocated), prefill or decode (disaggregated pools)
     enable_prefix_caching: bool = False
     prefix_segment_tokens: int = 512  # tokens per prompt hash (Mooncake's hash_ids cover 512)
+
+    def __post_init__(self) -> None:
+        if self.role not in SERVING_ROLES:
+            raise ClusterConfigError(f"role must be one of {[str(r) for r in SERVING_ROLES]}, got {self.role!r}")
+        object.__setattr__(self, "role", Role(self.role))
 
 
 class Engine:
@@ -103,18 +84,16 @@ class Engine:
         config: EngineConfig,
         policy: BatchPolicy,
         rng: np.random.Generator,
-        on_finish: Callable[[Request], None],
+        host: EngineHost | None = None,
         perf: StructuralModel | None = None,
+        step_listeners: list | None = None,
     ) -> None:
         self.env, self.index, self.config, self.policy, self.rng = env, index, config, policy, rng
-        self.on_finish = on_finish
-        self.role = config.role
-        self.hands_off = config.role == "prefill"  # finished prefills leave for a decode instance
-        # set by a cluster with PD pools; returns a pending event when an agent makes the choice
-        self.on_handoff: Callable[[Engine, Request], simpy.Event | None] | None = None
-        # called after every step with (engine, batch, latency in s): the feed of online refits (LENS)
-        self.step_observers: list[Callable[[Engine, StepBatch, float], None]] = []
-        self.perf = perf or StructuralModel(config.gpu, config.model, tp=config.tp, dtype=config.dtype)
+        self.host = host  # None: a stand-alone engine (finished requests go nowhere, prefills stay here)
+        self.set_role(config.role)
+        # Observer.on_step of the subscribed observers (shared with the cluster, which appends to it)
+        self._step_listeners = step_listeners if step_listeners is not None else []
+        self.perf = perf or structural_model(config.gpu, config.model, tp=config.tp, dtype=config.dtype)
         capacity = kv_capacity(
             self.perf,
             config.gpu_memory_utilization,
@@ -138,7 +117,9 @@ class Engine:
         self.finish_heap: list[tuple[int, int, int, Request]] = []
         self.step_count = 0
         self._decode_blocks_for = -1  # step whose decode KV demand is already allocated
-        self.step_latency = np.zeros(1024)  # seconds, by step number
+        # step latencies (s) in a ring indexed by step number: long enough for the longest decode span that
+        # can still be asked about (a request's largest gap between tokens), so memory stays flat
+        self._latency_ring = np.zeros(1024)
         # statistics
         self.busy_s = 0.0
         self.tokens_computed = 0
@@ -159,20 +140,30 @@ class Engine:
         )
         self._interrupt_pending = False
         self._wake = env.event()
-        self._chunk_cap = getattr(policy, "max_chunk_tokens", None) or (1 << 62)
-        self._shortest_first = getattr(policy, "prefill_order", "admission") == "shortest_remaining"
-        self._admit_hook = getattr(policy, "admit", None)
-        self._victim_hook = getattr(policy, "choose_victim", None)
-        self._external_budget = getattr(policy, "request_budget", None)  # returns a simpy event (agents)
+        if not isinstance(policy, BatchPolicy):
+            raise TypeError(
+                f"batch policy {policy!r} is not an envs.sim.policies.BatchPolicy; subclass it "
+                "(token_budget and the optional members have defaults there)"
+            )
+        self._chunk_cap = policy.max_chunk_tokens or (1 << 62)
+        self._shortest_first = policy.prefill_order == "shortest_remaining"
+        # optional hooks, called only when the policy overrides them (the defaults cost nothing here)
+        self._admit_hook = policy.admit if overrides(policy, BatchPolicy, "admit") else None
+        self._victim_hook = policy.choose_victim if overrides(policy, BatchPolicy, "choose_victim") else None
+        self._external_budget = policy.request_budget if overrides(policy, BatchPolicy, "request_budget") else None
         # engine-pushed state (SynergySched-style): queued prefill work and recent step shape
         self.waiting_tokens = 0  # prefill tokens of waiting requests
         self.prefill_remaining = 0  # tokens running prefills still have to compute
         self.recent_tokens_per_step = 0.0  # EWMA over steps
         self.recent_step_s = 0.0  # EWMA over steps
-        attach = getattr(policy, "attach", None)
-        if attach is not None:
-            attach(self)
+        self.view = EngineView(self)  # what the batch policy reads
+        policy.attach(self.view)
         self.process = env.process(self._run())
+
+    def set_role(self, role: Role) -> None:
+        """Serve as ``role`` from now on (a prefill instance hands its finished prefills over)."""
+        self.role = Role(role)
+        self.hands_off = self.role is Role.PREFILL
 
     # -- outside view ------------------------------------------------------------------------------------
     def submit(self, request: Request) -> bool:
@@ -278,10 +269,10 @@ class Engine:
                     self._record(first, latencies)
                     self.tokens_computed += self.n_dec * steps
                     self._remember(self.n_dec, float(latencies.mean()), steps)
-                    for observe in self.step_observers:  # costs per step only when someone listens
+                    for observe in self._step_listeners:  # costs per step only when someone listens
                         for j in range(steps):
                             observe(
-                                self,
+                                self.view,
                                 StepBatch.decode(self.n_dec, self.dec_ctx_sum + j * self.n_dec),
                                 float(latencies[j]),
                             )
@@ -292,7 +283,9 @@ class Engine:
                 continue
             budget = None
             if self._external_budget is not None:  # an agent decides this step's budget (Batch-v0)
-                budget = yield self._external_budget(self)
+                budget = self._external_budget(self.view)
+                if isinstance(budget, simpy.Event):
+                    budget = yield budget
             plan = self._schedule(budget)
             if plan is None:
                 if self.transferring:  # KV held by outgoing transfers: wait until one completes
@@ -309,8 +302,8 @@ class Engine:
             self.tokens_computed += batch.num_tokens
             self._remember(batch.num_tokens, latency)
             yield env.timeout(latency)
-            for observe in self.step_observers:
-                observe(self, batch, latency)
+            for observe in self._step_listeners:
+                observe(self.view, batch, latency)
             self.step_count = step
             self.dec_ctx_sum += n_dec
             self._complete_decodes()
@@ -384,13 +377,30 @@ class Engine:
         return request.computed
 
     def _record(self, first_step: int, latencies: np.ndarray) -> None:
-        last = first_step + len(latencies)
-        if last >= len(self.step_latency):
-            grown = np.zeros(max(2 * len(self.step_latency), last + 1))
-            grown[: len(self.step_latency)] = self.step_latency
-            self.step_latency = grown
-        self.step_latency[first_step:last] = latencies
+        count = len(latencies)
+        self._reserve_ring(count)
+        ring = self._latency_ring
+        start = first_step & (len(ring) - 1)
+        head = min(count, len(ring) - start)
+        ring[start : start + head] = latencies[:head]
+        ring[: count - head] = latencies[head:]
         self.busy_s += float(latencies.sum())
+
+    def _reserve_ring(self, span: int) -> None:
+        """Make the latency ring hold at least the last ``span`` steps (a power of two, kept in place)."""
+        size = len(self._latency_ring)
+        if span < size:
+            return
+        grown = np.zeros(1 << int(span).bit_length())
+        steps = np.arange(max(0, self.step_count - size + 1), self.step_count + 1)
+        grown[steps & (len(grown) - 1)] = self._latency_ring[steps & (size - 1)]
+        self._latency_ring = grown
+
+    def step_latencies(self, last: int) -> np.ndarray:
+        """Latencies (s) of the engine's ``last`` most recent steps (at most the ring's length), oldest first."""
+        last = min(last, self.step_count, len(self._latency_ring))
+        steps = np.arange(self.step_count - last + 1, self.step_count + 1)
+        return self._latency_ring[steps & (len(self._latency_ring) - 1)]
 
     # -- decode-only jumps -------------------------------------------------------------------------------
     def _plan_jump(self) -> tuple[np.ndarray, int] | None:
@@ -442,7 +452,7 @@ class Engine:
     def _head_admissible(self) -> bool:
         if len(self.running) >= self.config.max_num_seqs:
             return False
-        left = max(self.policy.token_budget(self), self.n_dec) - self.n_dec
+        left = max(self.policy.token_budget(self.view), self.n_dec) - self.n_dec
         if left <= 0:
             return False
         demand = self.block_hist[(self.step_count + 1) % self.block_size]
@@ -468,7 +478,7 @@ class Engine:
             demand = self.block_hist[step % self.block_size] if self.n_dec else 0
         self._take(demand)
         self._decode_blocks_for = step
-        budget = max(self.policy.token_budget(self) if budget is None else int(budget), self.n_dec)
+        budget = max(self.policy.token_budget(self.view) if budget is None else int(budget), self.n_dec)
         left = budget - self.n_dec
         chunks: list[tuple[Request, int]] = []
         prefilling = list(self.prefilling.values())
@@ -495,7 +505,7 @@ class Engine:
             hits, hit_tokens, chunk, need, revived = self._admission(request, left)
             if need + revived > self.free_blocks:
                 break
-            if self._admit_hook is not None and not self._admit_hook(self, request, need + revived):
+            if self._admit_hook is not None and not self._admit_hook(self.view, request, need + revived):
                 break
             self.waiting.popleft()
             self.waiting_tokens -= request.prefill_target
@@ -546,7 +556,7 @@ class Engine:
     def _preempt(self, step: int) -> None:
         """Preempt a running request (recompute), freeing its KV blocks: the most recently admitted unless
         the batch policy chooses."""
-        victim = self._victim_hook(self) if self._victim_hook else self.running[next(reversed(self.running))]
+        victim = self._victim_hook(self.view) if self._victim_hook else self.running[next(reversed(self.running))]
         if victim.state is State.DECODE:
             done = self.step_count - victim.decode_entry_step
             ctx = victim.decode_entry_ctx + done
@@ -574,9 +584,14 @@ class Engine:
         self.waiting.appendleft(victim)
 
     def _max_latency(self, after_step: int, through_step: int) -> float:
+        """The longest step in (after_step, through_step]: a decode's largest gap between tokens."""
         if through_step <= after_step:
             return 0.0
-        return float(self.step_latency[after_step + 1 : through_step + 1].max())
+        ring, mask = self._latency_ring, len(self._latency_ring) - 1
+        start, end = (after_step + 1) & mask, through_step & mask
+        if start <= end:
+            return float(ring[start : end + 1].max())
+        return float(max(ring[start:].max(), ring[: end + 1].max()))
 
     # -- step completion ---------------------------------------------------------------------------------
     def _complete_decodes(self) -> None:
@@ -621,11 +636,11 @@ class Engine:
                 self._release_shared(request)
                 self._finish(request, now)
                 continue
-            if self.hands_off and self.on_handoff is not None:
+            if self.hands_off and self.host is not None:
                 request.state = State.TRANSFER  # keeps its KV blocks until the transfer completes
                 del self.running[request.id]
                 self.transferring += 1
-                decision = self.on_handoff(self, request)
+                decision = self.host.engine_handoff(self, request)
                 if decision is not None:  # an agent places the decode: wait for it (no time passes)
                     yield decision
                 continue
@@ -641,6 +656,7 @@ class Engine:
         self.dec_ctx_sum += request.computed
         self.block_hist[(step + 1 - request.computed) % self.block_size] += 1
         finish = step + request.output_tokens - request.generated
+        self._reserve_ring(finish - step + 1)  # its largest gap is asked over these steps
         heapq.heappush(self.finish_heap, (finish, request.heap_version, request.id, request))
 
     def _publish(self, request: Request) -> None:
@@ -657,4 +673,5 @@ class Engine:
         request.state = State.FINISHED
         request.finished_s = request.last_token_s = now
         del self.running[request.id]
-        self.on_finish(request)
+        if self.host is not None:
+            self.host.engine_finished(request)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from envs.sim.request import SloClass
+from envs.sim.roles import Role
 from perfmodel.batch import StepBatch
 
 
@@ -26,8 +27,6 @@ class EngineSnapshot:
     kv_cache_usage_perc: float  # fraction in [0, 1], as vLLM exports it
     num_gpu_blocks: int
     block_size: int
-    prefix_cache_hits: int = 0
-    prefix_cache_queries: int = 0
     # Engine-pushed state beyond vLLM's exporter (SynergySched's engines push these to PRISM):
     pending_prefill_tokens: int = 0  # prompt tokens queued or still prefilling
     num_decodes: int = 0  # running sequences past their prefill
@@ -35,7 +34,7 @@ class EngineSnapshot:
     recent_tokens_per_step: float = 0.0  # EWMA of tokens per step (scheduling mode)
     recent_step_ms: float = 0.0  # EWMA of step latency (observed inter-token time)
     predicted_step_ms: float = 0.0  # performance-model prediction of the next step
-    role: str = "both"
+    role: Role = Role.BOTH
 
     def running_decodes(self) -> StepBatch | None:
         """The engine's decode batch as the pushed counts describe it (None when nothing decodes)."""
@@ -55,6 +54,7 @@ class EngineInfo:
     max_num_batched_tokens: int
     max_num_seqs: int
     kv_capacity_tokens: int
+    dtype: str = "bf16"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +94,10 @@ class ClusterView:
         snapshots: list[EngineSnapshot] | Callable[[], list[EngineSnapshot]],
         outstanding_requests: list[int],
         outstanding_prompt_tokens: list[int],
-        roles: list[str] | None = None,
+        roles: list[Role] | None = None,
     ) -> None:
         self.now_s, self.engines = now_s, engines
-        self.roles = roles if roles is not None else ["both"] * len(engines)
+        self.roles = roles if roles is not None else [Role.BOTH] * len(engines)
         self.outstanding_requests, self.outstanding_prompt_tokens = outstanding_requests, outstanding_prompt_tokens
         self._snapshots = None if callable(snapshots) else snapshots
         self._snapshot_source = snapshots
@@ -115,12 +115,12 @@ class ClusterView:
     @property
     def prefill_candidates(self) -> list[int]:
         """Engines that take new requests now (role prefill or both; not draining)."""
-        return [i for i, role in enumerate(self.roles) if role in ("both", "prefill")]
+        return [i for i, role in enumerate(self.roles) if role.accepts_new]
 
     @property
     def decode_candidates(self) -> list[int]:
         """Engines that take decodes handed over from prefill instances (role decode or both)."""
-        return [i for i, role in enumerate(self.roles) if role in ("both", "decode")]
+        return [i for i, role in enumerate(self.roles) if role.accepts_decode]
 
 
 class LocalCorrection:

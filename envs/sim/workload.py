@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -336,3 +337,24 @@ def offered_load(requests: Sequence[Request]) -> dict[str, float]:
         "prompt_tok_s": sum(r.prompt_tokens for r in requests) / span,
         "output_tok_s": sum(r.output_tokens for r in requests) / span,
     }
+
+
+Workload = SyntheticWorkload | TraceWorkload | ConcatWorkload
+
+
+def scale_load(workload: Workload, factor: float) -> Workload:
+    """The workload at ``factor`` times its rate: a trace's ``rate_scale`` (or ``target_rate``), a synthetic
+    schedule's rates, every part of a concatenation. The one way loads are scaled (evaluation grids,
+    environments' ``load_range``), so "load x1.2" means the same arrivals 20% faster everywhere."""
+    if factor <= 0 or not math.isfinite(factor):
+        raise WorkloadError(f"a load factor must be positive and finite, got {factor}")
+    if factor == 1.0:
+        return workload
+    if isinstance(workload, ConcatWorkload):
+        return replace(workload, parts=tuple(scale_load(part, factor) for part in workload.parts))
+    if isinstance(workload, TraceWorkload):
+        if workload.target_rate:
+            return replace(workload, target_rate=workload.target_rate * factor)
+        return replace(workload, rate_scale=workload.rate_scale * factor)
+    pieces = tuple((duration, rate * factor) for duration, rate in workload.arrivals.pieces)
+    return replace(workload, arrivals=replace(workload.arrivals, pieces=pieces))

@@ -1,6 +1,5 @@
 """LENS, LARRY, Arrow and the SLA planner: decision rules on hand-built states, and their end effects."""
 
-from collections import deque
 from types import SimpleNamespace
 
 import pytest
@@ -10,22 +9,22 @@ from agents.batching import Larry, Lens
 from agents.pools import Arrow, SlaPlanner
 from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
 from envs.sim.engine import EngineConfig
-from envs.sim.request import Request, SloClass, State
-from envs.sim.routing import LeastOutstandingRequests
+from envs.sim.policies import LeastOutstandingRequests
+from envs.sim.request import Request, SloClass
 from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
 from perfmodel.batch import StepBatch
 from perfmodel.structural import StructuralModel
 
 
 def fake_engine(n_dec=0, ctx_sum=0, waiting=0, index=0):
+    """What LENS reads of an engine's view (envs.sim.policies.EngineView)."""
     return SimpleNamespace(
         index=index,
         perf=StructuralModel("H100-SXM", "Llama-3-8B"),
-        step_observers=[],
-        n_dec=n_dec,
-        dec_ctx_sum=ctx_sum,
-        waiting=deque(range(waiting)),
-        config=EngineConfig(),
+        num_decodes=n_dec,
+        decode_context_tokens=ctx_sum,
+        num_waiting=waiting,
+        max_num_batched_tokens=EngineConfig().max_num_batched_tokens,
     )
 
 
@@ -61,19 +60,13 @@ def test_lens_feeds_its_online_model_from_every_step():
     assert lens.models[0].observations == cluster.engines[0].step_count
 
 
-def _running(engine, request, state=State.DECODE):
-    request.state = state
-    engine.running[request.id] = request
-    return request
-
-
 def test_larry_admits_only_when_the_expected_footprint_and_growth_reserve_fit():
     larry = Larry(output_prior=1000, reserve_fraction=0.5)
-    engine = SimpleNamespace(index=0, running={}, n_dec=10, free_blocks=1000, block_size=16, on_finish=lambda r: None)
+    engine = SimpleNamespace(index=0, num_running=0, num_decodes=10, free_blocks=1000, block_size=16)
     larry.attach(engine)
     candidate = Request(0, 0.0, 4000, 10, SloClass(), prefill_target=4000)
     assert larry.admit(engine, candidate, 1)  # nothing running yet
-    engine.running = {1: object()}
+    engine.num_running = 1
     # footprint ceil(5000 / 16) = 313 blocks, reserve 10 decodes * 0.5 * 1000 / 16 = 312.5 blocks
     engine.free_blocks = 626
     assert larry.admit(engine, candidate, 1)
@@ -86,7 +79,7 @@ def test_larry_preempts_the_request_freeing_most_blocks_per_lost_token():
     held = {1: 100, 2: 10, 3: 50}
     computed = {1: 1600, 2: 20, 3: 1600}
     engine = SimpleNamespace(
-        running={i: SimpleNamespace(id=i) for i in (1, 2, 3)},
+        running_requests=lambda: tuple(SimpleNamespace(id=i) for i in (1, 2, 3)),
         held_blocks=lambda r: held[r.id],
         computed_tokens=lambda r: computed[r.id],
     )
@@ -168,7 +161,7 @@ def test_sla_planner_sizes_pools_for_the_forecast():
     roles = ["prefill"] * 2 + ["decode"] * 6
     v = view([snap(role=r) for r in roles], now=1.0)
     for i in range(200):  # 200 requests of 4000 prompt tokens in one second
-        planner.observe_arrival(request(prompt=4000, rid=i))
+        planner.on_arrival(request(prompt=4000, rid=i))
     flips = planner.rebalance(v)
     prefill, decode = planner.targets(v)
     assert prefill > 2 and flips and flips[0][1] == "prefill"

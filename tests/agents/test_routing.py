@@ -55,7 +55,7 @@ def test_token_aware_weighs_pending_prompt_tokens_and_expected_decodes():
     v = view([snap(pending=5000), snap(pending=0)], outstanding=[1, 60])
     assert router.load(v, 0) == 5000 + 100 and router.load(v, 1) == 6000
     assert router.route(request(prompt=500), v) == 0
-    router.observe_completion(request(), 0, 10_100, 1.0)  # mean output learns: 100 + 0.01 * 10000 = 200
+    router.on_completion(request(), 0, 10_100, 1.0)  # mean output learns: 100 + 0.01 * 10000 = 200
     assert router.outputs.mean == pytest.approx(200)
 
 

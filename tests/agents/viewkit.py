@@ -1,9 +1,20 @@
+"""Hand-made router views for policy tests: snapshots and engine facts built by keyword."""
+
 from envs.sim.request import SloClass
+from envs.sim.roles import Role
 from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
 
 
 def info(i, gpu="H100-SXM", model="Llama-3-8B", budget=8192, kv_tokens=400_000):
-    return EngineInfo(i, gpu, model, 1, budget, 256, kv_tokens)
+    return EngineInfo(
+        index=i,
+        gpu=gpu,
+        model=model,
+        tp=1,
+        max_num_batched_tokens=budget,
+        max_num_seqs=256,
+        kv_capacity_tokens=kv_tokens,
+    )
 
 
 def snap(
@@ -20,21 +31,19 @@ def snap(
     role="both",
 ):
     return EngineSnapshot(
-        time_s,
-        running,
-        waiting,
-        kv,
-        25_000,
-        16,
-        0,
-        0,
-        pending,
-        decodes,
-        decode_kv,
-        tokens_per_step,
-        step_ms,
-        predicted_ms,
-        role,
+        time_s=time_s,
+        num_requests_running=running,
+        num_requests_waiting=waiting,
+        kv_cache_usage_perc=kv,
+        num_gpu_blocks=25_000,
+        block_size=16,
+        pending_prefill_tokens=pending,
+        num_decodes=decodes,
+        decode_kv_tokens=decode_kv,
+        recent_tokens_per_step=tokens_per_step,
+        recent_step_ms=step_ms,
+        predicted_step_ms=predicted_ms,
+        role=Role(role),
     )
 
 
@@ -46,7 +55,7 @@ def view(snapshots, outstanding=None, infos=None, roles=None, now=0.0, prompts=N
         snapshots,
         outstanding or [0] * n,
         prompts or [0] * n,
-        roles or [s.role for s in snapshots],
+        [Role(r) for r in roles] if roles else [s.role for s in snapshots],
     )
 
 

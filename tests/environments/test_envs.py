@@ -13,7 +13,8 @@ import envs  # noqa: F401  (registers the ids)
 from agents.routing.predictive import Prism
 from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from, workload_from
-from envs.sim.routing import LeastOutstandingRequests, RoundRobin
+from envs.sim.policies import DecisionKind, LeastOutstandingRequests, RoundRobin
+from envs.sim.roles import Role
 
 SMALL_WORKLOAD = {
     "kind": "synthetic",
@@ -56,16 +57,11 @@ def _run_through_env(router_factory, cluster, seed=3):
     env.reset(seed=0, options={"workload_seed": seed, "sim_seed": 7})
     heuristic = router_factory()
     while True:
-        phase, request, view = env.unwrapped.decision()
-        if phase == "decode":  # the cluster's own rule when a router has none: least outstanding
-            decode = getattr(heuristic, "route_decode", None)
-            action = (
-                decode(request, view)
-                if decode
-                else min(view.decode_candidates, key=view.outstanding_requests.__getitem__)
-            )
+        decision = env.unwrapped.decision
+        if decision.kind is DecisionKind.ROUTE_DECODE:
+            action = heuristic.route_decode(decision.request, decision.view)
         else:
-            action = heuristic.route(request, view)
+            action = heuristic.route(decision.request, decision.view)
         _, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             return info["summary"]
@@ -99,7 +95,7 @@ def test_batch_env_with_vllms_budget_equals_inline_vllm():
 
 
 def test_pools_env_keeping_the_pools_equals_inline_static_pools():
-    from envs.sim.routing import StaticPools
+    from envs.sim.policies import StaticPools
 
     env = gym.make("servegym/Pools-v0", cluster=PD, workload=SMALL_WORKLOAD)
     env.reset(seed=0, options={"workload_seed": 3, "sim_seed": 7})
@@ -173,9 +169,9 @@ def test_counterfactual_windows_pay_exactly_the_agents_effect():
             env.reset(seed=episode)
             copy, rng, total, done, steps = LeastOutstandingRequests(), np.random.default_rng(episode), 0.0, False, 0
             while not done:
-                _, request, view = env.unwrapped.decision()
+                decision = env.unwrapped.decision
                 valid = np.flatnonzero(env.unwrapped.action_masks())
-                action = copy.route(request, view) if mode == "copy" else int(rng.choice(valid))
+                action = copy.route(decision.request, decision.view) if mode == "copy" else int(rng.choice(valid))
                 _, reward, terminated, truncated, info = env.step(action)
                 total, done, steps = total + reward, terminated or truncated, steps + 1
             assert steps == 32 and truncated and not env.unwrapped._placed  # all placed requests finished
@@ -190,8 +186,23 @@ def test_warmup_and_drain_refuse_what_they_cannot_do():
         gym.make("servegym/Route-v0", cluster=HETERO, workload=SMALL_WORKLOAD, warmup=10_000).reset(seed=0)
     with pytest.raises(ValueError, match="needs a horizon"):
         gym.make("servegym/Route-v0", cluster=HETERO, drain=True)
-    with pytest.raises(ValueError, match="routing-environment options"):
-        gym.make("servegym/Batch-v0", cluster=HETERO, warmup=5)
+    with pytest.raises(ValueError, match="routes none"):
+        gym.make("servegym/Batch-v0", cluster=HETERO, horizon=5, drain=True)
+
+
+def test_warm_up_decisions_of_every_kind_are_the_inline_heuristics():
+    """Batch-v0 with 30 warm-up steps under vLLM's budget, then the agent: every engine step is one decision,
+    30 of them the inline policy's, and giving vLLM's budget throughout equals the inline run."""
+    env = gym.make("servegym/Batch-v0", cluster=HETERO, workload=SMALL_WORKLOAD, warmup=30)
+    env.reset(seed=0, options={"workload_seed": 3, "sim_seed": 7})
+    full = env.unwrapped.budgets.index(8192)
+    while True:
+        _, _, terminated, truncated, info = env.step(full)
+        if terminated or truncated:
+            break
+    assert sum(e.step_count for e in env.unwrapped.sim.engines) == info["decisions"] + 30
+    inline = _run_inline(LeastOutstandingRequests, HETERO)
+    assert info["summary"]["slo_attainment"] == pytest.approx(inline["slo_attainment"], rel=1e-9)
 
 
 def test_invalid_actions_fall_back_penalised_and_counted():
@@ -233,7 +244,7 @@ def test_heuristics_drive_batch_and_pools_environments():
     pools = gym.make("servegym/Pools-v0", cluster=PD, workload=SMALL_WORKLOAD)
     pools.reset(seed=0)
     _, _, _, _, info = pools.step(1)  # flip instance 0 to decode
-    assert pools.unwrapped.sim.engines[0].role == "decode"
+    assert pools.unwrapped.sim.engines[0].role is Role.DECODE
     assert not pools.unwrapped.action_masks()[2]  # instance 1 is the last prefill instance: cannot flip
 
 
@@ -248,7 +259,7 @@ def test_named_features_let_a_heuristic_route_from_the_observation():
         if terminated or truncated:
             break
     assert info["invalid_actions"] == 0 and info["summary"]["completed"] == 120
-    assert len(spec.names) == env.observation_space.shape[0]
+    assert spec.size == env.observation_space.shape[0]
 
 
 @pytest.mark.slow

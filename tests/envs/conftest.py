@@ -2,7 +2,7 @@ import pytest
 
 from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
 from envs.sim.engine import EngineConfig
-from envs.sim.routing import LeastOutstandingRequests
+from envs.sim.policies import LeastOutstandingRequests
 
 
 @pytest.fixture

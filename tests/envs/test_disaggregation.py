@@ -7,9 +7,10 @@ import pytest
 from simkit import make_requests
 
 from envs.sim.cluster import Cluster, ClusterConfig, ClusterConfigError, InstanceGroup
-from envs.sim.engine import EngineConfig, VllmPolicy
+from envs.sim.config import cluster_from
+from envs.sim.engine import EngineConfig
+from envs.sim.policies import LeastOutstandingRequests, PoolPolicy, RoundRobin, RoutingPolicy, VllmPolicy
 from envs.sim.request import State
-from envs.sim.routing import LeastOutstandingRequests, RoundRobin
 from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
 from perfmodel.batch import StepBatch
 from perfmodel.structural import StructuralModel
@@ -68,7 +69,7 @@ def test_decode_instances_jump_exactly_as_they_step():
         np.testing.assert_allclose(a[column], b[column], rtol=1e-9, atol=1e-12)
 
 
-class FlipOnceAt:
+class FlipOnceAt(PoolPolicy):
     """Flip one instance to a role at the first monitoring tick at or after ``at_s``."""
 
     def __init__(self, index, role, at_s):
@@ -121,7 +122,6 @@ def test_a_flip_that_would_empty_a_pool_is_refused():
     [
         ((InstanceGroup(2, DECODE),), "a decode pool without prefill instances"),
         ((InstanceGroup(2, PREFILL),), "a prefill pool without decode instances"),
-        ((InstanceGroup(1, EngineConfig(role="mixed")),), "role must be one of"),
     ],
 )
 def test_impossible_pools_fail_at_start(groups, message):
@@ -129,8 +129,15 @@ def test_impossible_pools_fail_at_start(groups, message):
         ClusterConfig(groups)
 
 
+def test_an_unknown_role_is_named_when_the_engine_is_configured():
+    with pytest.raises(ClusterConfigError, match=r"role must be one of .*got 'mixed'"):
+        EngineConfig(role="mixed")
+    with pytest.raises(ClusterConfigError, match=r"cluster.groups\[0\].engine: role must be one of"):
+        cluster_from({"groups": [{"count": 1, "engine": {"role": "mixed"}}]})
+
+
 def test_routing_a_new_request_to_a_decode_instance_is_an_error():
-    class Wrong:
+    class Wrong(RoutingPolicy):
         def route(self, request, view):
             return 1
 

@@ -7,7 +7,8 @@ import pytest
 from simkit import make_requests
 
 from envs.sim.cluster import InstanceGroup
-from envs.sim.engine import EngineConfig, VllmPolicy
+from envs.sim.engine import EngineConfig
+from envs.sim.policies import VllmPolicy
 from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
 from perfmodel.batch import StepBatch
 from perfmodel.structural import StructuralModel
@@ -77,14 +78,23 @@ def test_decode_jumps_reproduce_step_by_step_simulation(run_cluster, utilization
 def test_step_observers_see_every_step_with_its_batch_and_latency(run_cluster):
     """The feed an online refit consumes: one call per step, jumps included, latencies as simulated."""
     from envs.sim.cluster import Cluster, ClusterConfig
-    from envs.sim.routing import LeastOutstandingRequests
+    from envs.sim.policies import LeastOutstandingRequests, Observer
+
+    class Steps(Observer):
+        def __init__(self):
+            self.seen = []
+
+        def on_step(self, engine, batch, latency_s):
+            self.seen.append((batch, latency_s))
 
     cluster = Cluster(ClusterConfig((InstanceGroup(1, EngineConfig()),)), LeastOutstandingRequests())
-    seen = []
-    cluster.engines[0].step_observers.append(lambda engine, batch, latency: seen.append((batch, latency)))
+    observer = Steps()
+    cluster.subscribe(observer)
+    cluster.subscribe(observer)  # once is enough: a second subscription of the same object is ignored
+    seen = observer.seen
     cluster.run(make_requests([(0.0, 1000, 50), (0.05, 300, 80)]))
     engine = cluster.engines[0]
     assert engine.jumps > 0 and len(seen) == engine.step_count
-    np.testing.assert_allclose([latency for _, latency in seen], engine.step_latency[1 : engine.step_count + 1])
+    np.testing.assert_allclose([latency for _, latency in seen], engine.step_latencies(engine.step_count))
     perf = StructuralModel("H100-SXM", "Llama-3-8B")
     np.testing.assert_allclose([latency for _, latency in seen], [perf.predict(b) / 1e3 for b, _ in seen], rtol=1e-9)

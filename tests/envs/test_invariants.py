@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from simkit import make_requests
 
 from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
-from envs.sim.engine import EngineConfig, SarathiPolicy, VllmPolicy
+from envs.sim.engine import EngineConfig
+from envs.sim.policies import LeastOutstandingRequests, RoundRobin, SarathiPolicy, VllmPolicy
 from envs.sim.request import State
-from envs.sim.routing import LeastOutstandingRequests, RoundRobin
 from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
 
 ENGINES = [
@@ -88,7 +88,8 @@ def test_every_request_is_accounted_for_and_kv_stays_within_capacity(
         assert engine.waiting_tokens == 0 and engine.prefill_remaining == 0
         if engine.cache is not None:
             assert not engine.cache.refs and engine.cache.evictable_blocks <= engine.total_blocks
-        assert np.all(engine.step_latency[1 : engine.step_count + 1] > 0)
+        assert np.all(engine.step_latencies(engine.step_count) > 0)
+        assert engine.busy_s >= float(engine.step_latencies(engine.step_count).sum()) - 1e-9
     assert len(cluster.finished) + len(cluster.rejected) == len(requests)
     assert sum(cluster.outstanding) == 0
     if disaggregated:

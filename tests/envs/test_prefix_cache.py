@@ -7,9 +7,9 @@ import pytest
 
 from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
 from envs.sim.engine import EngineConfig
+from envs.sim.policies import LeastOutstandingRequests, RoundRobin, RoutingPolicy
 from envs.sim.prefix_cache import PrefixCache
 from envs.sim.request import Request, SloClass
-from envs.sim.routing import LeastOutstandingRequests, RoundRobin
 from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload, TraceWorkload, session_hashes
 from perfmodel.batch import StepBatch
 from perfmodel.structural import StructuralModel
@@ -79,7 +79,7 @@ def test_cache_aware_placement_matters():
     )
     engine = EngineConfig(enable_prefix_caching=True)
 
-    class BySession:
+    class BySession(RoutingPolicy):
         def route(self, request, view):
             return request.session_id % view.num_engines
 

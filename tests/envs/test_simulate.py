@@ -104,8 +104,9 @@ def test_impossible_clusters_are_named(mapping, message):
 
 
 def test_unknown_gpu_is_named_with_its_group():
-    from envs.sim.cluster import Cluster
     from envs.sim.routing import RoundRobin
+
+    from envs.sim.cluster import Cluster
 
     with pytest.raises(ClusterConfigError, match="group big: unknown GPU 'H900'"):
         Cluster(cluster_from({"groups": [{"name": "big", "count": 1, "engine": {"gpu": "H900"}}]}), RoundRobin())

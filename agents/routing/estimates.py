@@ -1,10 +1,8 @@
-"""Pieces every router shares: the router's own bookkeeping between stale snapshots, and output estimates."""
+"""What a router estimates of the requests it routes: output lengths, from the responses it has seen end."""
 
 from __future__ import annotations
 
-from envs.sim.view import LocalCorrection, RequestInfo
-
-__all__ = ["LocalCorrection", "OutputEstimate"]  # LocalCorrection lives with the view: the features use it too
+from envs.sim.view import RequestInfo
 
 
 class OutputEstimate:
