@@ -80,9 +80,9 @@ class ServeGymEnv(gym.Env):
         warmup: decisions made by the inline heuristic at the start of every episode before the agent takes
             over (the agent then acts in a loaded cluster instead of an empty one).
         drain: (routing environments) at truncation, keep simulating (the inline heuristic deciding) until
-            every request the agent placed has finished, and pay their outcomes in the last step's reward (not clipped). With the
-            ``relative`` reward and ``gamma`` = 1, an episode's return is then exactly how many more
-            requests met their SLO than under the reference heuristic because of the agent's ``horizon``
+            every request the agent placed has finished, and pay their outcomes in the last step's reward
+            (not clipped). With the ``relative`` reward and ``gamma`` = 1, an episode's return is then exactly
+            how many more requests met their SLO than under the reference heuristic because of the agent's ``horizon``
             decisions: the counterfactual credit that per-step rewards, arriving hundreds of decisions
             after the choice that caused them, do not give.
         router / batch / pools: the heuristics of the ``relative`` reward (and the inline decisions the agent

@@ -68,3 +68,7 @@ def main() -> None:
     workload = dict(WORKLOAD, num_requests=1000, rate_scale=13.0)
     rate = single("servegym/Route-v0", args.steps // 4, workload, **WINDOWS)
     print(f"servegym/Route-v0 counterfactual windows (the training recipe's episodes): {rate:,.0f} agent steps/s")
+
+
+if __name__ == "__main__":
+    main()

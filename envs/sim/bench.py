@@ -1,6 +1,12 @@
 """Speed benchmark of the simulator: simulated requests and engine steps per wall second, peak memory.
 
-    python -m envs.sim.bench            # the default scenario (~80% load) and a 64-instance cluster
+    python -m envs.sim.bench                      # the default scenario (~80% load) and a 64-instance cluster
+    python -m envs.sim.bench --soak 1000000       # a million requests streamed through the default cluster
+
+The soak streams windows of the Azure conversation trace back to back (only one window in memory),
+keeps no finished request (``keep_requests=False``) and aggregates outcomes in a
+:class:`envs.sim.metrics.StreamingSummary`; it prints the resident memory every tenth of the run, which
+stays flat when nothing grows with the number of requests simulated.
 
 Figures are printed, never asserted: they belong to the machine they ran on.
 """
@@ -13,8 +19,10 @@ import time
 
 from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
 from envs.sim.engine import EngineConfig
-from envs.sim.policies import LeastOutstandingRequests
-from envs.sim.workload import TraceWorkload
+from envs.sim.metrics import StreamingSummary
+from envs.sim.policies import LeastOutstandingRequests, Observer
+from envs.sim.request import Request
+from envs.sim.workload import SloMix, TraceWorkload, stream
 
 SCENARIOS = {
     # name: (groups, rate_scale on the Azure conversation trace)
@@ -49,10 +57,62 @@ def run_benchmarks(repeats: int = 3) -> list[str]:
     return lines
 
 
+def resident_mib() -> float:
+    """The process's current resident memory (MiB), from /proc (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _Progress(Observer):
+    """Prints finished requests, resident memory and speed every ``every`` completions."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.count, self.started = every, 0, time.perf_counter()
+
+    def on_finish(self, request: Request) -> None:
+        self.count += 1
+        if self.count % self.every == 0:
+            wall = time.perf_counter() - self.started
+            print(
+                f"  {self.count:>9,} finished  RSS {resident_mib():6.1f} MiB  {self.count / wall:8,.0f} req/s",
+                flush=True,
+            )
+
+
+def soak(total: int, window: int = 20_000) -> str:
+    """Stream ``total`` requests through the default scenario's cluster; returns the closing line."""
+    groups, scale = next(iter(SCENARIOS.values()))
+    slo = SloMix.from_config([{"name": "chat", "ttft_s": 2.0, "tpot_s": 0.1}])
+    workload = TraceWorkload(path="azure_conv", rate_scale=scale, num_requests=window, random_window=True, slo=slo)
+    cluster = Cluster(ClusterConfig(groups, snapshot_interval_s=0.1), LeastOutstandingRequests(), keep_requests=False)
+    outcomes = StreamingSummary()
+    cluster.subscribe(outcomes)
+    cluster.subscribe(_Progress(max(1, total // 10)))
+    started = time.perf_counter()
+    cluster.start(stream(workload, 0, total))
+    cluster.env.run()
+    wall = time.perf_counter() - started
+    summary = outcomes.summary(total)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (
+        f"soak: {total:,} requests ({summary['completed']:,} finished, {cluster.num_rejected:,} rejected, SLO attainment "
+        f"{summary['slo_attainment']:.1%}, TTFT P99 {summary['ttft_p99_s']:.2f} s) in {wall:,.0f} s "
+        f"({total / wall:,.0f} requests/s, {cluster.env.now / 3600:.1f} simulated hours); "
+        f"RSS at the end {resident_mib():.0f} MiB, peak {peak_mib:.0f} MiB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--soak", type=int, default=0, help="stream this many requests instead (memory soak)")
     args = parser.parse_args()
+    if args.soak:
+        print(soak(args.soak))
+        return
     for line in run_benchmarks(args.repeats):
         print(line)
 

@@ -255,10 +255,12 @@ class Cluster:
 
     def _scrape(self):
         """For a stream of unknown length: take snapshots every interval while requests remain."""
-        interval = self.config.snapshot_interval_s
+        interval, tick = self.config.snapshot_interval_s, math.floor(self.env.now / self.config.snapshot_interval_s)
         while not self._arrivals_done or self.in_system > 0:
-            tick = math.floor(self.env.now / interval) + 1
-            yield self.env.timeout(tick * interval - self.env.now)
+            tick += 1
+            at = tick * interval
+            if at > self.env.now:
+                yield self.env.timeout(at - self.env.now)
             self._snapshots = [self._snapshot(engine) for engine in self.engines]
             self._snapshot_tick = tick
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -358,3 +358,21 @@ def scale_load(workload: Workload, factor: float) -> Workload:
         return replace(workload, rate_scale=workload.rate_scale * factor)
     pieces = tuple((duration, rate * factor) for duration, rate in workload.arrivals.pieces)
     return replace(workload, arrivals=replace(workload.arrivals, pieces=pieces))
+
+
+def stream(workload: Workload, seed: int, total: int) -> Iterator[Request]:
+    """``total`` requests drawn lazily: windows of ``workload`` (seeds ``seed``, ``seed + 1``, ...) played back
+    to back, renumbered, each starting one mean inter-arrival gap after the previous window's last arrival.
+    Only one window is in memory at a time: the input of long runs (soaks) whose outcomes are aggregated."""
+    produced, offset, window = 0, 0.0, 0
+    while produced < total:
+        requests = workload.generate(seed + window)
+        window += 1
+        span = requests[-1].arrival_s - requests[0].arrival_s
+        gap = span / (len(requests) - 1) if len(requests) > 1 else 1.0
+        for request in requests[: total - produced]:
+            request.id = produced
+            request.arrival_s += offset
+            produced += 1
+            yield request
+        offset = requests[-1].arrival_s + gap
