@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from agents.harness import (  # noqa: E402
+from agents.configs import ConfigError, named_configs
+from agents.harness import (
     Task,
     head_to_head,
     max_sustainable_load,
@@ -32,26 +29,7 @@ from agents.harness import (  # noqa: E402
     saved_policy_spec,
     summarise,
 )
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that name a bad input (config, trace, saved policy): one line and exit 2, not a traceback."""
-    from agents.exported import ExportError
-    from agents.learned import ContractMismatch
-    from envs.sim.cluster import ClusterConfigError
-    from envs.sim.traces import TraceError
-    from envs.sim.workload import WorkloadError
-
-    return (
-        ConfigError,
-        ClusterConfigError,
-        WorkloadError,
-        TraceError,
-        ContractMismatch,
-        ExportError,
-        FileNotFoundError,
-    )
-
+from agents.user_errors import exit_on_user_error
 
 SHOWN = (
     ("SLO att.", "slo_attainment", "{:.1%}"),
@@ -63,25 +41,6 @@ SHOWN = (
     ("TPOT P99 ms", "tpot_p99_s", "ms"),
     ("preempt/req", "preemption_rate", "{:.3f}"),
 )
-
-
-class ConfigError(ValueError):
-    """A name on the command line that no config file or saved policy answers to."""
-
-
-def named_configs(group: str, names: list[str], overrides: dict | None = None) -> dict[str, dict]:
-    """``conf/<group>/<name>.yaml`` as plain mappings, with per-name overrides merged in."""
-    out = {}
-    for name in names:
-        path = ROOT / "conf" / group / f"{name}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-            raise ConfigError(f"unknown {group} {name!r}; known: {', '.join(known)}")
-        config = OmegaConf.load(path)
-        if overrides and name in overrides:
-            config = OmegaConf.merge(config, overrides[name])
-        out[name] = OmegaConf.to_container(config, resolve=True)
-    return out
 
 
 def _plain(node) -> dict:
@@ -276,11 +235,8 @@ def max_rates(cfg, policies, workloads, cluster, seeds) -> dict[str, dict[str, d
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    with exit_on_user_error():
         result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     table = result["table"]
     return float(table["slo_attainment"].mean())
 

@@ -11,16 +11,13 @@ without pickle (``agents.exported.ExportedRouter``). Exits non-zero if the parit
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from agents.exported import ExportError, export_run, parity  # noqa: E402
+from agents.exported import ExportError, export_run, parity
+from agents.user_errors import exit_on_user_error
 
 
 def recorded_observations(run: Path, decisions: int, seed: int):
@@ -66,10 +63,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         run(cfg)
-    except ExportError as exc:
-        raise SystemExit(f"export failed: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from agents.harness import Task, max_sustainable_load, run_tasks, summarise  # noqa: E402
+from agents.configs import ROOT, ConfigError
+from agents.harness import Task, max_sustainable_load, run_tasks, summarise
+from agents.user_errors import exit_on_user_error
 
 HETERO = {
     "snapshot_interval_s": 0.1,
@@ -366,13 +364,17 @@ REPRODUCTIONS = {"synergysched": synergysched, "arrow": arrow, "sal_larry": sal_
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=[*REPRODUCTIONS, "all"])
+    names = [*REPRODUCTIONS, "all"]
+    parser.add_argument("which", metavar="{" + ",".join(names) + "}")
     parser.add_argument("--quick", action="store_true", help="smaller windows and fewer seeds")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args(argv)
-    for name in REPRODUCTIONS if args.which == "all" else [args.which]:
-        REPRODUCTIONS[name](args.out / name, args.quick, args.jobs)
+    with exit_on_user_error():
+        if args.which not in names:
+            raise ConfigError(f"unknown reproduction {args.which!r}; known: {', '.join(names)}")
+        for name in REPRODUCTIONS if args.which == "all" else [args.which]:
+            REPRODUCTIONS[name](args.out / name, args.quick, args.jobs)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,11 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from envs.sim.cluster import Cluster, ClusterConfigError
+from agents.user_errors import exit_on_user_error
+from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from, workload_from
 from envs.sim.plots import latency_cdfs
-from envs.sim.traces import TraceError
-from envs.sim.workload import WorkloadError, offered_load
+from envs.sim.workload import offered_load
 
 SUMMARY_ROWS = (
     ("requests", "num_requests", "{:,}"),
@@ -127,11 +124,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    with exit_on_user_error():
         summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ClusterConfigError, WorkloadError, TraceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     return float(summary["slo_attainment"])
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +29,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import envs  # noqa: E402, F401  (registers the ids in this process)
-from agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise  # noqa: E402
-from agents.learned import algorithm_class  # noqa: E402
-from envs.features import FeatureSpec  # noqa: E402
-
-
-def git_revision() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+import envs  # noqa: F401  (registers the ids in this process)
+from agents.configs import git_revision, named_configs
+from agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise
+from agents.learned import algorithm_class
+from agents.user_errors import exit_on_user_error
+from envs.features import FeatureSpec
 
 
 def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -107,8 +91,6 @@ def compare(
 ) -> tuple[Any, list[dict[str, Any]]]:
     """The learned router and the named baselines on the same held-out windows: the summary table (paired
     against the first baseline) and the per-run rows."""
-    from evaluate import named_configs
-
     specs = named_configs("policy", policies)
     specs["learned"] = saved_policy_spec(run_dir)
     workload = OmegaConf.to_container(cfg.workload, resolve=True)
@@ -124,8 +106,6 @@ def compare(
 
 def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float]:
     """Behaviour-clone the configured expert router into the policy (agents/imitation.py)."""
-    from evaluate import named_configs
-
     from agents.imitation import collect_demonstrations, pretrain
 
     imitation = cfg.imitation
@@ -281,7 +261,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     table.to_csv(out_dir / "comparison.csv", index=False)
     duel = head_to_head(rows, "learned")
     duel.to_csv(out_dir / "head_to_head.csv", index=False)
-    from evaluate import print_head_to_head, print_tables
+    from experiments.evaluate import print_head_to_head, print_tables
 
     print_tables(table, next(iter(final.policies)) if final.policies else None)
     print_head_to_head(duel)
@@ -300,14 +280,10 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from evaluate import user_errors
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    with exit_on_user_error():
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 informed policies beat random and round-robin on an overloaded heterogeneous cluster."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from agents.configs import named_configs
 from agents.harness import (
     Task,
     confidence_interval,
@@ -17,10 +17,9 @@ from agents.harness import (
     scaled_workload,
     summarise,
 )
+from experiments.evaluate import run
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-from evaluate import named_configs, run  # noqa: E402
 
 SMALL_CLUSTER = {"groups": [{"count": 1, "engine": {"gpu": "H100-SXM"}}, {"count": 1, "engine": {"gpu": "A100-80GB"}}]}
 

@@ -12,10 +12,9 @@ from hydra import compose, initialize_config_dir
 from envs.sim.cluster import ClusterConfigError
 from envs.sim.config import cluster_from, workload_from
 from envs.sim.workload import WorkloadError
+from experiments.simulate import run
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-from simulate import run  # noqa: E402
 
 SUMMARY_KEYS = {
     "num_requests",
