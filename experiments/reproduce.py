@@ -21,6 +21,7 @@ import pandas as pd
 
 from agents.configs import ROOT, ConfigError
 from agents.harness import Task, max_sustainable_load, run_tasks, summarise
+from agents.reporting import markdown_table
 from agents.user_errors import exit_on_user_error
 
 HETERO = {
@@ -40,29 +41,6 @@ def _lens(slo_tpot_s: float) -> dict:
 
 def _prism(slo_tpot_s: float) -> dict:
     return {"_target_": "agents.routing.predictive.Prism", "slo_tpot_s": slo_tpot_s}
-
-
-def _markdown(table: pd.DataFrame, columns: list[tuple[str, str, str]], reference: str | None = None) -> str:
-    """A GitHub table: mean ±95% CI per metric, and the paired attainment difference to the reference."""
-    header = ["policy", *[label for label, _, _ in columns]]
-    if reference:
-        header.append(f"attainment − {reference} (paired)")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table.itertuples():
-        cells = [row.policy]
-        for _, key, fmt in columns:
-            mean, half = getattr(row, key), getattr(row, f"{key}_ci")
-            scale = 1e3 if fmt == "ms" else 1.0
-            shown = "{:.1f}" if fmt == "ms" else fmt
-            text = shown.format(mean * scale)
-            if half == half:  # not NaN
-                text += " ± " + shown.format(half * scale)
-            cells.append(text)
-        if reference:
-            mean, half = row.slo_attainment_diff, row.slo_attainment_diff_ci
-            cells.append(f"{mean:+.1%} ± {half:.1%}" if half == half else f"{mean:+.1%}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 COLUMNS = [
@@ -182,7 +160,7 @@ def synergysched(out: Path, quick: bool, jobs: int) -> None:
         f"{slo['tpot_s'] * 1e3:.0f} ms; {len(seeds)} seeds (mean ± 95% CI); {n} requests per run."
     ]
     for workload in workloads:
-        sections.append(f"## {workload}\n\n" + _markdown(table[table["workload"] == workload], COLUMNS, "vLLM+RR"))
+        sections.append(f"## {workload}\n\n" + markdown_table(table[table["workload"] == workload], COLUMNS, "vLLM+RR"))
     _bars(table, out / "attainment.png", "SynergySched ablation")
     sections.append("![SLO attainment](attainment.png)")
     _save(
@@ -278,7 +256,7 @@ def arrow(out: Path, quick: bool, jobs: int) -> None:
         f"prefill-heavy) then {n} of the conversation trace (x10, decode-heavier); SLO TTFT ≤ 2 s, TPOT ≤ "
         f"100 ms; {len(seeds)} seed(s). Loads multiply both parts' rates.",
         "## Maximum sustainable load (bisection)\n\n" + "\n".join(lines),
-        "## At load x1\n\n" + _markdown(table, COLUMNS),
+        "## At load x1\n\n" + markdown_table(table, COLUMNS),
         "![attainment against load](attainment_vs_load.png)",
     ]
     _curves(points, out / "attainment_vs_load.png")
@@ -341,9 +319,9 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
     ]
     sections = [
         "## Routing: 4x H100-SXM + 4x A100-80GB, Llama-3-8B, Azure conversation trace x17 (random windows)\n\n"
-        + _markdown(routing_table, COLUMNS, "round-robin"),
+        + markdown_table(routing_table, COLUMNS, "round-robin"),
         "## Batching under KV pressure: 4x A100-40GB, Llama-2-7B (MHA: 512 KiB of KV per token), arXiv lengths, "
-        "bursty arrivals (Gamma cv 2, 5 req/s)\n\n" + _markdown(kv_table, kv_columns, "vLLM default"),
+        "bursty arrivals (Gamma cv 2, 5 req/s)\n\n" + markdown_table(kv_table, kv_columns, "vLLM default"),
         "![SLO attainment](attainment.png)",
     ]
     _bars(pd.concat([routing_table, kv_table]), out / "attainment.png", "SAL routing and LARRY batching")

@@ -19,63 +19,12 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from agents.reporting import print_summary
 from agents.user_errors import exit_on_user_error
 from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from, workload_from
 from envs.sim.plots import latency_cdfs
 from envs.sim.workload import offered_load
-
-SUMMARY_ROWS = (
-    ("requests", "num_requests", "{:,}"),
-    ("completed", "completed", "{:,}"),
-    ("rejected", "rejected", "{:,}"),
-    ("SLO attainment", "slo_attainment", "{:.1%}"),
-    ("goodput (req/s)", "goodput_rps", "{:.2f}"),
-    ("throughput (output tok/s)", "throughput_tok_s", "{:,.0f}"),
-    ("TTFT P50 / P99 (s)", ("ttft_p50_s", "ttft_p99_s"), "{:.3f} / {:.3f}"),
-    ("TPOT P50 / P99 (ms)", ("tpot_p50_s", "tpot_p99_s"), "ms"),
-    ("E2E P50 / P99 (s)", ("e2e_p50_s", "e2e_p99_s"), "{:.2f} / {:.2f}"),
-    ("preemptions", "preemptions", "{:,}"),
-    ("simulated time (s)", "sim_s", "{:,.1f}"),
-    ("wall time (s)", "wall_s", "{:.2f}"),
-    ("simulated requests per wall second", "requests_per_wall_s", "{:,.0f}"),
-)
-
-
-def _format(summary: dict[str, Any], key, fmt: str) -> str:
-    if fmt == "ms":
-        return " / ".join(f"{summary[k] * 1e3:.1f}" for k in key)
-    if isinstance(key, tuple):
-        return fmt.format(*(summary[k] for k in key))
-    return fmt.format(summary[key])
-
-
-def print_summary(summary: dict[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for label, key, fmt in SUMMARY_ROWS:
-        table.add_row(label, _format(summary, key, fmt))
-    console = Console(width=100)
-    console.print(table)
-    instances = Table(title="per instance")
-    for column in ("#", "GPU", "role", "completed", "TTFT P50 (s)", "TPOT P50 (ms)", "KV blocks", "preemptions"):
-        instances.add_column(column, justify="right")
-    for row in summary["per_instance"]:
-        instances.add_row(
-            str(row["instance"]),
-            row["gpu"],
-            row["role"],
-            str(row["completed"]),
-            f"{row['ttft_p50_s']:.3f}",
-            f"{row['tpot_p50_s'] * 1e3:.1f}",
-            f"{row['kv_blocks']:,}",
-            str(row["preemptions"]),
-        )
-    console.print(instances)
 
 
 def _json_safe(value: Any) -> Any:

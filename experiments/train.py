@@ -33,6 +33,7 @@ import envs  # noqa: F401  (registers the ids in this process)
 from agents.configs import git_revision, named_configs
 from agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise
 from agents.learned import algorithm_class
+from agents.reporting import print_head_to_head, print_tables
 from agents.user_errors import exit_on_user_error
 from envs.features import FeatureSpec
 
@@ -261,8 +262,6 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     table.to_csv(out_dir / "comparison.csv", index=False)
     duel = head_to_head(rows, "learned")
     duel.to_csv(out_dir / "head_to_head.csv", index=False)
-    from experiments.evaluate import print_head_to_head, print_tables
-
     print_tables(table, next(iter(final.policies)) if final.policies else None)
     print_head_to_head(duel)
     learned = float(table.set_index("policy").loc["learned", "slo_attainment"])
