@@ -16,18 +16,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from agents.exported import ExportError, export_run, parity
+from agents.exported import GRAPH, MANIFEST, ExportError, export_run, parity
+from agents.run_dir import CONFIG, read_config
 from agents.user_errors import exit_on_user_error
 
 
 def recorded_observations(run: Path, decisions: int, seed: int):
-    """Observations and masks of the run's environment (its config.yaml), least-outstanding routing acting."""
+    """Observations and masks of the run's environment (its config), least-outstanding routing acting."""
     from agents.imitation import collect_demonstrations
 
-    config_path = run / "config.yaml" if (run / "config.yaml").exists() else run.parent / "config.yaml"
-    if not config_path.exists():
-        raise ExportError(f"{run}: no config.yaml to rebuild the environment the policy was trained on")
-    cfg = OmegaConf.load(config_path)
+    cfg = read_config(run)
+    if cfg is None:
+        raise ExportError(f"{run}: no {CONFIG} to rebuild the environment the policy was trained on")
     workload = OmegaConf.to_container(cfg.workload, resolve=True)
     workload.update(OmegaConf.to_container(cfg.train_window, resolve=True))
     workload["num_requests"] = decisions  # one episode of exactly this many decisions (colocated clusters)
@@ -47,7 +47,7 @@ def recorded_observations(run: Path, decisions: int, seed: int):
 def run(cfg: DictConfig) -> dict[str, float]:
     source = Path(cfg.run)
     out = export_run(source, cfg.out)
-    print(f"exported: {out / 'policy.onnx'} and {out / 'policy.json'}")
+    print(f"exported: {out / GRAPH} and {out / MANIFEST}")
     if not int(cfg.check.decisions):
         return {}
     observations, masks = recorded_observations(source, int(cfg.check.decisions), int(cfg.check.seed))
