@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from agents.harness import load_policy
 from agents.reporting import print_summary
 from agents.user_errors import exit_on_user_error
 from envs.sim.cluster import Cluster
@@ -43,10 +43,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Build everything from ``cfg``, simulate, save the artefacts into ``out_dir``; returns the summary."""
     workload = workload_from(cfg.workload)
     cluster_config = cluster_from(cfg.cluster)
-    router, batch = instantiate(cfg.policy.router), instantiate(cfg.policy.batch)
-    pools = instantiate(cfg.policy.pools) if cfg.policy.get("pools") else None
+    policy = load_policy(OmegaConf.to_container(cfg.policy, resolve=True))
     requests = workload.generate(int(cfg.workload_seed))
-    cluster = Cluster(cluster_config, router, batch_policy=batch, seed=int(cfg.seed), pool_policy=pools)
+    cluster = Cluster(
+        cluster_config, policy.router, batch_policy=policy.batch, seed=int(cfg.seed), pool_policy=policy.pools
+    )
     result = cluster.run(requests, until_s=cfg.until_s, progress=bool(cfg.progress))
     records = result.records()
     summary = result.summary()
