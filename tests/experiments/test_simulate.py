@@ -109,3 +109,23 @@ def test_a_policy_whose_pools_are_its_router_runs(tmp_path):
     summary = run(_compose("cluster=pd_h100", "policy=arrow", "workload.num_requests=300"), tmp_path)
     assert summary["scenario"]["policy"] == "arrow"
     assert summary["completed"] + summary["rejected"] == summary["num_requests"] == 300
+
+
+def test_the_entry_point_also_runs_as_a_module(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.simulate",
+            "workload.num_requests=200",
+            "progress=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SLO attainment" in result.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["num_requests"] == 200
