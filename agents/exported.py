@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from agents import run_dir
 from agents.learned import FeatureRouter, algorithm_class
 
 MASKED = -1e8  # sb3-contrib's value for masked logits
@@ -71,18 +72,18 @@ def _policy_graph(model: Any, mean: np.ndarray, var: np.ndarray, clip: float, ep
 
 
 def export_run(run: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``policy.onnx`` and ``policy.json`` for the training run in ``run`` (into ``out``, default
-    ``run/export``); returns the output directory. Reads ``model.zip`` with stable-baselines3 (a pickle:
-    export only runs you trust)."""
+    """Write ``policy.onnx`` and ``policy.json`` for the training run in ``run`` (``agents.run_dir``; into
+    ``out``, default ``run/export``); returns the output directory. Reads the run's model with
+    stable-baselines3 (a pickle: export only runs you trust)."""
     import torch
 
     run = Path(run)
-    for name in ("model.zip", "normalization.json", "manifest.json"):
-        if not (run / name).exists():
-            raise ExportError(f"{run}: no {name} (is this a training run directory written by train.py?)")
-    manifest = json.loads((run / "manifest.json").read_text())
-    norm = json.loads((run / "normalization.json").read_text())
-    model = algorithm_class(manifest["algorithm"]).load(run / "model.zip", device="cpu")
+    missing = run_dir.missing_policy_file(run)
+    if missing:
+        raise ExportError(f"{run}: no {missing} (is this a training run directory written by train.py?)")
+    manifest = run_dir.read_manifest(run)
+    norm = run_dir.read_normalization(run)
+    model = algorithm_class(manifest["algorithm"]).load(run_dir.model_path(run), device="cpu")
     if not hasattr(model.action_space, "n"):
         raise ExportError(f"{run}: only discrete routing policies export (action space {model.action_space})")
     size = int(model.observation_space.shape[0])
@@ -150,6 +151,12 @@ def _names(features: dict[str, Any]) -> list[str]:
     return [f"engine{i}.{n}" for i in range(int(features["max_instances"])) for n in engine] + [
         f"request.{n}" for n in request
     ]
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is an exported policy: a directory holding ``policy.json``, or that file."""
+    path = Path(path)
+    return (path / MANIFEST).exists() or path.name == MANIFEST
 
 
 def load_manifest(path: str | Path) -> tuple[dict[str, Any], Path]:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from agents import exported, run_dir
 from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from, workload_from
 
@@ -70,13 +71,15 @@ def saved_policy_spec(path: str | Path, batch: Mapping | None = None) -> dict[st
     (``manifest.json`` + ``model.zip``, unpickled by stable-baselines3: trusted paths only). vLLM batching
     unless ``batch`` says otherwise."""
     path = Path(path)
-    if (path / "policy.json").exists() or path.name == "policy.json":
+    if exported.is_export(path):
         router = {"_target_": "agents.exported.ExportedRouter", "path": str(path)}
-    elif (path / "manifest.json").exists():
+    elif run_dir.is_run(path):
         router = {"_target_": "agents.learned.LearnedRouter", "run": str(path)}
     else:
-        raise FileNotFoundError(f"{path}: neither an exported policy (policy.json) nor a training run (manifest.json)")
-    return {"router": router, "batch": dict(batch) if batch else {"_target_": "envs.sim.engine.VllmPolicy"}}
+        raise FileNotFoundError(
+            f"{path}: neither an exported policy ({exported.MANIFEST}) nor a training run ({run_dir.MANIFEST})"
+        )
+    return {"router": router, "batch": dict(batch) if batch else {"_target_": "envs.sim.policies.VllmPolicy"}}
 
 
 @dataclass(frozen=True)

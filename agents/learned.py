@@ -1,20 +1,19 @@
 """A trained routing policy as a router: the same loading path as the heuristics (``_target_`` + ``run``).
 
-A run directory (written by ``experiments/train.py``) holds ``model.zip`` (stable-baselines3),
-``normalization.json`` (the observation normaliser's statistics, plain JSON) and ``manifest.json`` (the
-observation contract the policy was trained on). Loading checks the manifest against the current
-contract and refuses a mismatch, naming it. ``model.zip`` is read by stable-baselines3, which unpickles
-parts of it: load runs only from paths you trust.
+A training run directory (``agents.run_dir``) holds the stable-baselines3 model, the observation
+normaliser's statistics (plain JSON) and the manifest of the observation contract the policy was trained
+on. Loading checks the manifest against the current contract and refuses a mismatch, naming it. The model
+is read by stable-baselines3, which unpickles parts of it: load runs only from paths you trust.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agents import run_dir
 from envs.features import FeatureContext, FeatureSpec
 from envs.sim.policies import RoutingPolicy, fallback_engine
 from envs.sim.view import ClusterView, RequestInfo
@@ -93,14 +92,11 @@ class LearnedRouter(FeatureRouter):
 
     def __init__(self, run: str | Path, deterministic: bool = True) -> None:
         run = Path(run)
-        manifest_path = run / "manifest.json"
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"{run}: no manifest.json (is this a training run directory?)")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = run_dir.read_manifest(run)
         super().__init__(self.manifest["features"], str(run))
         self.algorithm = self.manifest["algorithm"]
-        self.model = algorithm_class(self.algorithm).load(run / "model.zip", device="cpu")
-        norm = json.loads((run / "normalization.json").read_text())
+        self.model = algorithm_class(self.algorithm).load(run_dir.model_path(run), device="cpu")
+        norm = run_dir.read_normalization(run)
         self.mean, self.var = np.asarray(norm["mean"], np.float32), np.asarray(norm["var"], np.float32)
         self.clip, self.epsilon = float(norm["clip_obs"]), float(norm["epsilon"])
         self.deterministic = deterministic

@@ -12,8 +12,6 @@ Policies and workloads are named by their files in ``conf/policy`` and ``conf/wo
 from __future__ import annotations
 
 import json
-import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from agents.harness import (  # noqa: E402
+from agents.configs import ConfigError, named_configs
+from agents.harness import (
     Task,
     head_to_head,
     max_sustainable_load,
@@ -32,170 +28,12 @@ from agents.harness import (  # noqa: E402
     saved_policy_spec,
     summarise,
 )
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that name a bad input (config, trace, saved policy): one line and exit 2, not a traceback."""
-    from agents.exported import ExportError
-    from agents.learned import ContractMismatch
-    from envs.sim.cluster import ClusterConfigError
-    from envs.sim.traces import TraceError
-    from envs.sim.workload import WorkloadError
-
-    return (
-        ConfigError,
-        ClusterConfigError,
-        WorkloadError,
-        TraceError,
-        ContractMismatch,
-        ExportError,
-        FileNotFoundError,
-    )
-
-
-SHOWN = (
-    ("SLO att.", "slo_attainment", "{:.1%}"),
-    ("goodput r/s", "goodput_rps", "{:.2f}"),
-    ("tok/s", "throughput_tok_s", "{:,.0f}"),
-    ("TTFT P50 s", "ttft_p50_s", "{:.3f}"),
-    ("TTFT P99 s", "ttft_p99_s", "{:.2f}"),
-    ("TPOT P50 ms", "tpot_p50_s", "ms"),
-    ("TPOT P99 ms", "tpot_p99_s", "ms"),
-    ("preempt/req", "preemption_rate", "{:.3f}"),
-)
-
-
-class ConfigError(ValueError):
-    """A name on the command line that no config file or saved policy answers to."""
-
-
-def named_configs(group: str, names: list[str], overrides: dict | None = None) -> dict[str, dict]:
-    """``conf/<group>/<name>.yaml`` as plain mappings, with per-name overrides merged in."""
-    out = {}
-    for name in names:
-        path = ROOT / "conf" / group / f"{name}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-            raise ConfigError(f"unknown {group} {name!r}; known: {', '.join(known)}")
-        config = OmegaConf.load(path)
-        if overrides and name in overrides:
-            config = OmegaConf.merge(config, overrides[name])
-        out[name] = OmegaConf.to_container(config, resolve=True)
-    return out
+from agents.reporting import plot_attainment_vs_load, plot_cdfs, print_head_to_head, print_tables
+from agents.user_errors import exit_on_user_error
 
 
 def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if node is not None else {}
-
-
-def _cell(mean: float, half: float, fmt: str) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "-"
-    scale = 1e3 if fmt == "ms" else 1.0
-    fmt = "{:.1f}" if fmt == "ms" else fmt
-    text = fmt.format(mean * scale)
-    if half is not None and not math.isnan(half):
-        text += " ±" + fmt.replace("+", "").format(half * scale).lstrip()
-    return text
-
-
-def print_tables(table, reference: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=160)
-    for (workload, load), group in table.groupby(["workload", "load"], sort=False):
-        title = f"{workload} (load x{load:g}; mean ±95% CI over {int(group['seeds'].iloc[0])} seeds)"
-        rich_table = Table(title=title)
-        rich_table.add_column("policy")
-        for label, _, _ in SHOWN:
-            rich_table.add_column(label, justify="right")
-        if reference:
-            rich_table.add_column(f"att. / {reference}", justify="right")
-            rich_table.add_column(f"att. − {reference} (paired)", justify="right")
-        for row in group.itertuples():
-            cells = [_cell(getattr(row, key), getattr(row, f"{key}_ci"), fmt) for _, key, fmt in SHOWN]
-            if reference:
-                ratio = getattr(row, "slo_attainment_vs_ref", math.nan)
-                cells.append("-" if ratio is None or math.isnan(ratio) else f"{ratio:.2f}x")
-                cells.append(_cell(row.slo_attainment_diff, row.slo_attainment_diff_ci, "{:+.1%}"))
-            rich_table.add_row(row.policy, *cells)
-        console.print(rich_table)
-
-
-def print_head_to_head(table) -> None:
-    """One saved policy against each other policy, paired over seeds."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=160)
-    for (workload, load, policy), group in table.groupby(["workload", "load", "policy"], sort=False):
-        rich_table = Table(title=f"{policy} head to head, {workload} (load x{load:g}; paired over seeds)")
-        for column in ("versus", "SLO att. difference (95% CI)", "wins", "ties", "losses"):
-            rich_table.add_column(column, justify="left" if column == "versus" else "right")
-        for row in group.itertuples():
-            rich_table.add_row(
-                row.versus,
-                _cell(row.slo_attainment_diff, row.slo_attainment_diff_ci, "{:+.1%}"),
-                str(row.wins),
-                str(row.ties),
-                str(row.losses),
-            )
-        console.print(rich_table)
-
-
-def plot_attainment_vs_load(table, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    workloads = list(dict.fromkeys(table["workload"]))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
-    for ax, workload in zip(axes[0], workloads, strict=True):
-        part = table[table["workload"] == workload]
-        for policy, group in part.groupby("policy", sort=False):
-            group = group.sort_values("load")
-            ax.errorbar(
-                group["load"],
-                group["slo_attainment"],
-                yerr=group["slo_attainment_ci"].fillna(0),
-                marker="o",
-                capsize=3,
-                label=policy,
-            )
-        ax.set(xlabel="load (x the workload's rate)", ylabel="SLO attainment", title=workload, ylim=(0, 1.02))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_cdfs(rows: list[dict], path: Path, workload: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for row in rows:
-        records = row["records"]
-        done = records[records["state"] == "finished"]
-        for ax, column in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), strict=True):
-            values = np.sort(done[column].dropna().to_numpy())
-            values = values[values > 0]
-            if len(values):
-                ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=row["policy"])
-    for ax, label in zip(axes, ("TTFT (s)", "TPOT (s)", "E2E (s)"), strict=True):
-        ax.set(xscale="log", xlabel=label, ylim=(0, 1.01))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("fraction of requests")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{workload}: latency CDFs (seed {rows[0]['seed']}, load x{rows[0]['load']:g})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -276,11 +114,8 @@ def max_rates(cfg, policies, workloads, cluster, seeds) -> dict[str, dict[str, d
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    with exit_on_user_error():
         result = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     table = result["table"]
     return float(table["slo_attainment"].mean())
 

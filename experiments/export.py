@@ -11,26 +11,23 @@ without pickle (``agents.exported.ExportedRouter``). Exits non-zero if the parit
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from agents.exported import ExportError, export_run, parity  # noqa: E402
+from agents.exported import GRAPH, MANIFEST, ExportError, export_run, parity
+from agents.run_dir import CONFIG, read_config
+from agents.user_errors import exit_on_user_error
 
 
 def recorded_observations(run: Path, decisions: int, seed: int):
-    """Observations and masks of the run's environment (its config.yaml), least-outstanding routing acting."""
+    """Observations and masks of the run's environment (its config), least-outstanding routing acting."""
     from agents.imitation import collect_demonstrations
 
-    config_path = run / "config.yaml" if (run / "config.yaml").exists() else run.parent / "config.yaml"
-    if not config_path.exists():
-        raise ExportError(f"{run}: no config.yaml to rebuild the environment the policy was trained on")
-    cfg = OmegaConf.load(config_path)
+    cfg = read_config(run)
+    if cfg is None:
+        raise ExportError(f"{run}: no {CONFIG} to rebuild the environment the policy was trained on")
     workload = OmegaConf.to_container(cfg.workload, resolve=True)
     workload.update(OmegaConf.to_container(cfg.train_window, resolve=True))
     workload["num_requests"] = decisions  # one episode of exactly this many decisions (colocated clusters)
@@ -42,7 +39,7 @@ def recorded_observations(run: Path, decisions: int, seed: int):
         "render_mode": None,
     }
     demos = collect_demonstrations(
-        f"envs:{cfg.env.id}", env_kwargs, {"_target_": "envs.sim.routing.LeastOutstandingRequests"}, 1, seed
+        f"envs:{cfg.env.id}", env_kwargs, {"_target_": "envs.sim.policies.LeastOutstandingRequests"}, 1, seed
     )
     return demos.observations, demos.masks
 
@@ -50,7 +47,7 @@ def recorded_observations(run: Path, decisions: int, seed: int):
 def run(cfg: DictConfig) -> dict[str, float]:
     source = Path(cfg.run)
     out = export_run(source, cfg.out)
-    print(f"exported: {out / 'policy.onnx'} and {out / 'policy.json'}")
+    print(f"exported: {out / GRAPH} and {out / MANIFEST}")
     if not int(cfg.check.decisions):
         return {}
     observations, masks = recorded_observations(source, int(cfg.check.decisions), int(cfg.check.seed))
@@ -66,10 +63,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         run(cfg)
-    except ExportError as exc:
-        raise SystemExit(f"export failed: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from agents.harness import Task, max_sustainable_load, run_tasks, summarise  # noqa: E402
+from agents.configs import ROOT, ConfigError
+from agents.harness import Task, max_sustainable_load, run_tasks, summarise
+from agents.reporting import markdown_table
+from agents.user_errors import exit_on_user_error
 
 HETERO = {
     "snapshot_interval_s": 0.1,
@@ -32,8 +31,8 @@ HETERO = {
         {"name": "a100", "count": 4, "engine": {"gpu": "A100-80GB", "model": "Llama-3-8B", "noise_sigma": 0.03}},
     ],
 }
-VLLM = {"_target_": "envs.sim.engine.VllmPolicy"}
-RR = {"_target_": "envs.sim.routing.RoundRobin"}
+VLLM = {"_target_": "envs.sim.policies.VllmPolicy"}
+RR = {"_target_": "envs.sim.policies.RoundRobin"}
 
 
 def _lens(slo_tpot_s: float) -> dict:
@@ -42,29 +41,6 @@ def _lens(slo_tpot_s: float) -> dict:
 
 def _prism(slo_tpot_s: float) -> dict:
     return {"_target_": "agents.routing.predictive.Prism", "slo_tpot_s": slo_tpot_s}
-
-
-def _markdown(table: pd.DataFrame, columns: list[tuple[str, str, str]], reference: str | None = None) -> str:
-    """A GitHub table: mean ±95% CI per metric, and the paired attainment difference to the reference."""
-    header = ["policy", *[label for label, _, _ in columns]]
-    if reference:
-        header.append(f"attainment − {reference} (paired)")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table.itertuples():
-        cells = [row.policy]
-        for _, key, fmt in columns:
-            mean, half = getattr(row, key), getattr(row, f"{key}_ci")
-            scale = 1e3 if fmt == "ms" else 1.0
-            shown = "{:.1f}" if fmt == "ms" else fmt
-            text = shown.format(mean * scale)
-            if half == half:  # not NaN
-                text += " ± " + shown.format(half * scale)
-            cells.append(text)
-        if reference:
-            mean, half = row.slo_attainment_diff, row.slo_attainment_diff_ci
-            cells.append(f"{mean:+.1%} ± {half:.1%}" if half == half else f"{mean:+.1%}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 COLUMNS = [
@@ -184,7 +160,7 @@ def synergysched(out: Path, quick: bool, jobs: int) -> None:
         f"{slo['tpot_s'] * 1e3:.0f} ms; {len(seeds)} seeds (mean ± 95% CI); {n} requests per run."
     ]
     for workload in workloads:
-        sections.append(f"## {workload}\n\n" + _markdown(table[table["workload"] == workload], COLUMNS, "vLLM+RR"))
+        sections.append(f"## {workload}\n\n" + markdown_table(table[table["workload"] == workload], COLUMNS, "vLLM+RR"))
     _bars(table, out / "attainment.png", "SynergySched ablation")
     sections.append("![SLO attainment](attainment.png)")
     _save(
@@ -238,14 +214,14 @@ def arrow(out: Path, quick: bool, jobs: int) -> None:
     setups = {
         "colocated (8x both, LOR)": (
             colocated,
-            {"router": {"_target_": "envs.sim.routing.LeastOutstandingRequests"}, "batch": VLLM},
+            {"router": {"_target_": "envs.sim.policies.LeastOutstandingRequests"}, "batch": VLLM},
         ),
         "static PD 4P+4D (JSQ)": (
             pd_cluster,
             {
                 "router": {"_target_": "agents.routing.classic.JoinShortestQueue"},
                 "batch": VLLM,
-                "pools": {"_target_": "envs.sim.routing.StaticPools"},
+                "pools": {"_target_": "envs.sim.policies.StaticPools"},
             },
         ),
         "Arrow elastic 4P+4D": (pd_cluster, {"router": arrow_router, "batch": VLLM, "pools": "router"}),
@@ -280,7 +256,7 @@ def arrow(out: Path, quick: bool, jobs: int) -> None:
         f"prefill-heavy) then {n} of the conversation trace (x10, decode-heavier); SLO TTFT ≤ 2 s, TPOT ≤ "
         f"100 ms; {len(seeds)} seed(s). Loads multiply both parts' rates.",
         "## Maximum sustainable load (bisection)\n\n" + "\n".join(lines),
-        "## At load x1\n\n" + _markdown(table, COLUMNS),
+        "## At load x1\n\n" + markdown_table(table, COLUMNS),
         "![attainment against load](attainment_vs_load.png)",
     ]
     _curves(points, out / "attainment_vs_load.png")
@@ -310,7 +286,7 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
     routers = {
         "SAL (token-aware)": {"_target_": "agents.routing.classic.TokenAware"},
         "JSQ": {"_target_": "agents.routing.classic.JoinShortestQueue"},
-        "least outstanding": {"_target_": "envs.sim.routing.LeastOutstandingRequests"},
+        "least outstanding": {"_target_": "envs.sim.policies.LeastOutstandingRequests"},
         "round-robin": RR,
     }
     policies = {name: {"router": r, "batch": VLLM} for name, r in routers.items()}
@@ -331,7 +307,7 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
     }
     batchers = {"LARRY": {"_target_": "agents.batching.Larry"}, "vLLM default": VLLM}
     kv_policies = {
-        name: {"router": {"_target_": "envs.sim.routing.LeastOutstandingRequests"}, "batch": b}
+        name: {"router": {"_target_": "envs.sim.policies.LeastOutstandingRequests"}, "batch": b}
         for name, b in batchers.items()
     }
     kv_rows = _grid(kv_policies, kv_workload, kv_cluster, seeds, jobs)
@@ -343,9 +319,9 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
     ]
     sections = [
         "## Routing: 4x H100-SXM + 4x A100-80GB, Llama-3-8B, Azure conversation trace x17 (random windows)\n\n"
-        + _markdown(routing_table, COLUMNS, "round-robin"),
+        + markdown_table(routing_table, COLUMNS, "round-robin"),
         "## Batching under KV pressure: 4x A100-40GB, Llama-2-7B (MHA: 512 KiB of KV per token), arXiv lengths, "
-        "bursty arrivals (Gamma cv 2, 5 req/s)\n\n" + _markdown(kv_table, kv_columns, "vLLM default"),
+        "bursty arrivals (Gamma cv 2, 5 req/s)\n\n" + markdown_table(kv_table, kv_columns, "vLLM default"),
         "![SLO attainment](attainment.png)",
     ]
     _bars(pd.concat([routing_table, kv_table]), out / "attainment.png", "SAL routing and LARRY batching")
@@ -366,13 +342,17 @@ REPRODUCTIONS = {"synergysched": synergysched, "arrow": arrow, "sal_larry": sal_
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=[*REPRODUCTIONS, "all"])
+    names = [*REPRODUCTIONS, "all"]
+    parser.add_argument("which", metavar="{" + ",".join(names) + "}")
     parser.add_argument("--quick", action="store_true", help="smaller windows and fewer seeds")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args(argv)
-    for name in REPRODUCTIONS if args.which == "all" else [args.which]:
-        REPRODUCTIONS[name](args.out / name, args.quick, args.jobs)
+    with exit_on_user_error():
+        if args.which not in names:
+            raise ConfigError(f"unknown reproduction {args.which!r}; known: {', '.join(names)}")
+        for name in REPRODUCTIONS if args.which == "all" else [args.which]:
+            REPRODUCTIONS[name](args.out / name, args.quick, args.jobs)
 
 
 if __name__ == "__main__":

@@ -12,73 +12,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from envs.sim.cluster import Cluster, ClusterConfigError
+from agents.harness import load_policy
+from agents.reporting import print_summary
+from agents.user_errors import exit_on_user_error
+from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from, workload_from
 from envs.sim.plots import latency_cdfs
-from envs.sim.traces import TraceError
-from envs.sim.workload import WorkloadError, offered_load
-
-SUMMARY_ROWS = (
-    ("requests", "num_requests", "{:,}"),
-    ("completed", "completed", "{:,}"),
-    ("rejected", "rejected", "{:,}"),
-    ("SLO attainment", "slo_attainment", "{:.1%}"),
-    ("goodput (req/s)", "goodput_rps", "{:.2f}"),
-    ("throughput (output tok/s)", "throughput_tok_s", "{:,.0f}"),
-    ("TTFT P50 / P99 (s)", ("ttft_p50_s", "ttft_p99_s"), "{:.3f} / {:.3f}"),
-    ("TPOT P50 / P99 (ms)", ("tpot_p50_s", "tpot_p99_s"), "ms"),
-    ("E2E P50 / P99 (s)", ("e2e_p50_s", "e2e_p99_s"), "{:.2f} / {:.2f}"),
-    ("preemptions", "preemptions", "{:,}"),
-    ("simulated time (s)", "sim_s", "{:,.1f}"),
-    ("wall time (s)", "wall_s", "{:.2f}"),
-    ("simulated requests per wall second", "requests_per_wall_s", "{:,.0f}"),
-)
-
-
-def _format(summary: dict[str, Any], key, fmt: str) -> str:
-    if fmt == "ms":
-        return " / ".join(f"{summary[k] * 1e3:.1f}" for k in key)
-    if isinstance(key, tuple):
-        return fmt.format(*(summary[k] for k in key))
-    return fmt.format(summary[key])
-
-
-def print_summary(summary: dict[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for label, key, fmt in SUMMARY_ROWS:
-        table.add_row(label, _format(summary, key, fmt))
-    console = Console(width=100)
-    console.print(table)
-    instances = Table(title="per instance")
-    for column in ("#", "GPU", "role", "completed", "TTFT P50 (s)", "TPOT P50 (ms)", "KV blocks", "preemptions"):
-        instances.add_column(column, justify="right")
-    for row in summary["per_instance"]:
-        instances.add_row(
-            str(row["instance"]),
-            row["gpu"],
-            row["role"],
-            str(row["completed"]),
-            f"{row['ttft_p50_s']:.3f}",
-            f"{row['tpot_p50_s'] * 1e3:.1f}",
-            f"{row['kv_blocks']:,}",
-            str(row["preemptions"]),
-        )
-    console.print(instances)
+from envs.sim.workload import offered_load
 
 
 def _json_safe(value: Any) -> Any:
@@ -97,10 +43,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Build everything from ``cfg``, simulate, save the artefacts into ``out_dir``; returns the summary."""
     workload = workload_from(cfg.workload)
     cluster_config = cluster_from(cfg.cluster)
-    router, batch = instantiate(cfg.policy.router), instantiate(cfg.policy.batch)
-    pools = instantiate(cfg.policy.pools) if cfg.policy.get("pools") else None
+    policy = load_policy(OmegaConf.to_container(cfg.policy, resolve=True))
     requests = workload.generate(int(cfg.workload_seed))
-    cluster = Cluster(cluster_config, router, batch_policy=batch, seed=int(cfg.seed), pool_policy=pools)
+    cluster = Cluster(
+        cluster_config, policy.router, batch_policy=policy.batch, seed=int(cfg.seed), pool_policy=policy.pools
+    )
     result = cluster.run(requests, until_s=cfg.until_s, progress=bool(cfg.progress))
     records = result.records()
     summary = result.summary()
@@ -127,11 +74,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    with exit_on_user_error():
         summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ClusterConfigError, WorkloadError, TraceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     return float(summary["slo_attainment"])
 
 

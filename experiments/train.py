@@ -8,22 +8,18 @@
 The recipe (docs/training.md): behaviour cloning of an expert router (``imitation``), then RL on
 counterfactual windows of ``servegym/Route-v0`` across loads, keeping the best validated policy.
 
-The run directory holds ``model.zip``, ``vecnormalize.pkl`` (SB3's normaliser) and the same statistics as
-plain ``normalization.json``, ``manifest.json`` (observation contract, algorithm, env id, git revision),
-``config.yaml``, checkpoints, ``evaluations.csv`` (periodic, against the reference heuristic), ``best/``
-(the policy with the best periodic evaluation, the clone included: PPO can lose what it had),
-``comparison.csv`` and ``head_to_head.csv`` (the final tables, for ``best/`` when periodic evaluation
-ran, else for the last policy). The function returns the learned router's mean SLO attainment (the
-objective of an Optuna search).
+The run directory holds the policy files and config of ``agents/run_dir.py`` (``model.zip``,
+``vecnormalize.pkl``, ``normalization.json``, ``manifest.json``, ``config.yaml``), checkpoints,
+``evaluations.csv`` (periodic, against the reference heuristic), ``best/`` (the policy with the best
+periodic evaluation, the clone included: PPO can lose what it had), ``comparison.csv`` and
+``head_to_head.csv`` (the final tables, for ``best/`` when periodic evaluation ran, else for the last
+policy). The function returns the learned router's mean SLO attainment (the objective of an Optuna search).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +27,13 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import envs  # noqa: E402, F401  (registers the ids in this process)
-from agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise  # noqa: E402
-from agents.learned import algorithm_class  # noqa: E402
-from envs.features import FeatureSpec  # noqa: E402
-
-
-def git_revision() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+import envs  # noqa: F401  (registers the ids in this process)
+from agents.configs import named_configs
+from agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise
+from agents.learned import algorithm_class
+from agents.reporting import print_head_to_head, print_tables
+from agents.run_dir import save_config, save_run
+from agents.user_errors import exit_on_user_error
 
 
 def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -69,31 +52,9 @@ def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def save_run(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
-    """Everything a later evaluation or export needs, the normaliser also as plain JSON (no pickle)."""
-    model.save(out_dir / "model.zip")
-    vec_normalize.save(str(out_dir / "vecnormalize.pkl"))
-    rms = vec_normalize.obs_rms
-    (out_dir / "normalization.json").write_text(
-        json.dumps(
-            {
-                "mean": rms.mean.tolist(),
-                "var": rms.var.tolist(),
-                "clip_obs": vec_normalize.clip_obs,
-                "epsilon": vec_normalize.epsilon,
-            }
-        )
-    )
-    manifest = {
-        "env_id": cfg.env.id,
-        "env_version": cfg.env.id.rsplit("-v", 1)[-1],
-        "algorithm": cfg.agent.algorithm,
-        "action": "engine index in [0, max_instances): the engine to send the request to",
-        "features": FeatureSpec(int(cfg.env.max_instances)).manifest(),
-        "git_revision": git_revision(),
-        "source_run": str(out_dir),
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+def save_policy(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
+    """The run-directory files of the current policy (``agents.run_dir.save_run``)."""
+    save_run(out_dir, model, vec_normalize, cfg.env.id, cfg.agent.algorithm, int(cfg.env.max_instances))
 
 
 def compare(
@@ -107,8 +68,6 @@ def compare(
 ) -> tuple[Any, list[dict[str, Any]]]:
     """The learned router and the named baselines on the same held-out windows: the summary table (paired
     against the first baseline) and the per-run rows."""
-    from evaluate import named_configs
-
     specs = named_configs("policy", policies)
     specs["learned"] = saved_policy_spec(run_dir)
     workload = OmegaConf.to_container(cfg.workload, resolve=True)
@@ -124,8 +83,6 @@ def compare(
 
 def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float]:
     """Behaviour-clone the configured expert router into the policy (agents/imitation.py)."""
-    from evaluate import named_configs
-
     from agents.imitation import collect_demonstrations, pretrain
 
     imitation = cfg.imitation
@@ -175,9 +132,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (out_dir / "git_revision.txt").write_text(git_revision() + "\n")
+    save_config(out_dir, cfg)
     logger = make_logger(cfg, out_dir)
     vec = make_vec_env(
         f"envs:{cfg.env.id}",
@@ -223,7 +178,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
         def _evaluate(self) -> None:
             probe = out_dir / "probe"
             probe.mkdir(exist_ok=True)
-            save_run(self.model, self.model.get_env(), cfg, probe)
+            save_policy(self.model, self.model.get_env(), cfg, probe)
             validation = cfg.validation
             row: dict[str, Any] = {"timesteps": self.num_timesteps}
             for scale in validation.rate_scales:
@@ -262,7 +217,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     model.learn(
         total_timesteps=int(cfg.total_timesteps), callback=CallbackList(callbacks), progress_bar=bool(cfg.progress)
     )
-    save_run(model, vec, cfg, out_dir)
+    save_policy(model, vec, cfg, out_dir)
     if evaluations:
         import pandas as pd
 
@@ -281,8 +236,6 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     table.to_csv(out_dir / "comparison.csv", index=False)
     duel = head_to_head(rows, "learned")
     duel.to_csv(out_dir / "head_to_head.csv", index=False)
-    from evaluate import print_head_to_head, print_tables
-
     print_tables(table, next(iter(final.policies)) if final.policies else None)
     print_head_to_head(duel)
     learned = float(table.set_index("policy").loc["learned", "slo_attainment"])
@@ -300,14 +253,10 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from evaluate import user_errors
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    with exit_on_user_error():
         return run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except user_errors() as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

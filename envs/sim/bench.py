@@ -98,8 +98,8 @@ def soak(total: int, window: int = 20_000) -> str:
     summary = outcomes.summary(total)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return (
-        f"soak: {total:,} requests ({summary['completed']:,} finished, {cluster.num_rejected:,} rejected, SLO attainment "
-        f"{summary['slo_attainment']:.1%}, TTFT P99 {summary['ttft_p99_s']:.2f} s) in {wall:,.0f} s "
+        f"soak: {total:,} requests ({summary['completed']:,} finished, {cluster.num_rejected:,} rejected, "
+        f"SLO attainment {summary['slo_attainment']:.1%}, TTFT P99 {summary['ttft_p99_s']:.2f} s) in {wall:,.0f} s "
         f"({total / wall:,.0f} requests/s, {cluster.env.now / 3600:.1f} simulated hours); "
         f"RSS at the end {resident_mib():.0f} MiB, peak {peak_mib:.0f} MiB"
     )

@@ -34,7 +34,7 @@ from perfmodel.capacity import kv_capacity
 from perfmodel.errors import PerfModelError
 from perfmodel.structural import structural_model
 
-__all__ = ["Cluster", "ClusterConfig", "ClusterConfigError", "InstanceGroup", "KvLink", "check_buildable"]
+__all__ = ["Cluster", "ClusterConfig", "InstanceGroup", "KvLink", "check_buildable"]
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def test_impossible_configurations_are_refused_by_make(kwargs, error, message):
 def test_a_non_integer_action_is_named(action):
     env = gym.make("servegym/Route-v0")
     env.reset(seed=0)
-    with pytest.raises(ValueError, match="the action must be an integer|one discrete action"):
+    with pytest.raises(ValueError, match=r"the action must be an integer|one discrete action"):
         env.step(action)
 
 

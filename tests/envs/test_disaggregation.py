@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from simkit import make_requests
 
-from envs.sim.cluster import Cluster, ClusterConfig, ClusterConfigError, InstanceGroup
+from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
 from envs.sim.config import cluster_from
 from envs.sim.engine import EngineConfig
+from envs.sim.errors import ClusterConfigError
 from envs.sim.policies import LeastOutstandingRequests, PoolPolicy, RoundRobin, RoutingPolicy, VllmPolicy
 from envs.sim.request import State
 from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload

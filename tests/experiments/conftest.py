@@ -1,14 +1,13 @@
 """A tiny training run shared by the training, evaluation and export tests."""
 
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
+from experiments.train import run
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-from train import run  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ import pytest
 from agents.exported import ExportedRouter, ExportError, OnnxPolicy, export_run, parity
 from agents.harness import Task, run_task, saved_policy_spec
 from agents.learned import ContractMismatch
+from experiments.evaluate import run as evaluate
+from experiments.export import recorded_observations
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-from export import recorded_observations  # noqa: E402
 
 WORKLOAD = {
     "kind": "synthetic",
@@ -112,7 +112,6 @@ def test_the_export_command_checks_parity(trained_run, tmp_path):
 
 
 def test_evaluate_compares_saved_runs_and_exports_with_the_heuristics(exported, tmp_path):
-    from evaluate import run as evaluate
     from hydra import compose, initialize_config_dir
 
     run, out = exported

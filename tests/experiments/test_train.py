@@ -13,7 +13,6 @@ from agents.harness import Task, run_task, saved_policy_spec
 from agents.learned import ContractMismatch, LearnedRouter
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
 
 
 def test_a_run_leaves_everything_evaluation_and_export_need(trained_run):

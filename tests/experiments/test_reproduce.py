@@ -1,11 +1,6 @@
 """The reproduction command end to end, in its quick mode."""
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-from reproduce import main  # noqa: E402
+from experiments.reproduce import main
 
 
 def test_sal_larry_reproduction_writes_its_tables(tmp_path):
