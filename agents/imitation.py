@@ -22,6 +22,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from agents.slot_policy import SlotFeatures
 from envs.sim.policies import DecisionKind, RoutingPolicy
 
 __all__ = ["Demonstrations", "collect_demonstrations", "pretrain"]
@@ -190,9 +191,8 @@ def _sharpen(policy: Any, temperature: float) -> None:
     for module in policy.action_net.modules():
         if isinstance(module, torch.nn.Linear):
             last = module
-    if last is None:  # the slot policy: the logits come from the features extractor's scorer
-        scorer = getattr(policy.features_extractor, "scorer", None)
-        last = [m for m in scorer.modules() if isinstance(m, torch.nn.Linear)][-1] if scorer is not None else None
+    if last is None and isinstance(policy.features_extractor, SlotFeatures):  # logits from the slot scorer
+        last = [m for m in policy.features_extractor.scorer.modules() if isinstance(m, torch.nn.Linear)][-1]
     if last is None:
         raise ValueError(f"cannot find the layer producing the logits of {type(policy).__name__}")
     with torch.no_grad():

@@ -75,7 +75,7 @@ def test_decode_jumps_reproduce_step_by_step_simulation(run_cluster, utilization
         assert a["preemptions"].sum() > 0
 
 
-def test_step_observers_see_every_step_with_its_batch_and_latency(run_cluster):
+def test_observers_of_steps_see_every_step_with_its_batch_and_latency(run_cluster):
     """The feed an online refit consumes: one call per step, jumps included, latencies as simulated."""
     from envs.sim.cluster import Cluster, ClusterConfig
     from envs.sim.policies import LeastOutstandingRequests, Observer
