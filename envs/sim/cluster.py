@@ -28,7 +28,7 @@ from envs.sim.errors import ClusterConfigError
 from envs.sim.metrics import SimResult
 from envs.sim.policies import BatchPolicy, Observer, PoolPolicy, RoutingPolicy, VllmPolicy, overrides
 from envs.sim.request import Request, State
-from envs.sim.roles import SERVING_ROLES, Role, flip_allowed
+from envs.sim.roles import SERVING_ROLES, TAKES_NEW, Role, flip_allowed
 from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
 from perfmodel.capacity import kv_capacity
 from perfmodel.errors import PerfModelError
@@ -267,8 +267,9 @@ class Cluster:
     # -- arrivals and completions ------------------------------------------------------------------------
     def _arrivals(self, requests: Iterable[Request], progress):
         env = self.env
+        pending = State.PENDING
         for request in requests:
-            if request.state is not State.PENDING:
+            if request.state is not pending:
                 raise ValueError(f"request {request.id} was already simulated; generate the workload again")
             if request.arrival_s > env.now:
                 yield env.timeout(request.arrival_s - env.now)
@@ -285,7 +286,7 @@ class Cluster:
                     f"valid engines are 0..{len(self.engines) - 1}"
                 )
             choice = int(choice)
-            if not self.engines[choice].role.accepts_new:
+            if self.engines[choice].role not in TAKES_NEW:
                 raise ValueError(
                     f"router {type(self.router).__name__} sent request {request.id} to engine {choice}, "
                     f"whose role is {self.engines[choice].role}; new requests need a prefill instance"

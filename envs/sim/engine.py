@@ -298,7 +298,7 @@ class Engine:
             if self.config.noise_sigma > 0:
                 latency *= float(self._noise(1)[0])
             step = self.step_count + 1
-            self._record(step, np.array([latency]))
+            self._record_one(step, latency)
             self.tokens_computed += batch.num_tokens
             self._remember(batch.num_tokens, latency)
             yield env.timeout(latency)
@@ -377,14 +377,21 @@ class Engine:
         return request.computed
 
     def _record(self, first_step: int, latencies: np.ndarray) -> None:
+        """Keep the latencies of steps ``first_step, first_step + 1, ...`` in the ring."""
         count = len(latencies)
-        self._reserve_ring(count)
+        if count >= len(self._latency_ring):
+            self._reserve_ring(count)
         ring = self._latency_ring
         start = first_step & (len(ring) - 1)
         head = min(count, len(ring) - start)
         ring[start : start + head] = latencies[:head]
-        ring[: count - head] = latencies[head:]
+        if head < count:
+            ring[: count - head] = latencies[head:]
         self.busy_s += float(latencies.sum())
+
+    def _record_one(self, step: int, latency: float) -> None:
+        self._latency_ring[step & (len(self._latency_ring) - 1)] = latency
+        self.busy_s += latency
 
     def _reserve_ring(self, span: int) -> None:
         """Make the latency ring hold at least the last ``span`` steps (a power of two, kept in place)."""

@@ -17,15 +17,17 @@ class Role(StrEnum):
     @property
     def accepts_new(self) -> bool:
         """Takes newly arriving requests (prefill or both)."""
-        return self is Role.BOTH or self is Role.PREFILL
+        return self in TAKES_NEW
 
     @property
     def accepts_decode(self) -> bool:
         """Takes decodes handed over by prefill instances (decode or both)."""
-        return self is Role.BOTH or self is Role.DECODE
+        return self in TAKES_DECODE
 
 
 SERVING_ROLES = (Role.BOTH, Role.PREFILL, Role.DECODE)  # the roles a configuration or a flip may ask for
+TAKES_NEW = frozenset((Role.BOTH, Role.PREFILL))  # (sets: the views' candidate lists test them per decision)
+TAKES_DECODE = frozenset((Role.BOTH, Role.DECODE))
 
 
 def flip_allowed(roles: Sequence[Role], index: int, target: Role) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from envs.sim.request import SloClass
-from envs.sim.roles import Role
+from envs.sim.roles import TAKES_DECODE, TAKES_NEW, Role
 from perfmodel.batch import StepBatch
 
 
@@ -115,12 +115,12 @@ class ClusterView:
     @property
     def prefill_candidates(self) -> list[int]:
         """Engines that take new requests now (role prefill or both; not draining)."""
-        return [i for i, role in enumerate(self.roles) if role.accepts_new]
+        return [i for i, role in enumerate(self.roles) if role in TAKES_NEW]
 
     @property
     def decode_candidates(self) -> list[int]:
         """Engines that take decodes handed over from prefill instances (role decode or both)."""
-        return [i for i, role in enumerate(self.roles) if role.accepts_decode]
+        return [i for i, role in enumerate(self.roles) if role in TAKES_DECODE]
 
 
 class LocalCorrection:
