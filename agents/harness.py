@@ -27,6 +27,7 @@ from scipy import stats
 from agents import exported, run_dir
 from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from, workload_from
+from envs.sim.workload import scale_load
 
 METRICS = (
     "slo_attainment",
@@ -90,38 +91,14 @@ class Task:
     load: float  # multiplier of the workload's rate
 
 
-def scaled_workload(workload: Mapping, load: float) -> dict:
-    """The workload mapping with its rate multiplied by ``load`` (trace rate_scale, or synthetic rates)."""
-    workload = dict(workload)
-    if load == 1.0:
-        return workload
-    if workload.get("kind") == "concat":
-        workload["parts"] = [scaled_workload(part, load) for part in workload["parts"]]
-        return workload
-    if workload.get("kind") == "trace":
-        if workload.get("target_rate"):
-            workload["target_rate"] = workload["target_rate"] * load
-        else:
-            workload["rate_scale"] = workload.get("rate_scale", 1.0) * load
-        return workload
-    arrivals = dict(workload.get("arrivals") or {})
-    if "rate" in arrivals:
-        arrivals["rate"] = arrivals["rate"] * load
-    else:
-        arrivals["pieces"] = [[d, r * load] for d, r in arrivals.get("pieces", [[1.0, 1.0]])]
-    workload["arrivals"] = arrivals
-    return workload
-
-
 def run_task(
     task: Task, policy: Mapping, workload: Mapping, cluster: Mapping, keep_records: bool = False
 ) -> dict[str, Any]:
     """Simulate one task; returns its summary row (and the per-request records when asked)."""
     bundle = load_policy(policy)
-    requests = workload_from(scaled_workload(workload, task.load)).generate(task.seed)
-    sim = Cluster(
-        cluster_from(cluster), bundle.router, batch_policy=bundle.batch, seed=task.seed, pool_policy=bundle.pools
-    )
+    requests = scale_load(workload_from(workload), task.load).generate(task.seed)
+    cluster_config = cluster_from(cluster)
+    sim = Cluster(cluster_config, bundle.router, batch_policy=bundle.batch, seed=task.seed, pool_policy=bundle.pools)
     result = sim.run(requests)
     summary = result.summary()
     row = {
@@ -134,6 +111,7 @@ def run_task(
         "completed": summary["completed"],
         "rejected": summary["rejected"],
         "flips": len(sim.flips),
+        "profiles": ",".join(cluster_config.profiles),
         "wall_s": summary["wall_s"],
         **{m: summary[m] for m in METRICS},
     }

@@ -39,9 +39,18 @@ def save_config(out_dir: Path, cfg: DictConfig) -> None:
     (out_dir / GIT_REVISION).write_text(git_revision() + "\n")
 
 
-def save_run(out_dir: Path, model: Any, vec_normalize: Any, env_id: str, algorithm: str, max_instances: int) -> None:
+def save_run(
+    out_dir: Path,
+    model: Any,
+    vec_normalize: Any,
+    env_id: str,
+    algorithm: str,
+    max_instances: int,
+    profiles: list[str] | None = None,
+) -> None:
     """Everything a later evaluation or export needs: the model, the normaliser (also as plain JSON, no
-    pickle) and the manifest of the observation contract the policy was trained on."""
+    pickle) and the manifest of the observation contract the policy was trained on, with the
+    performance-model profiles its training cluster used."""
     model.save(out_dir / MODEL)
     vec_normalize.save(str(out_dir / VECNORMALIZE))
     rms = vec_normalize.obs_rms
@@ -61,6 +70,7 @@ def save_run(out_dir: Path, model: Any, vec_normalize: Any, env_id: str, algorit
         "algorithm": algorithm,
         "action": "engine index in [0, max_instances): the engine to send the request to",
         "features": FeatureSpec(int(max_instances)).manifest(),
+        "profiles": list(profiles or ["default"]),
         "git_revision": git_revision(),
         "source_run": str(out_dir),
     }

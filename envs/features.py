@@ -21,6 +21,7 @@ import numpy as np
 from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, LocalCorrection, RequestInfo
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import predict_ttft
+from perfmodel.profile import registry_version
 from perfmodel.structural import StructuralModel, structural_model
 
 FEATURE_VERSION = 2  # 2: prompts sent since the snapshot (PRISM's decision-lag correction) in the load features
@@ -78,14 +79,14 @@ class EngineModels:
     and its prefill capacity."""
 
     def __init__(self) -> None:
-        self._capacity: dict[tuple[str, str, int, str, int], float] = {}
+        self._capacity: dict[tuple, float] = {}
 
     def __call__(self, info: EngineInfo) -> StructuralModel:
-        return structural_model(info.gpu, info.model, tp=info.tp, dtype=info.dtype)
+        return structural_model(info.gpu, info.model, tp=info.tp, dtype=info.dtype, profile=info.profile)
 
     def prefill_capacity(self, info: EngineInfo) -> float:
         """Tokens per second the engine computes with full token budgets (PRISM's capacity)."""
-        key = (info.gpu, info.model, info.tp, info.dtype, info.max_num_batched_tokens)
+        key = (info.gpu, info.model, info.tp, info.dtype, info.profile, registry_version(), info.max_num_batched_tokens)
         if key not in self._capacity:
             budget = info.max_num_batched_tokens
             self._capacity[key] = budget / (self(info).predict(StepBatch.prefill(budget)) / 1e3)

@@ -57,6 +57,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "cluster": cfg.cluster.get("name", ""),
         "workload": cfg.workload.get("name", ""),
         "policy": cfg.policy.get("name", ""),
+        "profiles": cluster_config.profiles,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=1) + "\n")

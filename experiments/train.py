@@ -34,6 +34,7 @@ from agents.learned import algorithm_class
 from agents.reporting import print_head_to_head, print_tables
 from agents.run_dir import save_config, save_run
 from agents.user_errors import exit_on_user_error
+from envs.sim.config import cluster_from
 
 
 def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -54,7 +55,8 @@ def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 def save_policy(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
     """The run-directory files of the current policy (``agents.run_dir.save_run``)."""
-    save_run(out_dir, model, vec_normalize, cfg.env.id, cfg.agent.algorithm, int(cfg.env.max_instances))
+    profiles = cluster_from(OmegaConf.to_container(cfg.cluster, resolve=True)).profiles
+    save_run(out_dir, model, vec_normalize, cfg.env.id, cfg.agent.algorithm, int(cfg.env.max_instances), profiles)
 
 
 def compare(

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from perfmodel.catalog import DATA_DIR, get_gpu, get_model, register_catalog
 from perfmodel.errors import PerfModelError
-from perfmodel.profile import Profile, default_profile
+from perfmodel.profile import Profile, load_profile
 
 DEFAULT_PROFILE_PATH = DATA_DIR / "profiles" / "default.json"
 
 
 def _load_profile(name: str | None) -> Profile:
-    return Profile.load(name) if name else default_profile()
+    return load_profile(name)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ reasons are in ``docs/perfmodel.md``.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -192,7 +193,54 @@ def _family_of(gpu_name: str) -> str:
     return get_gpu(gpu_name).family
 
 
+PROFILE_DIR = DATA_DIR / "profiles"
+_REGISTERED: dict[str, Profile] = {}
+_registry_version = 0  # bumped by every registration, so caches keyed on a profile name never go stale
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the profiles that ship with the package (``default``: the Vidur fit)."""
+    return sorted(path.stem for path in PROFILE_DIR.glob("*.json"))
+
+
+def register_profile(profile: Profile) -> None:
+    """Make an in-memory profile usable by its name wherever a profile is named (clusters, environments,
+    policies): what a calibration loop does with each candidate instead of writing files."""
+    global _registry_version
+    _REGISTERED[profile.name] = profile
+    _registry_version += 1
+    _load_file.cache_clear()
+
+
+def registry_version() -> int:
+    return _registry_version
+
+
+def load_profile(ref: str | Profile | None = None) -> Profile:
+    """The profile ``ref`` names: a registered name, a JSON file's path, or a shipped name (``default``
+    when None). Anything else is a :class:`CatalogError` that lists what is known."""
+    if isinstance(ref, Profile):
+        return ref
+    ref = "default" if ref is None else str(ref)
+    if ref in _REGISTERED:
+        return _REGISTERED[ref]
+    return _load_file(ref)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_file(ref: str) -> Profile:
+    path = Path(ref)
+    if path.is_file():
+        return Profile.load(path)
+    shipped = PROFILE_DIR / f"{ref}.json"
+    if not path.suffix and shipped.is_file():
+        return Profile.load(shipped)
+    if ref == "default":  # the shipped fit is missing (a stripped install): the priors
+        return Profile(name="priors")
+    known = ", ".join(shipped_profiles() + sorted(_REGISTERED)) or "none"
+    raise CatalogError(f"unknown profile {ref!r}: no such file, and not a shipped or registered profile ({known})")
+
+
 def default_profile() -> Profile:
     """The shipped profile fitted on Vidur's A100/A40/H100 measurements (priors if it is missing)."""
-    path = DATA_DIR / "profiles" / "default.json"
-    return Profile.load(path) if path.exists() else Profile(name="priors")
+    return load_profile("default")

@@ -19,7 +19,7 @@ import numpy as np
 
 from perfmodel.batch import StepBatch, StepBatchArray
 from perfmodel.catalog import DTYPE_BYTES, CatalogError, GpuSpec, ModelSpec, check_dtype, get_gpu, get_model
-from perfmodel.profile import Coefficients, Profile, default_profile
+from perfmodel.profile import Coefficients, Profile, default_profile, load_profile, registry_version
 
 VIDUR_OPS = (
     "emb",
@@ -216,11 +216,18 @@ class StructuralModel:
         return ops
 
 
-@functools.lru_cache(maxsize=512)
-def structural_model(gpu: str, model: str, tp: int = 1, dtype: str = "bf16") -> StructuralModel:
-    """The shared :class:`StructuralModel` of (GPU, model, TP, dtype) with the default profile.
+def structural_model(
+    gpu: str, model: str, tp: int = 1, dtype: str = "bf16", profile: str | None = None
+) -> StructuralModel:
+    """The shared :class:`StructuralModel` of (GPU, model, TP, dtype) with the named profile (a shipped
+    name, a JSON path or a registered name; the shipped default when None).
 
     Models are immutable once built, so clusters, engines, features and predictive policies share one per
     configuration instead of each keeping a cache of its own.
     """
-    return StructuralModel(gpu, model, tp=tp, dtype=dtype)
+    return _shared_model(gpu, model, tp, dtype, profile or "default", registry_version())
+
+
+@functools.lru_cache(maxsize=512)
+def _shared_model(gpu: str, model: str, tp: int, dtype: str, profile: str, _version: int) -> StructuralModel:
+    return StructuralModel(gpu, model, tp=tp, dtype=dtype, profile=load_profile(profile))

@@ -94,6 +94,11 @@ class ClusterConfig:
             raise ClusterConfigError("links must define 'network' and 'nvlink'")
 
     @property
+    def profiles(self) -> list[str]:
+        """The performance-model profiles the cluster's engines use (what a run records)."""
+        return sorted({g.engine.profile for g in self.groups if g.count})
+
+    @property
     def disaggregated(self) -> bool:
         return any(g.engine.role is Role.PREFILL and g.count for g in self.groups)
 
@@ -104,7 +109,7 @@ def check_buildable(config: ClusterConfig) -> None:
     for index, group in enumerate(config.groups):
         e = group.engine
         try:
-            perf = structural_model(e.gpu, e.model, tp=e.tp, dtype=e.dtype)
+            perf = structural_model(e.gpu, e.model, tp=e.tp, dtype=e.dtype, profile=e.profile)
             kv_capacity(perf, e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens, e.max_num_seqs)
         except PerfModelError as error:
             raise ClusterConfigError(f"group {group.name or index}: {error}") from None
@@ -164,7 +169,7 @@ class Cluster:
                         self.batch_policy,
                         np.random.default_rng([seed, len(self.engines)]),
                         host=self,
-                        perf=structural_model(e.gpu, e.model, tp=e.tp, dtype=e.dtype),
+                        perf=structural_model(e.gpu, e.model, tp=e.tp, dtype=e.dtype, profile=e.profile),
                         step_listeners=self._on_step,
                     )
                 except PerfModelError as error:
@@ -181,6 +186,7 @@ class Cluster:
                 eng.config.max_num_seqs,
                 eng.total_blocks * eng.block_size,
                 eng.config.dtype,
+                eng.config.profile,
             )
             for eng in self.engines
         ]

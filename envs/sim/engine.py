@@ -67,6 +67,7 @@ class EngineConfig:
     role: Role = Role.BOTH  # both (colocated), prefill or decode (disaggregated pools)
     enable_prefix_caching: bool = False
     prefix_segment_tokens: int = 512  # tokens per prompt hash (Mooncake's hash_ids cover 512)
+    profile: str = "default"  # performance-model profile: a shipped name, a JSON path, or a registered name
 
     def __post_init__(self) -> None:
         if self.role not in SERVING_ROLES:
@@ -93,7 +94,9 @@ class Engine:
         self.set_role(config.role)
         # Observer.on_step of the subscribed observers (shared with the cluster, which appends to it)
         self._step_listeners = step_listeners if step_listeners is not None else []
-        self.perf = perf or structural_model(config.gpu, config.model, tp=config.tp, dtype=config.dtype)
+        self.perf = perf or structural_model(
+            config.gpu, config.model, tp=config.tp, dtype=config.dtype, profile=config.profile
+        )
         capacity = kv_capacity(
             self.perf,
             config.gpu_memory_utilization,

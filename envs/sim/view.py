@@ -55,6 +55,7 @@ class EngineInfo:
     max_num_seqs: int
     kv_capacity_tokens: int
     dtype: str = "bf16"
+    profile: str = "default"  # the performance-model profile its predictions use (the engine's own)
 
 
 @dataclass(frozen=True, slots=True)

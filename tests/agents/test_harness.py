@@ -12,7 +12,6 @@ from agents.harness import (
     confidence_interval,
     max_sustainable_load,
     run_task,
-    scaled_workload,
     summarise,
 )
 
@@ -31,14 +30,6 @@ def test_bisection_finds_the_largest_load_meeting_the_target():
     attainment = lambda load: 1.0 - max(0.0, load - 1.3)  # noqa: E731 — meets 0.9 up to 1.4
     assert max_sustainable_load(attainment, target=0.9, iterations=20) == pytest.approx(1.4, abs=1e-4)
     assert max_sustainable_load(lambda load: 0.5, target=0.9) == 0.0
-
-
-def test_scaling_a_workload_scales_its_rate():
-    assert scaled_workload({"kind": "trace", "rate_scale": 2.0}, 1.5)["rate_scale"] == 3.0
-    assert scaled_workload({"kind": "synthetic", "arrivals": {"rate": 4.0}}, 0.5)["arrivals"]["rate"] == 2.0
-    assert scaled_workload({"kind": "synthetic", "arrivals": {"pieces": [[1, 2], [1, 6]]}}, 2)["arrivals"][
-        "pieces"
-    ] == [[1, 4], [1, 12]]
 
 
 def test_every_policy_in_conf_loads_and_runs_a_few_requests():

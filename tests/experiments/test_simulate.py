@@ -129,3 +129,33 @@ def test_the_entry_point_also_runs_as_a_module(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "SLO attainment" in result.stdout
     assert json.loads((tmp_path / "summary.json").read_text())["num_requests"] == 200
+
+
+def test_a_groups_profile_is_used_and_recorded(tmp_path):
+    from perfmodel.profile import load_profile
+
+    profile = tmp_path / "copy_of_default.json"
+    load_profile("default").save(profile)
+    cfg = _compose("workload.num_requests=200", f"cluster.groups.0.engine.profile={profile}")
+    summary = run(cfg, tmp_path / "out")
+    assert summary["scenario"]["profiles"] == sorted(["default", str(profile)])
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert str(profile) in saved["scenario"]["profiles"]
+
+
+def test_an_unknown_profile_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "simulate.py"),
+            "workload.num_requests=50",
+            "cluster.groups.0.engine.profile=no-such-profile",
+            "progress=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: group h100: unknown profile 'no-such-profile'")

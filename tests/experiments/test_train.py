@@ -33,6 +33,7 @@ def test_a_run_leaves_everything_evaluation_and_export_need(trained_run):
     assert (out / "best" / "model.zip").exists()  # the policy of the best periodic evaluation
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["algorithm"] == "MaskablePPO" and manifest["env_id"] == "servegym/Route-v0"
+    assert manifest["profiles"] == ["default"]  # the performance-model profiles the training cluster used
 
 
 def test_the_saved_run_routes_in_the_harness(trained_run):

@@ -84,3 +84,24 @@ def test_trace_replay_rescaled_and_windowed():
 def test_impossible_workloads_are_named(factory, message):
     with pytest.raises(WorkloadError, match=message):
         factory()
+
+
+def test_scaling_a_workload_scales_its_rate_everywhere():
+    from envs.sim.config import workload_from
+    from envs.sim.workload import scale_load
+
+    trace = workload_from({"kind": "trace", "path": "azure_conv", "rate_scale": 2.0, "num_requests": 50})
+    assert scale_load(trace, 1.5).rate_scale == 3.0
+    targeted = workload_from({"kind": "trace", "path": "azure_conv", "target_rate": 4.0, "num_requests": 50})
+    assert scale_load(targeted, 0.5).target_rate == 2.0
+    synthetic = workload_from({"kind": "synthetic", "num_requests": 50, "arrivals": {"pieces": [[1, 2], [1, 6]]}})
+    assert scale_load(synthetic, 2).arrivals.pieces == ((1, 4), (1, 12))
+    mixed = workload_from(
+        {"kind": "concat", "parts": [{"kind": "synthetic", "num_requests": 5, "arrivals": {"rate": 4}}]}
+    )
+    assert scale_load(mixed, 0.5).parts[0].arrivals.pieces == ((1.0, 2.0),)
+    faster = scale_load(trace, 2.0).generate(0)
+    base = trace.generate(0)
+    assert [r.arrival_s for r in faster] == pytest.approx([r.arrival_s / 2 for r in base])
+    with pytest.raises(WorkloadError, match="positive and finite"):
+        scale_load(trace, 0.0)
