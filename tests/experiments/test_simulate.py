@@ -56,7 +56,7 @@ def test_policies_and_workloads_swap_by_config(tmp_path):
 
 
 def test_trace_workload_from_a_user_path(tmp_path):
-    sample = ROOT / "tests/envs/data/burstgpt_sample.csv"
+    sample = ROOT / "tests/envs/sim/data/burstgpt_sample.csv"
     summary = run(_compose("workload=trace", f"workload.path={sample}", "cluster=h100x8"), tmp_path)
     assert summary["num_requests"] == 4  # two failed rows dropped and counted by the reader
 
