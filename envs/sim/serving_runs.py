@@ -82,13 +82,16 @@ class EngineArgs:
 
 @dataclass(frozen=True)
 class SharedPrefix:
-    """Prompts of ``groups`` × ``users_per_group`` users: each group shares a system prompt of
-    ``system_prompt_tokens``; the rest of each prompt (the question) is the request's own."""
+    """Prompts of ``groups`` × ``users_per_group`` users taking turns: each group shares a system prompt of
+    ``system_prompt_tokens``; the rest of a prompt (the question) is new every time, or, with
+    ``questions_repeat``, the same for every turn of a user (a client cycling a fixed set of prompts, as
+    inference-perf's shared-prefix generator does), so a user's later turns hit the cache whole."""
 
     groups: int
     users_per_group: int
     system_prompt_tokens: int
     question_tokens: int | None = None  # nominal, informational: the prompt length is the stage's
+    questions_repeat: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,10 +249,15 @@ class ServingRun:
                 key = (prefix.groups, prefix.users_per_group)
                 if key not in turns:
                     turns[key] = shuffle.permutation(prefix.groups * prefix.users_per_group)
-                user = int(turns[key][i % len(turns[key])])
-                group = user // prefix.users_per_group
+                users = len(turns[key])
+                user = int(turns[key][i % users])
+                question = user if prefix.questions_repeat else users + i  # user ids and request ids kept apart
                 hashes = shared_prefix_hashes(
-                    group, i, int(prompt[i]), prefix.system_prompt_tokens, self.engine.block_size
+                    user // prefix.users_per_group,
+                    question,
+                    int(prompt[i]),
+                    prefix.system_prompt_tokens,
+                    self.engine.block_size,
                 )
             out.append(Request(i, float(arrival[i]), int(prompt[i]), int(output[i]), hash_ids=hashes))
         return out, stages
@@ -542,7 +550,10 @@ def read_blis(summary: str | Path, experiments: Iterable[str] | None = None, gpu
     The prompt length is the measured ``prompt_len_mean`` (after templating), the output length the
     nominal ``output_len`` (the client pins it with ``ignore_eos``; its measured mean has a
     re-tokenisation artefact). Arrivals follow ``profile.yaml``'s ``load.type``: ``constant`` is evenly
-    spaced, ``poisson`` Poisson.
+    spaced, ``poisson`` Poisson. Users repeat their questions (``questions_repeat``): inference-perf's
+    shared-prefix generator cycles a fixed list of groups × users prompts, the measured prompt lengths do
+    not grow from turn to turn, and the measurements need it — CodeLlama-34B on two H100s keeps TPOT at
+    17 ms at 20 req/s, which leaves no GPU time to compute 20 × 575 new prompt tokens a second.
     """
     summary = Path(summary)
     wanted = set(experiments) if experiments is not None else None
@@ -603,6 +614,7 @@ def _blis_run(summary: Path, experiment: str, stage_rows: list[tuple[int, dict]]
         users_per_group=field_of(first_line, first, "users_per_prompt", integer=True, positive=True),
         system_prompt_tokens=field_of(first_line, first, "system_prompt_len", integer=True),
         question_tokens=field_of(first_line, first, "question_len", integer=True),
+        questions_repeat=True,
     )
     output_len = field_of(first_line, first, "output_len", integer=True, positive=True)
     if output_len < 2:
@@ -646,6 +658,7 @@ def _blis_run(summary: Path, experiment: str, stage_rows: list[tuple[int, dict]]
         notes=(
             "BLIS: TPOT measured = (E2E mean - TTFT mean) / (output_len - 1); its P90 is not known",
             "BLIS: block size 16 assumed; the source's CPU KV offload is not modelled",
+            "BLIS: each user repeats its prompt (system prompt + question), so later turns hit the prefix cache",
         ),
     )
 
@@ -820,7 +833,7 @@ ENGINE_KEYS = {
     "enable_expert_parallel",
 }
 STAGE_KEYS = {"rate", "duration_s", "arrivals", "prompt_tokens", "output_tokens", "prefix", "measured"}
-PREFIX_KEYS = {"groups", "users_per_group", "system_prompt_tokens", "question_tokens"}
+PREFIX_KEYS = {"groups", "users_per_group", "system_prompt_tokens", "question_tokens", "questions_repeat"}
 MEASURED_KEYS = {"requests"} | {f"{m}_{s}_ms" for m in METRICS for s in STATS}
 
 
@@ -837,6 +850,9 @@ def _prefix(mapping: Any, where: str) -> SharedPrefix | None:
     if mapping is None:
         return None
     _keys(mapping, PREFIX_KEYS, where)
+    repeat = mapping.get("questions_repeat", False)
+    if not isinstance(repeat, bool):
+        raise ServingRunError(f"{where}.questions_repeat: expected true or false, got {repeat!r}")
     return SharedPrefix(
         groups=_number(mapping.get("groups"), f"{where}.groups", integer=True, positive=True),
         users_per_group=_number(
@@ -848,6 +864,7 @@ def _prefix(mapping: Any, where: str) -> SharedPrefix | None:
         question_tokens=_number(
             mapping.get("question_tokens"), f"{where}.question_tokens", integer=True, optional=True
         ),
+        questions_repeat=repeat,
     )
 
 

@@ -306,24 +306,25 @@ def session_hashes(session_id: int, prompt_tokens: int) -> tuple[int, ...]:
     return tuple((session_id << 20) | k for k in range(-(-prompt_tokens // SEGMENT_TOKENS)))
 
 
-_GROUP_TAG, _REQUEST_TAG = 1 << 62, 1 << 61  # keeps shared-prefix hashes apart from session hashes
+_GROUP_TAG, _QUESTION_TAG = 1 << 62, 1 << 61  # keeps shared-prefix hashes apart from session hashes
 
 
 def shared_prefix_hashes(
-    group: int, request_id: int, prompt_tokens: int, shared_tokens: int, segment_tokens: int = SEGMENT_TOKENS
+    group: int, question: int, prompt_tokens: int, shared_tokens: int, segment_tokens: int = SEGMENT_TOKENS
 ) -> tuple[int, ...]:
     """Prefix hashes of a prompt that starts with a group's system prompt of ``shared_tokens`` tokens.
 
     The full segments inside the system prompt are named by the group, so every request of the group
     shares them; the rest (a segment straddling the end of the system prompt included, as a vLLM block
-    holding the end of the system prompt and the start of a question is unique) are named by the request,
-    so no one else reuses them. This is the shared-prefix structure of benchmark clients (inference-perf's
-    ``shared_prefix`` data: groups of users, each group with one system prompt, each request a question).
+    holding the end of the system prompt and the start of a question is unique) are named by
+    ``question``: the request's own id when every question is new, a user's id when users repeat theirs
+    (callers keep the two kinds of ids apart). This is the shared-prefix structure of benchmark clients
+    (inference-perf's ``shared_prefix`` data: groups of users, each group with one system prompt).
     """
     segments = -(-prompt_tokens // segment_tokens)
     shared = min(shared_tokens // segment_tokens, segments)
     return tuple(_GROUP_TAG | (group << 24) | k for k in range(shared)) + tuple(
-        _REQUEST_TAG | (request_id << 24) | k for k in range(shared, segments)
+        _QUESTION_TAG | (question << 24) | k for k in range(shared, segments)
     )
 
 

@@ -104,6 +104,8 @@ STAGE = {"rate": 4, "duration_s": 10, "prompt_tokens": 9, "output_tokens": 9}
         ({"gpu": 7}, r"field 'gpu' must be a non-empty string"),
         ({"engine": {"max_num_seqs": 0}}, r"engine.max_num_seqs: must be positive"),
         ({"engine": {"max_num_sequences": 8}}, r"engine: unknown field\(s\) \['max_num_sequences'\]"),
+        ({"prefix": {"groups": 2, "users_per_group": 2, "system_prompt_tokens": 9, "questions_repeat": "yes"}},
+         r"prefix.questions_repeat: expected true or false"),
         ({"stages": [dict(STAGE, measured={"ttft_mean_ms": "soon"})]}, r"measured.ttft_mean_ms: expected a"),
         ({"stages": [STAGE]}, r"stages\[0\].measured: missing"),
         ({"stages": [dict(STAGE, arrivals="bursty")]}, r"stages\[0\].arrivals: must be even or poisson"),
@@ -157,6 +159,16 @@ def test_users_of_a_group_share_the_system_prompt_blocks_and_nothing_else(tmp_pa
     assert len(rests) == len(set(rests))  # questions are each request's own
     assert shared_prefix_hashes(1, 0, 100, 100, 16)[:6] == shared_prefix_hashes(1, 9, 300, 100, 16)[:6]
     assert shared_prefix_hashes(0, 0, 100, 100, 16)[0] != shared_prefix_hashes(1, 0, 100, 100, 16)[0]
+
+
+def test_users_who_repeat_their_questions_repeat_their_whole_prompt(tmp_path):
+    document = plain_document(prefix={"groups": 3, "users_per_group": 2, "system_prompt_tokens": 100,
+                                      "questions_repeat": True})  # fmt: skip
+    requests, _ = read_runs(plain_run(tmp_path / "run.json", **document))[0].requests()
+    assert len({r.hash_ids for r in requests}) == 6  # one prompt per user, every turn
+    assert [r.hash_ids for r in requests[:6]] == [r.hash_ids for r in requests[6:12]]  # users take turns in order
+    (blis,) = read_runs(blis_folder(tmp_path / "blis"))
+    assert blis.stages[0].prefix.questions_repeat  # inference-perf cycles a fixed list of prompts
 
 
 # -- replay ------------------------------------------------------------------------------------------------
