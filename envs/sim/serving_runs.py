@@ -680,10 +680,10 @@ REQUEST_COLUMNS = ("arrival_s", "input_tokens", "output_tokens")
 LATENCY_COLUMNS = ("ttft_ms", "tpot_ms", "e2e_ms")
 
 
-def read_request_csv(path: str | Path) -> tuple[pd.DataFrame, dict[int, tuple[RequestRecords, Measured]]]:
+def read_request_csv(path: str | Path) -> dict[int, tuple[RequestRecords, Measured]]:
     """Per-request records: ``arrival_s`` (s from the run's start), ``input_tokens``, ``output_tokens``, and
     optionally ``ttft_ms``, ``tpot_ms`` (``(last − first token) / (output − 1)``), ``e2e_ms`` and ``stage``
-    (0, 1, ...; all 0 when absent). Returns the frame and, per stage, its records and what they measure."""
+    (0, 1, ...; all 0 when absent). Returns, per stage, its records and what they measure."""
     path = Path(path)
     try:
         frame = pd.read_csv(path)
@@ -733,7 +733,7 @@ def read_request_csv(path: str | Path) -> tuple[pd.DataFrame, dict[int, tuple[Re
             ttft_s=None if ttft is None else ttft / 1e3,
         )
         stages[int(stage)] = (records, Measured(requests=len(part), **stats))
-    return frame, stages
+    return stages
 
 
 def _records_stage(index: int, records: RequestRecords, measured: Measured, duration_s: float | None = None) -> Stage:
@@ -793,7 +793,7 @@ def read_request_run(run_dir: str | Path) -> ServingRun:
     model = meta.get("model") or kwargs.get("model")
     if not model:
         raise ServingRunError(f"{meta_path}: missing field 'model'")
-    _, stages = read_request_csv(run_dir / "per_request_normalized.csv")
+    stages = read_request_csv(run_dir / "per_request_normalized.csv")
     return ServingRun(
         name=f"{run_dir.parent.name}/{run_dir.name}",
         gpu=_catalog_gpu(gpu),
@@ -912,7 +912,7 @@ def read_plain(path: str | Path) -> ServingRun:
         csv_path = (path.parent / str(document["requests_csv"])).resolve()
         if not csv_path.is_file():
             raise ServingRunError(f"{where}: field 'requests_csv': no such file {csv_path}")
-        _, recorded = read_request_csv(csv_path)
+        recorded = read_request_csv(csv_path)
     elif stage_maps is None:
         raise ServingRunError(f"{where}: give 'stages', or 'requests_csv' with per-request records")
     stages = []
