@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from agents.configs import ConfigError
 from agents.exported import ExportError
 from agents.learned import ContractMismatch
-from envs.sim.errors import ClusterConfigError
+from envs.sim.errors import ClusterConfigError, ServingRunError
 from envs.sim.traces import TraceError
 from envs.sim.workload import WorkloadError
 from perfmodel.errors import PerfModelError
@@ -20,6 +20,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ClusterConfigError,
     WorkloadError,
     TraceError,
+    ServingRunError,  # a measured serving run (experiments/validate.py) that cannot be read
     PerfModelError,  # unknown GPU or model, impossible engine config
     ContractMismatch,  # a saved policy trained on another observation contract
     ExportError,

@@ -68,8 +68,13 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     prefix_segment_tokens: int = 512  # tokens per prompt hash (Mooncake's hash_ids cover 512)
     profile: str = "default"  # performance-model profile: a shipped name, a JSON path, or a registered name
+    num_gpu_blocks: int | None = None  # KV blocks as a real engine reported them; None: the model's memory budget
 
     def __post_init__(self) -> None:
+        if self.num_gpu_blocks is not None and (
+            isinstance(self.num_gpu_blocks, bool) or not isinstance(self.num_gpu_blocks, int) or self.num_gpu_blocks < 1
+        ):
+            raise ClusterConfigError(f"num_gpu_blocks must be a positive integer or null, got {self.num_gpu_blocks!r}")
         if self.role not in SERVING_ROLES:
             raise ClusterConfigError(f"role must be one of {[str(r) for r in SERVING_ROLES]}, got {self.role!r}")
         object.__setattr__(self, "role", Role(self.role))
@@ -104,8 +109,8 @@ class Engine:
             config.max_num_batched_tokens,
             config.max_num_seqs,
         )
-        self.total_blocks = capacity.num_blocks
-        self.free_blocks = capacity.num_blocks
+        self.total_blocks = config.num_gpu_blocks or capacity.num_blocks  # a measured count replaces the estimate
+        self.free_blocks = self.total_blocks
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or self.perf.model.max_position_embeddings
         self.running: dict[int, Request] = {}  # admission order

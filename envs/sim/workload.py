@@ -39,7 +39,9 @@ class RateSchedule:
 
     ``rate(t) = piece_rate(t) * (1 + diurnal_amplitude * sin(2π t / diurnal_period_s))``; a single piece
     is a constant rate. ``cv`` is the coefficient of variation of inter-arrival gaps (1 = Poisson,
-    > 1 bursty, < 1 regular).
+    > 1 bursty, < 1 regular, 0 = evenly spaced: a benchmark client's constant load, with every gap
+    1/rate and the first arrival half a gap in, so a piece of ``d`` seconds at rate ``r`` holds exactly
+    ``r·d`` arrivals when that is a whole number; no random number is drawn).
     """
 
     pieces: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
@@ -52,8 +54,8 @@ class RateSchedule:
             raise WorkloadError(f"rate pieces need positive durations and non-negative rates, got {self.pieces}")
         if all(r == 0 for _, r in self.pieces):
             raise WorkloadError("every rate piece is zero: no request would ever arrive")
-        if self.cv <= 0:
-            raise WorkloadError(f"cv must be positive, got {self.cv}")
+        if self.cv < 0:
+            raise WorkloadError(f"cv must be positive, or 0 for evenly spaced arrivals, got {self.cv}")
         if not 0 <= self.diurnal_amplitude < 1:
             raise WorkloadError(f"diurnal_amplitude must be in [0, 1), got {self.diurnal_amplitude}")
 
@@ -70,12 +72,15 @@ class RateSchedule:
 
     def arrivals(self, count: int, rng: np.random.Generator, horizon_s: float | None = None) -> np.ndarray:
         """``count`` arrival times (s), or all arrivals before ``horizon_s`` when given."""
-        shape = 1.0 / self.cv**2
         mean_rate = float(np.mean([r for _, r in self.pieces]))
         expected = count if horizon_s is None else int(horizon_s * mean_rate * 1.5) + 64
         while True:
-            gaps = rng.gamma(shape, 1.0 / shape, size=expected)  # unit mean
-            unit_times = np.cumsum(gaps)
+            if self.cv == 0:  # evenly spaced: unit gaps, the first event half a gap in
+                unit_times = np.arange(expected, dtype=np.float64) + 0.5
+            else:
+                shape = 1.0 / self.cv**2
+                gaps = rng.gamma(shape, 1.0 / shape, size=expected)  # unit mean
+                unit_times = np.cumsum(gaps)
             times = self._invert(unit_times)
             if horizon_s is None and len(times) >= count:
                 return times[:count]
@@ -299,6 +304,28 @@ class ConcatWorkload:
 def session_hashes(session_id: int, prompt_tokens: int) -> tuple[int, ...]:
     """Prefix hashes of a chat turn: every turn of a session shares its history's leading segments."""
     return tuple((session_id << 20) | k for k in range(-(-prompt_tokens // SEGMENT_TOKENS)))
+
+
+_GROUP_TAG, _QUESTION_TAG = 1 << 62, 1 << 61  # keeps shared-prefix hashes apart from session hashes
+
+
+def shared_prefix_hashes(
+    group: int, question: int, prompt_tokens: int, shared_tokens: int, segment_tokens: int = SEGMENT_TOKENS
+) -> tuple[int, ...]:
+    """Prefix hashes of a prompt that starts with a group's system prompt of ``shared_tokens`` tokens.
+
+    The full segments inside the system prompt are named by the group, so every request of the group
+    shares them; the rest (a segment straddling the end of the system prompt included, as a vLLM block
+    holding the end of the system prompt and the start of a question is unique) are named by
+    ``question``: the request's own id when every question is new, a user's id when users repeat theirs
+    (callers keep the two kinds of ids apart). This is the shared-prefix structure of benchmark clients
+    (inference-perf's ``shared_prefix`` data: groups of users, each group with one system prompt).
+    """
+    segments = -(-prompt_tokens // segment_tokens)
+    shared = min(shared_tokens // segment_tokens, segments)
+    return tuple(_GROUP_TAG | (group << 24) | k for k in range(shared)) + tuple(
+        _QUESTION_TAG | (question << 24) | k for k in range(shared, segments)
+    )
 
 
 def _requests(times, prompts, outputs, slo: SloMix, seed: int, sessions: int, hashes=None) -> list[Request]:

@@ -8,6 +8,7 @@ from simkit import make_requests
 
 from envs.sim.cluster import InstanceGroup
 from envs.sim.engine import EngineConfig
+from envs.sim.errors import ClusterConfigError
 from envs.sim.policies import VllmPolicy
 from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
 from perfmodel.batch import StepBatch
@@ -98,3 +99,15 @@ def test_observers_of_steps_see_every_step_with_its_batch_and_latency(run_cluste
     np.testing.assert_allclose([latency for _, latency in seen], engine.step_latencies(engine.step_count))
     perf = StructuralModel("H100-SXM", "Llama-3-8B")
     np.testing.assert_allclose([latency for _, latency in seen], [perf.predict(b) / 1e3 for b, _ in seen], rtol=1e-9)
+
+
+def test_a_measured_kv_block_count_replaces_the_estimate(run_cluster):
+    requests = make_requests([(0.0, 1000, 400)] * 6)
+    estimated, _ = run_cluster(requests)
+    cluster, result = run_cluster(
+        make_requests([(0.0, 1000, 400)] * 6), groups=(InstanceGroup(1, EngineConfig(num_gpu_blocks=200)),)
+    )
+    assert estimated.engines[0].total_blocks > 1000 and cluster.engines[0].total_blocks == 200
+    assert result.summary()["preemptions"] > 0  # 6 x 1400 tokens do not fit 3,200: vLLM would preempt too
+    with pytest.raises(ClusterConfigError, match="num_gpu_blocks must be a positive integer"):
+        EngineConfig(num_gpu_blocks=0)

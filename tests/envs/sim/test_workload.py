@@ -75,7 +75,7 @@ def test_trace_replay_rescaled_and_windowed():
     ("factory", "message"),
     [
         (lambda: RateSchedule(((1.0, 0.0),)), "every rate piece is zero"),
-        (lambda: RateSchedule(((1.0, 1.0),), cv=0), "cv must be positive"),
+        (lambda: RateSchedule(((1.0, 1.0),), cv=-1), "cv must be positive, or 0"),
         (lambda: LengthSampler("weird"), "lengths.kind"),
         (lambda: SyntheticWorkload(), "give num_requests or duration_s"),
         (lambda: TraceWorkload(rate_scale=0), "rate_scale must be positive"),
