@@ -34,6 +34,9 @@ class Coefficients:
     (eff * bandwidth)``; attention ``launch + flops / (eff_f * peak) + kv_bytes / (eff_b * bandwidth)``;
     an all-reduce ``latency + ring_bytes / (eff * link_bandwidth)``; every step pays ``step_overhead_ms``
     plus ``seq_overhead_ms`` per sequence for scheduling, input preparation and sampling on the CPU.
+    ``request_overhead_ms`` is not a step term: the serving stack's time from a request's arrival to the
+    scheduler seeing it (HTTP, tokenisation), which the simulated engine adds before queuing it; 0 unless a
+    serving calibration measured it.
     """
 
     gemm_flops_eff: float = 0.70
@@ -54,6 +57,7 @@ class Coefficients:
     comm_latency_ms: float = 0.020
     step_overhead_ms: float = 1.0
     seq_overhead_ms: float = 0.005
+    request_overhead_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,7 +124,9 @@ def geometric_mean(sets: list[Coefficients]) -> Coefficients:
         return sets[0]
     names = Coefficients.vector_names()
     stacked = np.array([c.as_vector() for c in sets])
-    means = np.exp(np.log(stacked).mean(axis=0))
+    positive = np.all(stacked > 0, axis=0)  # a term that is zero somewhere (not measured there) averages plainly
+    logs = np.log(np.where(positive, stacked, 1.0))
+    means = np.where(positive, np.exp(logs.mean(axis=0)), stacked.mean(axis=0))
     return Coefficients().with_values(dict(zip(names, means, strict=True)))
 
 

@@ -164,6 +164,9 @@ class Engine:
         self.prefill_remaining = 0  # tokens running prefills still have to compute
         self.recent_tokens_per_step = 0.0  # EWMA over steps
         self.recent_step_s = 0.0  # EWMA over steps
+        # a serving stack's per-request latency before scheduling (HTTP, tokenisation): a profile term, 0 by default
+        self._frontend_s = self.perf.coefficients.request_overhead_ms / 1e3
+        self.in_frontend = 0
         self.view = EngineView(self)  # what the batch policy reads
         policy.attach(self.view)
         self.process = env.process(self._run())
@@ -185,10 +188,22 @@ class Engine:
             )
         request.state, request.instance, request.prefill_instance = State.WAITING, self.index, self.index
         request.prefill_target = request.prompt_tokens
+        if self._frontend_s > 0:  # the API server's work before the scheduler sees the request
+            self.in_frontend += 1
+            self.env.process(self._after_frontend(request))
+            return True
+        self._enqueue(request)
+        return True
+
+    def _enqueue(self, request: Request) -> None:
         self.waiting.append(request)
         self.waiting_tokens += request.prefill_target
         self._notify()
-        return True
+
+    def _after_frontend(self, request: Request):
+        yield self.env.timeout(self._frontend_s)
+        self.in_frontend -= 1
+        self._enqueue(request)
 
     def submit_decode(self, request: Request) -> bool:
         """Accept a request whose prompt KV was computed elsewhere and has just arrived (PD handoff)."""
@@ -221,7 +236,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not (self.running or self.waiting or self.incoming or self.transferring)
+        return not (self.running or self.waiting or self.incoming or self.transferring or self.in_frontend)
 
     def _reject(self, request: Request, reason: str) -> bool:
         request.state, request.instance, request.reject_reason = State.REJECTED, self.index, reason

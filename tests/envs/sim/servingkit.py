@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
+
+from envs.sim.serving_runs import Measured
 
 BLIS_EXPERIMENT = "20260101-000000-llama-2-7b-tp1-general"
 BLIS_HEADER = [
@@ -158,3 +161,12 @@ def plain_document(**overrides) -> dict:
 def plain_run(path: Path, **overrides) -> Path:
     path.write_text(json.dumps(plain_document(**overrides)))
     return path
+
+
+def self_measured(result, run):
+    """The run with the simulator's own numbers (a replay's) as its measurement."""
+    stages = []
+    for stage, row in zip(run.stages, result.table.to_dict("records"), strict=True):
+        values = {f"{m}_{s}_ms": row[f"{m}_{s}_sim_ms"] for m in ("ttft", "tpot", "e2e") for s in ("mean", "p90")}
+        stages.append(dataclasses.replace(stage, measured=Measured(requests=row["sim_requests"], **values)))
+    return dataclasses.replace(run, stages=tuple(stages))

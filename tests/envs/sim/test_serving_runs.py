@@ -5,10 +5,19 @@ import json
 
 import numpy as np
 import pytest
-from servingkit import BLIS_EXPERIMENT, blis_folder, plain_document, plain_run, request_rows, request_run, write_csv
+from servingkit import (
+    BLIS_EXPERIMENT,
+    blis_folder,
+    plain_document,
+    plain_run,
+    request_rows,
+    request_run,
+    self_measured,
+    write_csv,
+)
 
 from envs.sim.errors import ServingRunError
-from envs.sim.serving_runs import Measured, read_runs, replay
+from envs.sim.serving_runs import read_runs, replay
 from envs.sim.workload import RateSchedule, shared_prefix_hashes
 from perfmodel.profile import Coefficients, Profile, register_profile
 
@@ -172,20 +181,11 @@ def test_users_who_repeat_their_questions_repeat_their_whole_prompt(tmp_path):
 
 
 # -- replay ------------------------------------------------------------------------------------------------
-def _self_measured(result, run):
-    """The run with the simulator's own numbers as its measurement."""
-    stages = []
-    for stage, row in zip(run.stages, result.table.to_dict("records"), strict=True):
-        values = {f"{m}_{s}_ms": row[f"{m}_{s}_sim_ms"] for m in ("ttft", "tpot", "e2e") for s in ("mean", "p90")}
-        stages.append(dataclasses.replace(stage, measured=Measured(requests=row["sim_requests"], **values)))
-    return dataclasses.replace(run, stages=tuple(stages))
-
-
 def test_a_run_measured_by_the_simulator_itself_is_reproduced(tmp_path):
     run = read_runs(plain_run(tmp_path / "run.json"))[0]
     first = replay(run)
     assert (first.table["sim_finished"] == first.table["sim_requests"]).all() and first.table["sim_requests"][0] == 40
-    again = replay(_self_measured(first, run))
+    again = replay(self_measured(first, run))
     errors = again.table[[c for c in again.table.columns if c.endswith("_err")]].to_numpy()
     assert np.abs(errors).max() < 1e-12  # deterministic: in-sample the errors vanish
     assert not again.table["flag"].any()
