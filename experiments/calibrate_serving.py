@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ServingRunError(f"no replayable run at {', '.join(map(str, paths))}")
         frames = []
         fit = fit_serving(runs, args.base, args.max_stage_s, args.max_evaluations, name=args.out.stem)
-        print("fitted on all runs: " + ", ".join(f"{t.label} {v:.4g}" for t, v in zip(fit.terms, fit.values)))
+        print("fitted on all runs: " + ", ".join(f"{t.label} {v:.4g}" for t, v in zip(fit.terms, fit.values, strict=True)))
         register_profile(fit.profile)
         frames.append(error_table(replay_all(runs, fit.profile.name, None), "in-sample"))
         print_errors(frames[-1], "in-sample (fitted on every run, whole stages replayed)")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not train:
                     continue
                 partial = fit_serving(train, args.base, args.max_stage_s, args.max_evaluations, name=f"without-{model}")
-                values = ", ".join(f"{t.label} {v:.4g}" for t, v in zip(partial.terms, partial.values))
+                values = ", ".join(f"{t.label} {v:.4g}" for t, v in zip(partial.terms, partial.values, strict=True))
                 print(f"fitted without {model}: {values}")
                 register_profile(partial.profile)
                 frames.append(error_table(replay_all(held, partial.profile.name, None), f"held-out {model}"))
