@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ServingRunError(f"no replayable run at {', '.join(map(str, paths))}")
         frames = []
         fit = fit_serving(runs, args.base, args.max_stage_s, args.max_evaluations, name=args.out.stem)
-        print("fitted on all runs: " + ", ".join(f"{t.label} {v:.4g}" for t, v in zip(fit.terms, fit.values, strict=True)))
+        print(
+            "fitted on all runs: " + ", ".join(f"{t.label} {v:.4g}" for t, v in zip(fit.terms, fit.values, strict=True))
+        )
         register_profile(fit.profile)
         frames.append(error_table(replay_all(runs, fit.profile.name, None), "in-sample"))
         print_errors(frames[-1], "in-sample (fitted on every run, whole stages replayed)")
