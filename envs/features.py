@@ -82,11 +82,14 @@ class EngineModels:
         self._capacity: dict[tuple, float] = {}
 
     def __call__(self, info: EngineInfo) -> StructuralModel:
-        return structural_model(info.gpu, info.model, tp=info.tp, dtype=info.dtype, profile=info.profile)
+        return structural_model(
+            info.gpu, info.model, tp=info.tp, dtype=info.dtype, profile=info.profile, cuda_graphs=info.cuda_graphs
+        )
 
     def prefill_capacity(self, info: EngineInfo) -> float:
         """Tokens per second the engine computes with full token budgets (PRISM's capacity)."""
-        key = (info.gpu, info.model, info.tp, info.dtype, info.profile, registry_version(), info.max_num_batched_tokens)
+        key = (info.gpu, info.model, info.tp, info.dtype, info.profile, info.cuda_graphs, registry_version(),
+               info.max_num_batched_tokens)  # fmt: skip
         if key not in self._capacity:
             budget = info.max_num_batched_tokens
             self._capacity[key] = budget / (self(info).predict(StepBatch.prefill(budget)) / 1e3)

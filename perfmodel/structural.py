@@ -59,6 +59,8 @@ class StructuralModel:
         dtype: weight and KV dtype (``bf16``, ``fp16`` or ``fp8``).
         coefficients: explicit coefficients; by default the profile's for this GPU.
         profile: where coefficients come from (the shipped default if omitted).
+        cuda_graphs: decode-only steps replay a captured CUDA graph (vLLM's default unless
+            ``enforce_eager``), so they pay none of the per-kernel launch costs; other steps launch eagerly.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class StructuralModel:
         dtype: str = "bf16",
         coefficients: Coefficients | None = None,
         profile: Profile | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.gpu = get_gpu(gpu)
         self.model = get_model(model)
@@ -80,6 +83,7 @@ class StructuralModel:
                 f"tp={tp} does not divide the {self.model.num_attention_heads} attention heads of {self.model.name}"
             )
         self.tp = int(tp)
+        self.cuda_graphs = bool(cuda_graphs)
         self.coefficients = coefficients or (profile or default_profile()).coefficients(self.gpu)
         self._precompute()
 
@@ -147,6 +151,14 @@ class StructuralModel:
             self._comm_latency = 2 * c.comm_latency_ms  # two all-reduces per layer
         else:
             self._comm_ms_per_token = self._comm_latency = 0.0
+        # per-step kernel-launch costs a captured CUDA graph does not pay: linear layers and attention
+        gemms = len(self.gemms) + len(self.expert_gemms)
+        self._graph_saves_linear = (
+            self.layers * (self._layer_elem_launch + gemms * self._gemm_launch)
+            + self.elem_launch["emb"]
+            + self._gemm_launch
+        )
+        self._graph_saves_attention = self.layers * self._attn_launch
         self._experts = float(m.num_local_experts)
         self._top_k = float(m.num_experts_per_tok)
         self._miss = 1.0 - self._top_k / self._experts
@@ -179,6 +191,10 @@ class StructuralModel:
             self._attn_launch + batch.attn_pairs * self._attn_ms_per_pair + batch.kv_tokens * self._attn_ms_per_kv
         )
         communication = self.layers * (self._comm_latency + n * self._comm_ms_per_token)
+        if self.cuda_graphs:  # a decode-only step replays the captured graph: no launch costs
+            graphed = n == batch.num_decodes
+            linear = linear - graphed * self._graph_saves_linear
+            attention = attention - graphed * self._graph_saves_attention
         return {"overhead": overhead, "linear": linear, "attention": attention, "communication": communication}
 
     def predict(self, batch: StepBatch) -> float:
@@ -217,7 +233,7 @@ class StructuralModel:
 
 
 def structural_model(
-    gpu: str, model: str, tp: int = 1, dtype: str = "bf16", profile: str | None = None
+    gpu: str, model: str, tp: int = 1, dtype: str = "bf16", profile: str | None = None, cuda_graphs: bool = False
 ) -> StructuralModel:
     """The shared :class:`StructuralModel` of (GPU, model, TP, dtype) with the named profile (a shipped
     name, a JSON path or a registered name; the shipped default when None).
@@ -225,9 +241,11 @@ def structural_model(
     Models are immutable once built, so clusters, engines, features and predictive policies share one per
     configuration instead of each keeping a cache of its own.
     """
-    return _shared_model(gpu, model, tp, dtype, profile or "default", registry_version())
+    return _shared_model(gpu, model, tp, dtype, profile or "default", bool(cuda_graphs), registry_version())
 
 
 @functools.lru_cache(maxsize=512)
-def _shared_model(gpu: str, model: str, tp: int, dtype: str, profile: str, _version: int) -> StructuralModel:
-    return StructuralModel(gpu, model, tp=tp, dtype=dtype, profile=load_profile(profile))
+def _shared_model(
+    gpu: str, model: str, tp: int, dtype: str, profile: str, cuda_graphs: bool, _version: int
+) -> StructuralModel:
+    return StructuralModel(gpu, model, tp=tp, dtype=dtype, profile=load_profile(profile), cuda_graphs=cuda_graphs)

@@ -109,7 +109,9 @@ def check_buildable(config: ClusterConfig) -> None:
     for index, group in enumerate(config.groups):
         e = group.engine
         try:
-            perf = structural_model(e.gpu, e.model, tp=e.tp, dtype=e.dtype, profile=e.profile)
+            perf = structural_model(
+                e.gpu, e.model, tp=e.tp, dtype=e.dtype, profile=e.profile, cuda_graphs=e.cuda_graphs
+            )
             kv_capacity(perf, e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens, e.max_num_seqs)
         except PerfModelError as error:
             raise ClusterConfigError(f"group {group.name or index}: {error}") from None
@@ -169,7 +171,9 @@ class Cluster:
                         self.batch_policy,
                         np.random.default_rng([seed, len(self.engines)]),
                         host=self,
-                        perf=structural_model(e.gpu, e.model, tp=e.tp, dtype=e.dtype, profile=e.profile),
+                        perf=structural_model(
+                            e.gpu, e.model, tp=e.tp, dtype=e.dtype, profile=e.profile, cuda_graphs=e.cuda_graphs
+                        ),
                         step_listeners=self._on_step,
                     )
                 except PerfModelError as error:
@@ -187,6 +191,7 @@ class Cluster:
                 eng.total_blocks * eng.block_size,
                 eng.config.dtype,
                 eng.config.profile,
+                eng.config.cuda_graphs,
             )
             for eng in self.engines
         ]

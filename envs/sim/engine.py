@@ -68,6 +68,9 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     prefix_segment_tokens: int = 512  # tokens per prompt hash (Mooncake's hash_ids cover 512)
     profile: str = "default"  # performance-model profile: a shipped name, a JSON path, or a registered name
+    # decode-only steps replay CUDA graphs (vLLM's default unless enforce_eager): no kernel-launch costs.
+    # Off here by default: the shipped profile's launch costs were fitted on eager operator timings.
+    cuda_graphs: bool = False
     num_gpu_blocks: int | None = None  # KV blocks as a real engine reported them; None: the model's memory budget
 
     def __post_init__(self) -> None:
@@ -100,7 +103,12 @@ class Engine:
         # Observer.on_step of the subscribed observers (shared with the cluster, which appends to it)
         self._step_listeners = step_listeners if step_listeners is not None else []
         self.perf = perf or structural_model(
-            config.gpu, config.model, tp=config.tp, dtype=config.dtype, profile=config.profile
+            config.gpu,
+            config.model,
+            tp=config.tp,
+            dtype=config.dtype,
+            profile=config.profile,
+            cuda_graphs=config.cuda_graphs,
         )
         capacity = kv_capacity(
             self.perf,

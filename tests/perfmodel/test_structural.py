@@ -92,3 +92,17 @@ def test_malformed_sequences_are_rejected(seqs, message):
 def test_tp_must_divide_heads():
     with pytest.raises(CatalogError, match="tp=3 does not divide"):
         StructuralModel("H100-SXM", "Llama-3-8B", tp=3)
+
+
+def test_cuda_graphs_remove_launch_costs_from_decode_only_steps():
+    eager = StructuralModel("H100-SXM", "Llama-2-7B")
+    graphed = StructuralModel("H100-SXM", "Llama-2-7B", cuda_graphs=True)
+    c = eager.coefficients
+    decode, mixed = StepBatch.decode(16, 16 * 700), StepBatch.decode(16, 16 * 700) + StepBatch.prefill(512)
+    launches = 32 * (2 * c.elem_launch_ms["norm"] + c.elem_launch_ms["rope"] + c.elem_launch_ms["act"])
+    launches += 32 * (c.elem_launch_ms["add"] + 4 * c.gemm_launch_ms + c.attn_launch_ms)
+    launches += c.elem_launch_ms["emb"] + c.gemm_launch_ms  # embedding and LM head
+    assert eager.predict(decode) - graphed.predict(decode) == pytest.approx(launches, rel=1e-9)
+    assert graphed.predict(mixed) == eager.predict(mixed)  # a step with a prefill chunk launches eagerly
+    many = graphed.predict_many(StepBatchArray.from_batches([decode, mixed]))
+    assert list(many) == pytest.approx([graphed.predict(decode), graphed.predict(mixed)], rel=1e-12)
