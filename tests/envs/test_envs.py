@@ -80,14 +80,19 @@ def test_a_heuristic_through_step_equals_the_inline_simulation(router, cluster):
         assert through[key] == inline[key], key
 
 
-def test_batch_env_with_vllms_budget_equals_inline_vllm():
-    env = gym.make("servegym/Batch-v0", cluster=HETERO, workload=SMALL_WORKLOAD)
+def _batch_env_at_vllms_budget(**kwargs):
+    """A Batch-v0 episode giving vLLM's full budget at every decision; the environment and its last info."""
+    env = gym.make("servegym/Batch-v0", cluster=HETERO, workload=SMALL_WORKLOAD, **kwargs)
     env.reset(seed=0, options={"workload_seed": 3, "sim_seed": 7})
     full = env.unwrapped.budgets.index(8192)
     while True:
         _, _, terminated, truncated, info = env.step(full)
         if terminated or truncated:
-            break
+            return env, info
+
+
+def test_batch_env_with_vllms_budget_equals_inline_vllm():
+    _, info = _batch_env_at_vllms_budget()
     inline = _run_inline(LeastOutstandingRequests, HETERO)
     for key in ("completed", "slo_attainment", "ttft_p99_s", "tpot_p99_s", "e2e_p99_s", "sim_s"):
         # every step is a decision here, so no decode jumps: times agree to rounding, not to the last bit
@@ -193,13 +198,7 @@ def test_warmup_and_drain_refuse_what_they_cannot_do():
 def test_warm_up_decisions_of_every_kind_are_the_inline_heuristics():
     """Batch-v0 with 30 warm-up steps under vLLM's budget, then the agent: every engine step is one decision,
     30 of them the inline policy's, and giving vLLM's budget throughout equals the inline run."""
-    env = gym.make("servegym/Batch-v0", cluster=HETERO, workload=SMALL_WORKLOAD, warmup=30)
-    env.reset(seed=0, options={"workload_seed": 3, "sim_seed": 7})
-    full = env.unwrapped.budgets.index(8192)
-    while True:
-        _, _, terminated, truncated, info = env.step(full)
-        if terminated or truncated:
-            break
+    env, info = _batch_env_at_vllms_budget(warmup=30)
     assert sum(e.step_count for e in env.unwrapped.sim.engines) == info["decisions"] + 30
     inline = _run_inline(LeastOutstandingRequests, HETERO)
     assert info["summary"]["slo_attainment"] == pytest.approx(inline["slo_attainment"], rel=1e-9)
