@@ -15,7 +15,7 @@ import numpy as np
 
 from agents import run_dir
 from envs.features import FeatureContext, FeatureSpec
-from envs.sim.policies import RoutingPolicy, fallback_engine
+from envs.sim.policies import RoutingPolicy, least_outstanding
 from envs.sim.view import ClusterView, RequestInfo
 
 ALGORITHMS = {
@@ -72,7 +72,7 @@ class FeatureRouter(RoutingPolicy):
         choice = self.act(observation, mask)
         if choice not in candidates:
             self.fallbacks += 1
-            choice = fallback_engine(view, candidates)
+            choice = least_outstanding(view, candidates)
         if not decode_phase:
             self.context.observe_route(request, choice, view)
         return choice

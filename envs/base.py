@@ -33,7 +33,8 @@ from envs.sim.policies import (
     RoutingPolicy,
     StaticPools,
     VllmPolicy,
-    fallback_engine,
+    check_policy,
+    least_outstanding,
 )
 from envs.sim.request import Request
 from envs.sim.view import ClusterView, RequestInfo
@@ -133,11 +134,8 @@ class ServeGymEnv(gym.Env):
             ("batch", batch, BatchPolicy),
             ("pools", pools, PoolPolicy),
         ):
-            if value is not None and not isinstance(value, base):
-                raise ValueError(
-                    f"{name} must be an envs.sim.policies.{base.__name__} object (e.g. an instance from "
-                    f"agents/ or envs.sim.policies), got {value!r}"
-                )
+            if value is not None:
+                check_policy(name, value, base)
         self.cluster_config = (
             cluster if isinstance(cluster, ClusterConfig) else cluster_from(cluster or DEFAULT_CLUSTER)
         )
@@ -200,9 +198,9 @@ class ServeGymEnv(gym.Env):
         """The answer to an invalid action: least outstanding requests for routing, the largest listed budget
         for batching, no flip for pools."""
         if decision.kind is DecisionKind.ROUTE:
-            return fallback_engine(decision.view, decision.view.prefill_candidates)
+            return least_outstanding(decision.view, decision.view.prefill_candidates)
         if decision.kind is DecisionKind.ROUTE_DECODE:
-            return fallback_engine(decision.view, decision.view.decode_candidates)
+            return least_outstanding(decision.view, decision.view.decode_candidates)
         if decision.kind is DecisionKind.BATCH:
             return self.budgets[-1]
         return []

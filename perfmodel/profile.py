@@ -214,8 +214,7 @@ def register_profile(profile: Profile) -> None:
     policies): what a calibration loop does with each candidate instead of writing files."""
     global _registry_version
     _REGISTERED[profile.name] = profile
-    _registry_version += 1
-    _load_file.cache_clear()
+    _registry_version += 1  # invalidates the structural models built under the name; files stay cached
 
 
 def registry_version() -> int:

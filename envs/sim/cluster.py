@@ -26,13 +26,11 @@ import simpy
 from envs.sim.engine import Engine, EngineConfig
 from envs.sim.errors import ClusterConfigError
 from envs.sim.metrics import SimResult
-from envs.sim.policies import BatchPolicy, Observer, PoolPolicy, RoutingPolicy, VllmPolicy, overrides
+from envs.sim.policies import BatchPolicy, Observer, PoolPolicy, RoutingPolicy, VllmPolicy, check_policy, overrides
 from envs.sim.request import Request, State
 from envs.sim.roles import SERVING_ROLES, TAKES_NEW, Role, flip_allowed
 from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
-from perfmodel.capacity import kv_capacity
 from perfmodel.errors import PerfModelError
-from perfmodel.structural import structural_model
 
 __all__ = ["Cluster", "ClusterConfig", "InstanceGroup", "KvLink", "check_buildable"]
 
@@ -107,12 +105,8 @@ def check_buildable(config: ClusterConfig) -> None:
     """Raise :class:`ClusterConfigError` naming the group if an engine of ``config`` cannot be built (an
     unknown GPU or model, a TP degree that does not divide the heads, weights that do not fit the GPU)."""
     for index, group in enumerate(config.groups):
-        e = group.engine
         try:
-            perf = structural_model(
-                e.gpu, e.model, tp=e.tp, dtype=e.dtype, profile=e.profile, cuda_graphs=e.cuda_graphs
-            )
-            kv_capacity(perf, e.gpu_memory_utilization, e.block_size, e.max_num_batched_tokens, e.max_num_seqs)
+            group.engine.kv_capacity()
         except PerfModelError as error:
             raise ClusterConfigError(f"group {group.name or index}: {error}") from None
 
@@ -139,9 +133,9 @@ class Cluster:
         pool_policy: PoolPolicy | None = None,
         keep_requests: bool = True,
     ) -> None:
-        _check_policy("router", router, RoutingPolicy)
-        _check_policy("batch policy", batch_policy, BatchPolicy, optional=True)
-        _check_policy("pool policy", pool_policy, PoolPolicy, optional=True)
+        check_policy("router", router, RoutingPolicy)  # the batch policy is checked by each engine
+        if pool_policy is not None:
+            check_policy("pool policy", pool_policy, PoolPolicy)
         self.config, self.router, self.pool_policy = config, router, pool_policy
         self.batch_policy = batch_policy or VllmPolicy()
         self.keep_requests = keep_requests
@@ -171,9 +165,6 @@ class Cluster:
                         self.batch_policy,
                         np.random.default_rng([seed, len(self.engines)]),
                         host=self,
-                        perf=structural_model(
-                            e.gpu, e.model, tp=e.tp, dtype=e.dtype, profile=e.profile, cuda_graphs=e.cuda_graphs
-                        ),
                         step_listeners=self._on_step,
                     )
                 except PerfModelError as error:
@@ -261,8 +252,7 @@ class Cluster:
             at = tick * interval
             if at > self.env.now:
                 yield self.env.timeout(at - self.env.now)
-            self._snapshots = [self._snapshot(engine) for engine in self.engines]
-            self._snapshot_tick = tick
+            self._take_snapshots(tick)
 
     def _scrape(self):
         """For a stream of unknown length: take snapshots every interval while requests remain."""
@@ -272,8 +262,11 @@ class Cluster:
             at = tick * interval
             if at > self.env.now:
                 yield self.env.timeout(at - self.env.now)
-            self._snapshots = [self._snapshot(engine) for engine in self.engines]
-            self._snapshot_tick = tick
+            self._take_snapshots(tick)
+
+    def _take_snapshots(self, tick: int) -> None:
+        self._snapshots = [self._snapshot(engine) for engine in self.engines]
+        self._snapshot_tick = tick
 
     # -- arrivals and completions ------------------------------------------------------------------------
     def _arrivals(self, requests: Iterable[Request], progress):
@@ -463,16 +456,4 @@ class Cluster:
             engines=self.engines,
             sim_s=self.env.now,
             wall_s=time.perf_counter() - started,
-        )
-
-
-def _check_policy(what: str, policy: object, base: type, optional: bool = False) -> None:
-    """Refuse a policy that is not an object of its base class (a string from a config, say), naming it."""
-    if policy is None and optional:
-        return
-    if not isinstance(policy, base):
-        hint = " (a name: load it through agents.harness.load_policy)" if isinstance(policy, str) else ""
-        raise ClusterConfigError(
-            f"{what} must be an envs.sim.policies.{base.__name__} object, got {policy!r}{hint}; "
-            f"subclass {base.__name__} (its optional members have defaults)"
         )

@@ -30,12 +30,12 @@ import numpy as np
 import simpy
 
 from envs.sim.errors import ClusterConfigError
-from envs.sim.policies import BatchPolicy, EngineView, overrides
+from envs.sim.policies import BatchPolicy, EngineView, check_policy, overrides
 from envs.sim.prefix_cache import PrefixCache
 from envs.sim.request import Request, State
 from envs.sim.roles import SERVING_ROLES, Role
 from perfmodel.batch import StepBatch
-from perfmodel.capacity import kv_capacity
+from perfmodel.capacity import KvCapacity, kv_capacity
 from perfmodel.structural import StructuralModel, structural_model
 
 
@@ -82,6 +82,22 @@ class EngineConfig:
             raise ClusterConfigError(f"role must be one of {[str(r) for r in SERVING_ROLES]}, got {self.role!r}")
         object.__setattr__(self, "role", Role(self.role))
 
+    def perf_model(self) -> StructuralModel:
+        """The shared performance model of this engine's GPU, model, TP, dtype, profile and CUDA graphs."""
+        return structural_model(
+            self.gpu, self.model, tp=self.tp, dtype=self.dtype, profile=self.profile, cuda_graphs=self.cuda_graphs
+        )
+
+    def kv_capacity(self, perf: StructuralModel | None = None) -> KvCapacity:
+        """KV blocks and tokens left for the cache by weights and activations (raises if the model does not fit)."""
+        return kv_capacity(
+            perf or self.perf_model(),
+            self.gpu_memory_utilization,
+            self.block_size,
+            self.max_num_batched_tokens,
+            self.max_num_seqs,
+        )
+
 
 class Engine:
     """A simpy process that runs steps; requests enter through :meth:`submit`."""
@@ -102,21 +118,8 @@ class Engine:
         self.set_role(config.role)
         # Observer.on_step of the subscribed observers (shared with the cluster, which appends to it)
         self._step_listeners = step_listeners if step_listeners is not None else []
-        self.perf = perf or structural_model(
-            config.gpu,
-            config.model,
-            tp=config.tp,
-            dtype=config.dtype,
-            profile=config.profile,
-            cuda_graphs=config.cuda_graphs,
-        )
-        capacity = kv_capacity(
-            self.perf,
-            config.gpu_memory_utilization,
-            config.block_size,
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
-        )
+        self.perf = perf or config.perf_model()
+        capacity = config.kv_capacity(self.perf)
         self.total_blocks = config.num_gpu_blocks or capacity.num_blocks  # a measured count replaces the estimate
         self.free_blocks = self.total_blocks
         self.block_size = config.block_size
@@ -156,16 +159,11 @@ class Engine:
         )
         self._interrupt_pending = False
         self._wake = env.event()
-        if not isinstance(policy, BatchPolicy):
-            raise TypeError(
-                f"batch policy {policy!r} is not an envs.sim.policies.BatchPolicy; subclass it "
-                "(token_budget and the optional members have defaults there)"
-            )
+        check_policy("batch policy", policy, BatchPolicy)
         self._chunk_cap = policy.max_chunk_tokens or (1 << 62)
         self._shortest_first = policy.prefill_order == "shortest_remaining"
         # optional hooks, called only when the policy overrides them (the defaults cost nothing here)
         self._admit_hook = policy.admit if overrides(policy, BatchPolicy, "admit") else None
-        self._victim_hook = policy.choose_victim if overrides(policy, BatchPolicy, "choose_victim") else None
         self._external_budget = policy.request_budget if overrides(policy, BatchPolicy, "request_budget") else None
         # engine-pushed state (SynergySched-style): queued prefill work and recent step shape
         self.waiting_tokens = 0  # prefill tokens of waiting requests
@@ -594,7 +592,7 @@ class Engine:
     def _preempt(self, step: int) -> None:
         """Preempt a running request (recompute), freeing its KV blocks: the most recently admitted unless
         the batch policy chooses."""
-        victim = self._victim_hook(self.view) if self._victim_hook else self.running[next(reversed(self.running))]
+        victim = self.policy.choose_victim(self.view)  # vLLM's default: the newest admitted
         if victim.state is State.DECODE:
             done = self.step_count - victim.decode_entry_step
             ctx = victim.decode_entry_ctx + done

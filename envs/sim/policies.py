@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import simpy
 
+from envs.sim.errors import ClusterConfigError
 from envs.sim.roles import Role
 from envs.sim.view import ClusterView, RequestInfo
 
@@ -43,9 +44,11 @@ if TYPE_CHECKING:
     from perfmodel.structural import StructuralModel
 
 
-def fallback_engine(view: ClusterView, candidates: Sequence[int]) -> int:
-    """The valid engine an invalid choice falls back to: fewest outstanding requests, lowest index."""
-    return min(candidates, key=lambda i: (view.outstanding_requests[i], i))
+def least_outstanding(view: ClusterView, candidates: Sequence[int]) -> int:
+    """The candidate with the fewest requests the router sent and has not seen finish, the first on ties
+    (candidates in ascending order, as the view lists them): least-outstanding routing, the default decode
+    placement, and where an invalid choice falls back to."""
+    return min(candidates, key=view.outstanding_requests.__getitem__)
 
 
 class Observer:
@@ -64,6 +67,16 @@ class Observer:
         """An engine ran a step: its batch and latency (the feed of online refits). Decode jumps report every step."""
 
 
+def check_policy(what: str, policy: object, base: type) -> None:
+    """Refuse a policy that is not an object of its base class (a name from a config, say), naming it."""
+    if not isinstance(policy, base):
+        hint = " (a name: load it through agents.harness.load_policy)" if isinstance(policy, str) else ""
+        raise ClusterConfigError(
+            f"{what} must be an envs.sim.policies.{base.__name__} object, got {policy!r}{hint}; "
+            f"subclass {base.__name__} (its optional members have defaults)"
+        )
+
+
 def overrides(policy: object, base: type, member: str) -> bool:
     """Whether ``policy``'s class overrides ``base``'s method ``member`` (defaults are skipped on hot paths)."""
     return getattr(type(policy), member) is not getattr(base, member)
@@ -79,7 +92,7 @@ class RoutingPolicy(Observer):
     def route_decode(self, request: RequestInfo, view: ClusterView) -> int | simpy.Event:
         """The decode instance (in ``view.decode_candidates``) of a prefilled request. Default: least
         outstanding requests, lowest index on ties."""
-        return min(view.decode_candidates, key=view.outstanding_requests.__getitem__)
+        return least_outstanding(view, view.decode_candidates)
 
 
 class PoolPolicy(Observer):
@@ -168,7 +181,7 @@ class LeastOutstandingRequests(RoutingPolicy):
     """The engine with the fewest requests the router sent and has not seen finish (ties: lowest index)."""
 
     def route(self, request: RequestInfo, view: ClusterView) -> int:
-        return min(view.prefill_candidates, key=view.outstanding_requests.__getitem__)
+        return least_outstanding(view, view.prefill_candidates)
 
 
 class EngineView:
