@@ -16,7 +16,7 @@ from perfmodel.catalog import DATA_DIR, get_gpu, get_model, register_catalog
 from perfmodel.errors import PerfModelError
 from perfmodel.profile import Profile, load_profile
 
-DEFAULT_PROFILE_PATH = DATA_DIR / "profiles" / "default.json"
+VIDUR_PROFILE_PATH = DATA_DIR / "profiles" / "vidur.json"
 
 
 def _load_profile(name: str | None) -> Profile:
@@ -32,9 +32,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     models: dict[tuple, StructuralModel] = {}
     out = sys.stdout
     for record in read_steps(args.steps):
-        key = (record.gpu, record.model, record.tp, record.dtype)
+        key = (record.gpu, record.model, record.tp, record.dtype, record.cuda_graphs)
         if key not in models:
-            models[key] = StructuralModel(record.gpu, record.model, record.tp, record.dtype, profile=profile)
+            models[key] = StructuralModel(*key[:4], profile=profile, cuda_graphs=record.cuda_graphs)
         line = dict(record.raw)
         if "latency_ms" in line:
             line["measured_latency_ms"] = line["latency_ms"]
@@ -44,15 +44,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from perfmodel.calibrate import calibrate_file
+    from perfmodel.calibrate import calibrate, holdout_errors, split_by_tp
+    from perfmodel.steplog import read_steps
 
-    profile = calibrate_file(args.measured, base=_load_profile(args.base), prior_weight=args.prior_weight)
+    base = _load_profile(args.base)
+    records = list(read_steps(args.measured, need_latency=True))
+    held: list = []
+    if args.hold_out_tp:
+        try:
+            degrees = [int(tp) for tp in args.hold_out_tp.split(",")]
+        except ValueError:
+            raise PerfModelError(f"--hold-out-tp takes comma-separated integers, got {args.hold_out_tp!r}") from None
+        try:
+            records, held = split_by_tp(records, degrees)
+        except ValueError as error:
+            raise PerfModelError(f"{args.measured}: {error}") from None
+    profile = calibrate(records, base=base, prior_weight=args.prior_weight, source=str(args.measured))
     profile.save(args.out)
     for gpu, fit in profile.provenance["fit"].items():
         print(
             f"{gpu}: {fit['steps']} steps of {', '.join(fit['models'])} at TP {fit['tp']}: "
             f"in-sample MAPE {fit['in_sample_mape']:.1%}"
         )
+    if held:
+        print(f"held-out TP {args.hold_out_tp} (never seen by the fit): MAPE / P90 APE, calibrated vs base profile")
+        for (gpu, model, tp, n, mape, p90), (*_, base_mape, base_p90) in zip(
+            holdout_errors(held, profile), holdout_errors(held, base), strict=True
+        ):
+            print(f"  {gpu} {model} TP {tp}: {n} steps, {mape:.1%} / {p90:.1%} (base {base_mape:.1%} / {base_p90:.1%})")
     print(f"wrote {args.out}")
     return 0
 
@@ -199,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="pull of each coefficient towards the base profile (default 0.01)",
     )
+    calibrate.add_argument(
+        "--hold-out-tp", help="comma-separated TP degrees to leave out of the fit and report held-out errors on"
+    )
     calibrate.set_defaults(func=cmd_calibrate)
 
     report = commands.add_parser("report", help="held-out accuracy of every model family, with a plot")
@@ -208,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     fit = commands.add_parser("fit-vidur", help="refit the shipped profile from the bundled Vidur measurements")
-    fit.add_argument("--out", default=str(DEFAULT_PROFILE_PATH))
+    fit.add_argument("--out", default=str(VIDUR_PROFILE_PATH))
     fit.set_defaults(func=cmd_fit_vidur)
 
     bench = commands.add_parser("microbench", help="time real torch kernels of a model's shapes; write a step log")

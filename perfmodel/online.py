@@ -61,14 +61,20 @@ class OnlineRefit:
 
     def features(self, batch: StepBatch) -> np.ndarray:
         """The regressors: 1, sequences, and the linear, attention and communication terms (ms)."""
+        return self._terms(batch)[0]
+
+    def _terms(self, batch: StepBatch) -> tuple[np.ndarray, float]:
+        """The regressors and the host-launch wait, which is kept as modelled (an offset, not a weight)."""
         t = self.perf.terms(batch)
-        return np.array([1.0, float(batch.num_seqs), t["linear"], t["attention"], t["communication"]])
+        phi = np.array([1.0, float(batch.num_seqs), t["linear"], t["attention"], t["communication"]])
+        return phi, float(t["host_wait"])
 
     def predict(self, batch: StepBatch) -> float:
         """Latency (ms) under the applied weights."""
         if batch.num_tokens <= 0:
             return 0.0
-        return float(self.features(batch) @ self.weights)
+        phi, offset = self._terms(batch)
+        return float(phi @ self.weights) + offset
 
     @property
     def recent_mape(self) -> float:
@@ -78,12 +84,12 @@ class OnlineRefit:
         """Feed one measured step; returns True when this observation triggered a refit."""
         if batch.num_tokens <= 0 or not latency_ms > 0:
             raise ValueError(f"observe needs a non-empty batch and a positive latency, got {latency_ms!r}")
-        phi = self.features(batch)
-        self._errors.append(abs(float(phi @ self.weights) / latency_ms - 1.0))
-        x = phi / latency_ms  # relative-error regression: target 1
+        phi, offset = self._terms(batch)
+        self._errors.append(abs((float(phi @ self.weights) + offset) / latency_ms - 1.0))
+        x = phi / latency_ms  # relative-error regression: target 1 less the offset's share
         gain_denominator = self.forgetting + x @ self._cov @ x
         gain = self._cov @ x / gain_denominator
-        self._estimate = self._estimate + gain * (1.0 - x @ self._estimate)
+        self._estimate = self._estimate + gain * (1.0 - offset / latency_ms - x @ self._estimate)
         self._cov = (self._cov - np.outer(gain, x @ self._cov)) / self.forgetting
         trace, trace0 = np.trace(self._cov), np.trace(self._p0)
         if trace > trace0:  # directions the data do not excite must not wind up without bound

@@ -34,6 +34,8 @@ class Coefficients:
     (eff * bandwidth)``; attention ``launch + flops / (eff_f * peak) + kv_bytes / (eff_b * bandwidth)``;
     an all-reduce ``latency + ring_bytes / (eff * link_bandwidth)``; every step pays ``step_overhead_ms``
     plus ``seq_overhead_ms`` per sequence for scheduling, input preparation and sampling on the CPU.
+    ``host_launch_ms`` is the host's cost of launching one kernel eagerly (framework dispatch and the CUDA
+    launch): the GPU part of a step cannot finish before the host has launched all of its kernels.
     ``request_overhead_ms`` is not a step term: the serving stack's time from a request's arrival to the
     scheduler seeing it (HTTP, tokenisation), which the simulated engine adds before queuing it; 0 unless a
     serving calibration measured it.
@@ -55,6 +57,7 @@ class Coefficients:
     attn_launch_ms: float = 0.010
     comm_link_eff: float = 0.70
     comm_latency_ms: float = 0.020
+    host_launch_ms: float = 0.005
     step_overhead_ms: float = 1.0
     seq_overhead_ms: float = 0.005
     request_overhead_ms: float = 0.0

@@ -240,7 +240,12 @@ def step_accuracy(path: Path = CPU_STEP_LOG) -> pd.DataFrame:
     profile = calibrate(train, source=str(path))
     predicted = {
         "structural": np.array(
-            [StructuralModel(r.gpu, r.model, r.tp, r.dtype, profile=profile).predict(r.batch) for r in test]
+            [
+                StructuralModel(r.gpu, r.model, r.tp, r.dtype, profile=profile, cuda_graphs=r.cuda_graphs).predict(
+                    r.batch
+                )
+                for r in test
+            ]
         ),
         "roofline": np.array([RooflineModel(r.gpu, r.model, r.tp, r.dtype).predict(r.batch) for r in test]),
         "saturation": SaturationModel.fit(train_batches, train_latency).predict_many(test_batches),

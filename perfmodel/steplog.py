@@ -1,8 +1,9 @@
 """Step logs: JSON lines of one engine step each, as ``predict`` reads and ``calibrate`` fits.
 
 A line is ``{"gpu": "H100-SXM", "model": "Llama-2-70B", "tp": 4, "seqs": [[512, 0], [1, 900]]}``
-with optional ``"dtype"`` (default bf16) and, in measurements, ``"latency_ms"``. Other keys are kept
-and echoed back. Every problem is reported as ``FILE:LINE: what is wrong``.
+with optional ``"dtype"`` (default bf16), ``"cuda_graphs"`` (default false: the step ran eagerly, as
+the microbenchmark's do; true for a vLLM engine's decode-only steps) and, in measurements,
+``"latency_ms"``. Other keys are kept and echoed back. Every problem is reported as ``FILE:LINE: what is wrong``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class StepRecord:
     batch: StepBatch
     latency_ms: float | None
     raw: dict[str, Any] = field(repr=False)
+    cuda_graphs: bool = False
 
 
 def parse_line(text: str, where: str, need_latency: bool = False) -> StepRecord:
@@ -65,10 +67,13 @@ def parse_line(text: str, where: str, need_latency: bool = False) -> StepRecord:
         batch = StepBatch.from_seqs(raw["seqs"])
     except BatchError as error:
         raise StepLogError(f"{where}: {error}") from None
+    graphs = raw.get("cuda_graphs", False)
+    if not isinstance(graphs, bool):
+        raise StepLogError(f"{where}: cuda_graphs must be true or false, got {graphs!r}")
     latency = raw.get("latency_ms")
     if latency is not None and (isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency <= 0):
         raise StepLogError(f"{where}: latency_ms must be a positive number, got {latency!r}")
-    return StepRecord(gpu, model, tp, dtype, batch, None if latency is None else float(latency), raw)
+    return StepRecord(gpu, model, tp, dtype, batch, None if latency is None else float(latency), raw, graphs)
 
 
 def read_steps(path: str | Path, need_latency: bool = False) -> Iterator[StepRecord]:

@@ -4,7 +4,10 @@ A step runs every layer's GEMMs (QKV, O, MLP up and down, MoE experts), elementw
 RoPE, activation, residual add), attention over the KV cache, and with tensor parallelism two
 all-reduces per layer; then the LM head for the sequences that sample, plus CPU overhead per step and
 per sequence. Each term is a roofline of FLOPs and bytes against the GPU's datasheet peaks, scaled by
-fitted efficiencies (:class:`perfmodel.profile.Coefficients`). The formulas use only arithmetic
+fitted efficiencies (:class:`perfmodel.profile.Coefficients`). The host launches every kernel of an eager
+step; when the kernels are shorter than their launches (small shards at high TP, small batches) the GPU
+waits on the host, so a step takes a smooth maximum of GPU time and host launch time, not their sum. A
+decode-only step that replays a captured CUDA graph launches once. The formulas use only arithmetic
 operators, so the same code evaluates one batch (Python floats, a few microseconds) or many (NumPy
 arrays, vectorised).
 """
@@ -33,7 +36,8 @@ VIDUR_OPS = (
     "mlp_down_proj",
     "add",
 )
-TERM_NAMES = ("overhead", "linear", "attention", "communication")
+TERM_NAMES = ("overhead", "linear", "attention", "communication", "host_wait")
+HOST_SMOOTHNESS = 4.0  # order of the smooth maximum of GPU time and host launch time
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ class StructuralModel:
         coefficients: explicit coefficients; by default the profile's for this GPU.
         profile: where coefficients come from (the shipped default if omitted).
         cuda_graphs: decode-only steps replay a captured CUDA graph (vLLM's default unless
-            ``enforce_eager``), so they pay none of the per-kernel launch costs; other steps launch eagerly.
+            ``enforce_eager``): one host launch instead of one per kernel, so such a step never waits on the
+            host; other steps launch eagerly. (The GPU-side cost of each kernel stays.)
     """
 
     def __init__(
@@ -71,7 +76,7 @@ class StructuralModel:
         dtype: str = "bf16",
         coefficients: Coefficients | None = None,
         profile: Profile | None = None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         self.gpu = get_gpu(gpu)
         self.model = get_model(model)
@@ -151,14 +156,12 @@ class StructuralModel:
             self._comm_latency = 2 * c.comm_latency_ms  # two all-reduces per layer
         else:
             self._comm_ms_per_token = self._comm_latency = 0.0
-        # per-step kernel-launch costs a captured CUDA graph does not pay: linear layers and attention
-        gemms = len(self.gemms) + len(self.expert_gemms)
-        self._graph_saves_linear = (
-            self.layers * (self._layer_elem_launch + gemms * self._gemm_launch)
-            + self.elem_launch["emb"]
-            + self._gemm_launch
-        )
-        self._graph_saves_attention = self.layers * self._attn_launch
+        # kernels the host launches in an eager step: per layer the norms, RoPE, activation, residual adds,
+        # GEMMs, attention and the all-reduces; then the embedding and the LM head
+        per_layer = 2 + 1 + 1 + 2 + len(self.gemms) + len(self.expert_gemms) + 1 + (2 if tp > 1 else 0)
+        self._host_launch = (self.layers * per_layer + 2) * c.host_launch_ms
+        self._host_pow = self._host_launch**HOST_SMOOTHNESS  # the smooth maximum works on 4th powers
+        self._graph_host_pow = c.host_launch_ms**HOST_SMOOTHNESS  # a graph replay is one launch
         self._experts = float(m.num_local_experts)
         self._top_k = float(m.num_experts_per_tok)
         self._miss = 1.0 - self._top_k / self._experts
@@ -182,7 +185,11 @@ class StructuralModel:
         return total
 
     def terms(self, batch: StepBatch | StepBatchArray) -> dict[str, Any]:
-        """Latency of each term (ms) — overhead, linear layers, attention, communication — for one or many batches."""
+        """Latency of each term (ms) — overhead, linear layers, attention, communication, and the time the GPU
+        waits on kernel launches — for one or many batches."""
+        return dict(zip(TERM_NAMES, self._terms(batch), strict=True))
+
+    def _terms(self, batch: StepBatch | StepBatchArray) -> tuple[Any, Any, Any, Any, Any]:
         n, s = batch.num_tokens, batch.num_seqs
         overhead = self.coefficients.step_overhead_ms + s * self.coefficients.seq_overhead_ms
         emb = self.elem_launch["emb"] + n * self.elem_ms_per_token["emb"]
@@ -191,18 +198,20 @@ class StructuralModel:
             self._attn_launch + batch.attn_pairs * self._attn_ms_per_pair + batch.kv_tokens * self._attn_ms_per_kv
         )
         communication = self.layers * (self._comm_latency + n * self._comm_ms_per_token)
-        if self.cuda_graphs:  # a decode-only step replays the captured graph: no launch costs
-            graphed = n == batch.num_decodes
-            linear = linear - graphed * self._graph_saves_linear
-            attention = attention - graphed * self._graph_saves_attention
-        return {"overhead": overhead, "linear": linear, "attention": attention, "communication": communication}
+        host_pow = self._host_pow
+        if self.cuda_graphs:  # a decode-only step replays the captured graph: one launch
+            host_pow = host_pow - (n == batch.num_decodes) * (host_pow - self._graph_host_pow)
+        gpu = linear + attention + communication
+        gpu2 = gpu * gpu
+        host_wait = (gpu2 * gpu2 + host_pow) ** 0.25 - gpu  # smooth max of order HOST_SMOOTHNESS = 4
+        return overhead, linear, attention, communication, host_wait
 
     def predict(self, batch: StepBatch) -> float:
         """Latency (ms) of one step; an empty batch costs nothing (no step runs)."""
         if batch.num_tokens <= 0:
             return 0.0
-        t = self.terms(batch)
-        return float(t["overhead"] + t["linear"] + t["attention"] + t["communication"])
+        overhead, linear, attention, communication, host_wait = self._terms(batch)
+        return float(overhead + linear + attention + communication + host_wait)
 
     def predict_seqs(self, seqs: list[tuple[int, int]]) -> float:
         """Latency (ms) of a step given as ``[(new_tokens, context_tokens), ...]``."""
@@ -210,8 +219,8 @@ class StructuralModel:
 
     def predict_many(self, batches: StepBatchArray) -> np.ndarray:
         """Latencies (ms) of many steps at once (vectorised; empty batches give 0)."""
-        t = self.terms(batches)
-        total = t["overhead"] + t["linear"] + t["attention"] + t["communication"]
+        overhead, linear, attention, communication, host_wait = self._terms(batches)
+        total = overhead + linear + attention + communication + host_wait
         return np.where(batches.num_tokens > 0, total, 0.0)
 
     def vidur_ops_ms(self, num_tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -233,7 +242,7 @@ class StructuralModel:
 
 
 def structural_model(
-    gpu: str, model: str, tp: int = 1, dtype: str = "bf16", profile: str | None = None, cuda_graphs: bool = False
+    gpu: str, model: str, tp: int = 1, dtype: str = "bf16", profile: str | None = None, cuda_graphs: bool = True
 ) -> StructuralModel:
     """The shared :class:`StructuralModel` of (GPU, model, TP, dtype) with the named profile (a shipped
     name, a JSON path or a registered name; the shipped default when None).

@@ -4,9 +4,10 @@ Vidur (MIT, microsoft/vidur) timed every operator of a transformer layer — GEM
 activation, residual add, embedding — on A100, A40 and H100 for several models, token counts and
 tensor-parallel degrees, and all-reduce latency by message size. The structural model predicts each
 of those operators from its FLOPs and bytes, so the GPU's efficiencies are fitted by least squares on
-log time (relative error) over all models and TP degrees at once. The attention kernel and the CPU
-overhead are not in these files; they keep their priors until step logs are calibrated
-(:mod:`perfmodel.calibrate`).
+log time (relative error) over all models and TP degrees at once. Vidur's attention profiles are not in
+these files; three of its measured decode-attention times (:data:`VIDUR_DECODE_ATTENTION`) fix the share
+of HBM bandwidth paged decode attention reaches, which every GPU takes as its prior. The CPU overhead is
+not in Vidur's data at all: serving calibration fits it (:mod:`envs.sim.serving_calibration`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ ELEMENT_OPS = {
     "emb": "emb",
 }
 LAYER_OPS = GEMM_OPS + tuple(op for op in ELEMENT_OPS if op != "emb")
+
+# Vidur's measured decode attention of Llama-2-7B on A100-80GB (one layer, TP 1, KV block 16), as quoted in
+# ../shared/data/serving/README.md: (batch, context per sequence, ms).
+VIDUR_DECODE_ATTENTION = ((32, 1216, 0.369), (32, 1728, 0.519), (1, 1728, 0.025))
+VIDUR_ATTENTION_SOURCE = (
+    "microsoft/vidur attention profiles (MIT): Llama-2-7B decode attention on A100-80GB, batch 32 at context "
+    "1,216 and 1,728, batch 1 at 1,728"
+)
 
 
 def load_ops() -> pd.DataFrame:
@@ -127,6 +136,30 @@ def fit_allreduce(collectives: pd.DataFrame, gpu: str, base: Coefficients) -> Co
     return base.with_values({"comm_latency_ms": latency, "comm_link_eff": eff})
 
 
+def fit_decode_attention(base: Coefficients, gpu: str = "A100-80GB", model: str = "Llama-2-7B") -> Coefficients:
+    """Attention's share of HBM bandwidth and its per-layer fixed cost from :data:`VIDUR_DECODE_ATTENTION`.
+
+    A decode reads every KV entry of its context once, so per layer the time is ``launch + kv_bytes /
+    (eff * bandwidth)``: two parameters, three measurements (least squares on log time)."""
+    from perfmodel.batch import StepBatch
+
+    batches = [StepBatch.decode(b, b * ctx) for b, ctx, _ in VIDUR_DECODE_ATTENTION]
+    measured = np.log([ms for _, _, ms in VIDUR_DECODE_ATTENTION])
+
+    def residuals(log_values: np.ndarray) -> np.ndarray:
+        eff, launch = np.exp(log_values)
+        trial = StructuralModel(
+            gpu, model, coefficients=base.with_values({"attn_mem_eff": eff, "attn_launch_ms": launch})
+        )
+        per_layer = [trial.terms(b)["attention"] / trial.layers for b in batches]
+        return np.log(per_layer) - measured
+
+    start = np.log([base.attn_mem_eff, base.attn_launch_ms])
+    result = least_squares(residuals, start, bounds=(np.log([0.05, 1e-4]), np.log([1.0, 0.1])))
+    eff, launch = np.exp(result.x)
+    return base.with_values({"attn_mem_eff": eff, "attn_launch_ms": launch})
+
+
 def fit_vidur_profile(
     ops: pd.DataFrame | None = None, collectives: pd.DataFrame | None = None, gpus: Sequence[str] | None = None
 ) -> Profile:
@@ -138,12 +171,16 @@ def fit_vidur_profile(
         provenance={
             "source": "microsoft/vidur profiling data (MIT License), compute/*/mlp.csv and network/*/all_reduce.csv",
             "fitted_by": "python -m perfmodel fit-vidur",
-            "fitted_terms": "GEMM and elementwise efficiencies per GPU; all-reduce latency and link efficiency",
-            "prior_terms": "attention efficiencies, step and per-sequence CPU overhead (not in Vidur's files)",
+            "fitted_terms": "GEMM and elementwise efficiencies per GPU; all-reduce latency and link efficiency; "
+            "decode attention's share of HBM bandwidth and fixed cost (A100-80GB, the prior of every GPU)",
+            "attention_source": VIDUR_ATTENTION_SOURCE,
+            "prior_terms": "prefill attention FLOP efficiency, host launch cost, step and per-sequence CPU overhead",
             "rows": len(ops),
         },
     )
+    attention = fit_decode_attention(Coefficients())
+    shared = {"attn_mem_eff": attention.attn_mem_eff, "attn_launch_ms": attention.attn_launch_ms}
     for gpu in gpus or sorted(ops["gpu"].unique()):
-        coefficients = fit_gpu_ops(ops, gpu)
+        coefficients = fit_gpu_ops(ops, gpu, base=Coefficients().with_values(shared))
         profile.gpus[gpu] = fit_allreduce(collectives, gpu, coefficients)
     return profile

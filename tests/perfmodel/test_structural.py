@@ -94,15 +94,24 @@ def test_tp_must_divide_heads():
         StructuralModel("H100-SXM", "Llama-3-8B", tp=3)
 
 
-def test_cuda_graphs_remove_launch_costs_from_decode_only_steps():
-    eager = StructuralModel("H100-SXM", "Llama-2-7B")
-    graphed = StructuralModel("H100-SXM", "Llama-2-7B", cuda_graphs=True)
-    c = eager.coefficients
-    decode, mixed = StepBatch.decode(16, 16 * 700), StepBatch.decode(16, 16 * 700) + StepBatch.prefill(512)
-    launches = 32 * (2 * c.elem_launch_ms["norm"] + c.elem_launch_ms["rope"] + c.elem_launch_ms["act"])
-    launches += 32 * (c.elem_launch_ms["add"] + 4 * c.gemm_launch_ms + c.attn_launch_ms)
-    launches += c.elem_launch_ms["emb"] + c.gemm_launch_ms  # embedding and LM head
-    assert eager.predict(decode) - graphed.predict(decode) == pytest.approx(launches, rel=1e-9)
+def test_eager_steps_wait_on_host_launches_and_cuda_graphs_remove_the_wait():
+    # Llama-3-8B over 8 GPUs decoding one sequence with a slow host (20 us a launch): each shard's kernels
+    # are shorter than their launches
+    slow_host = StructuralModel("H100-SXM", "Llama-3-8B").coefficients.with_values({"host_launch_ms": 0.02})
+    eager = StructuralModel("H100-SXM", "Llama-3-8B", tp=8, coefficients=slow_host, cuda_graphs=False)
+    graphed = StructuralModel("H100-SXM", "Llama-3-8B", tp=8, coefficients=slow_host, cuda_graphs=True)
+    small, mixed = StepBatch.decode(1, 100), StepBatch.decode(1, 100) + StepBatch.prefill(512)
+    t = eager.terms(small)
+    gpu = t["linear"] + t["attention"] + t["communication"]
+    kernels = 32 * (2 + 1 + 1 + 2 + 4 + 1 + 2) + 2  # norms, RoPE, act, adds, GEMMs, attention, all-reduces
+    host = kernels * eager.coefficients.host_launch_ms
+    assert host > gpu  # launch-bound: the step takes about the host's time, not the sum of both
+    assert max(gpu, host) < gpu + t["host_wait"] < gpu + host
+    assert eager.predict(small) > graphed.predict(small)
+    assert graphed.terms(small)["host_wait"] < 1e-6  # one graph launch
     assert graphed.predict(mixed) == eager.predict(mixed)  # a step with a prefill chunk launches eagerly
-    many = graphed.predict_many(StepBatchArray.from_batches([decode, mixed]))
-    assert list(many) == pytest.approx([graphed.predict(decode), graphed.predict(mixed)], rel=1e-12)
+    # a GPU-bound step hardly waits: a big model on one GPU
+    big = StructuralModel("H100-SXM", "Llama-2-70B", cuda_graphs=False).terms(StepBatch.decode(32, 32 * 1024))
+    assert big["host_wait"] < 1e-3 * big["linear"]
+    many = graphed.predict_many(StepBatchArray.from_batches([small, mixed]))
+    assert list(many) == pytest.approx([graphed.predict(small), graphed.predict(mixed)], rel=1e-12)
