@@ -13,6 +13,8 @@ predicted by a fit on the other models' runs, the figures that say how the calib
 from __future__ import annotations
 
 import argparse
+import datetime
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -53,10 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", type=Path, help="measured runs (default: ../shared/data/serving/blis_h100)")
     parser.add_argument("--out", type=Path, default=Path("outputs/calibrate_serving/serving.json"))
-    parser.add_argument("--base", default="default", help="profile to start from (a name or a JSON path)")
+    parser.add_argument("--base", default="vidur", help="profile to start from (a name or a JSON path)")
     parser.add_argument("--max-stage-s", type=float, default=120.0, help="replay the first seconds of each stage")
     parser.add_argument("--max-evaluations", type=int, default=60)
     parser.add_argument("--leave-one-model-out", action="store_true")
+    parser.add_argument("--source", help="where the runs come from, recorded in the profile's provenance")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         paths = args.runs or [DEFAULT_RUNS]
@@ -83,6 +86,15 @@ def main(argv: list[str] | None = None) -> None:
                 register_profile(partial.profile)
                 frames.append(error_table(replay_all(held, partial.profile.name, None), f"held-out {model}"))
                 print_errors(frames[-1], f"{model} predicted by the fit on the other models")
+        record = fit.profile.provenance["serving_fit"]
+        record["command"] = " ".join(["python experiments/calibrate_serving.py", *(argv or sys.argv[1:])])
+        record["date"] = datetime.date.today().isoformat()
+        if args.source:
+            record["source"] = args.source
+        for frame in frames:
+            label = "in_sample" if frame["fit"].iloc[0] == "in-sample" else frame["fit"].iloc[0]
+            worst = frame[list(SHOWN)].abs().max()
+            record.setdefault("max_abs_error", {})[label] = {name: round(float(worst[name]), 4) for name in SHOWN}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         fit.profile.save(args.out)
         pd.concat(frames, ignore_index=True).to_csv(args.out.with_suffix(".errors.csv"), index=False)

@@ -68,10 +68,12 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     prefix_segment_tokens: int = 512  # tokens per prompt hash (Mooncake's hash_ids cover 512)
     profile: str = "default"  # performance-model profile: a shipped name, a JSON path, or a registered name
-    # decode-only steps replay CUDA graphs (vLLM's default unless enforce_eager): no kernel-launch costs.
-    # Off here by default: the shipped profile's launch costs were fitted on eager operator timings.
-    cuda_graphs: bool = False
+    # decode-only steps replay CUDA graphs (vLLM's default unless enforce_eager): one host launch per step
+    cuda_graphs: bool = True
     num_gpu_blocks: int | None = None  # KV blocks as a real engine reported them; None: the model's memory budget
+    # vLLM V1's asynchronous scheduling (on by default since late 2025, vllm#27614): the scheduler forms
+    # step N+1's batch when step N starts, so a request arriving during step N joins step N+2 at the earliest.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.num_gpu_blocks is not None and (
@@ -158,6 +160,7 @@ class Engine:
             / 1e3
         )
         self._interrupt_pending = False
+        self._inflight_step: int | None = None  # the regular step running now, if any
         self._wake = env.event()
         check_policy("batch policy", policy, BatchPolicy)
         self._chunk_cap = policy.max_chunk_tokens or (1 << 62)
@@ -202,6 +205,7 @@ class Engine:
         return True
 
     def _enqueue(self, request: Request) -> None:
+        request.ready_step = self._first_joinable_step() if self.config.async_scheduling else 0
         self.waiting.append(request)
         self.waiting_tokens += request.prefill_target
         self._notify()
@@ -239,6 +243,18 @@ class Engine:
         elif self._jump is not None and not self._interrupt_pending:
             self._interrupt_pending = True
             self.process.interrupt("arrival")
+
+    def _first_joinable_step(self) -> int:
+        """With asynchronous scheduling, the first step a request queued now can join: the one after the
+        next while a step runs (the next was scheduled when the running one started), else the next."""
+        if self._jump is not None:
+            start, latencies, first, _ = self._jump
+            starts = np.concatenate([[0.0], np.cumsum(latencies[:-1])])
+            running = first + int(np.searchsorted(starts, self.env.now - start, side="right")) - 1
+            return running + 2
+        if self._inflight_step is not None:
+            return self._inflight_step + 2
+        return 0
 
     @property
     def idle(self) -> bool:
@@ -330,7 +346,9 @@ class Engine:
             self._record_one(step, latency)
             self.tokens_computed += batch.num_tokens
             self._remember(batch.num_tokens, latency)
+            self._inflight_step = step
             yield env.timeout(latency)
+            self._inflight_step = None
             for observe in self._step_listeners:
                 observe(self.view, batch, latency)
             self.step_count = step
@@ -447,11 +465,16 @@ class Engine:
         """
         if self.prefilling or self.n_dec == 0 or not self.policy.supports_decode_jumps:
             return None
-        if self.waiting and self._head_admissible():
-            return None
+        steps = self._next_finish_step() - self.step_count
+        if self.waiting:
+            ready = self.waiting[0].ready_step
+            if ready <= self.step_count + 1:
+                if self._head_admissible():
+                    return None
+            else:  # the head joins a later step (asynchronous scheduling): decode until then
+                steps = min(steps, ready - 1 - self.step_count)
         if self.incoming and self._incoming_admissible():
             return None
-        steps = self._next_finish_step() - self.step_count
         if steps < 2:
             return None
         t0 = self.decode_step_s(self.n_dec, self.dec_ctx_sum)
@@ -538,6 +561,8 @@ class Engine:
             left -= chunk
         while not preempted and self.waiting and left > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.ready_step > step and (self.n_dec or chunks):  # scheduled a step ahead: not yet
+                break
             hits, hit_tokens, chunk, need, revived = self._admission(request, left)
             if need + revived > self.free_blocks:
                 break
@@ -612,7 +637,7 @@ class Engine:
             del self.prefilling[victim.id]
         self._release_shared(victim)
         del self.running[victim.id]
-        victim.state, victim.computed, victim.blocks = State.WAITING, 0, 0
+        victim.state, victim.computed, victim.blocks, victim.ready_step = State.WAITING, 0, 0, 0
         victim.prefill_target = victim.prompt_tokens + victim.generated
         self.waiting_tokens += victim.prefill_target
         victim.preemptions += 1

@@ -64,6 +64,7 @@ class Request:
     decode_entry_ctx: int = 0  # KV tokens at that moment
     decode_entry_generated: int = 0
     heap_version: int = 0  # invalidates stale completion-heap entries after a preemption
+    ready_step: int = 0  # first engine step that may schedule it (asynchronous scheduling looks one step ahead)
     first_scheduled_s: float = math.nan
     first_token_s: float = math.nan
     last_token_s: float = math.nan

@@ -78,7 +78,8 @@ class EngineArgs:
     dtype: str = "bf16"
     data_parallel_size: int = 1
     enable_expert_parallel: bool = False
-    enforce_eager: bool = False  # vLLM's default (CUDA graphs); read and kept, not yet modelled (calibration.md)
+    enforce_eager: bool = False  # vLLM's default: decode steps replay CUDA graphs
+    async_scheduling: bool = True  # vLLM's default since late 2025 (the scheduler runs one step ahead)
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,8 @@ class ServingRun:
             prefix_segment_tokens=e.block_size,
             profile=profile,
             num_gpu_blocks=e.num_gpu_blocks,
+            async_scheduling=e.async_scheduling,
+            cuda_graphs=not e.enforce_eager,
         )
 
     def requests(self, seed: int = 0, max_stage_s: float | None = None) -> tuple[list[Request], np.ndarray]:
@@ -784,6 +787,7 @@ def read_request_run(run_dir: str | Path) -> ServingRun:
         data_parallel_size=get(kwargs, "data_parallel_size", "engine_kwargs.", 1, integer=True, positive=True),
         enable_expert_parallel=bool(kwargs.get("enable_expert_parallel", False)),
         enforce_eager=bool(kwargs.get("enforce_eager", False)),
+        async_scheduling=bool(kwargs.get("async_scheduling", True)),
     )
     gpu = (meta.get("hardware") or {}).get("device_name") if isinstance(meta.get("hardware"), dict) else None
     if not gpu and (run_dir / "config.json").is_file():
@@ -834,6 +838,7 @@ ENGINE_KEYS = {
     "data_parallel_size",
     "enable_expert_parallel",
     "enforce_eager",
+    "async_scheduling",
 }
 STAGE_KEYS = {"rate", "duration_s", "arrivals", "prompt_tokens", "output_tokens", "prefix", "measured"}
 PREFIX_KEYS = {"groups", "users_per_group", "system_prompt_tokens", "question_tokens", "questions_repeat"}
@@ -893,7 +898,7 @@ def read_plain(path: str | Path) -> ServingRun:
     engine_values: dict[str, Any] = {}
     for key, value in engine_map.items():
         label = f"{where}: engine.{key}"
-        if key in ("enable_prefix_caching", "enable_expert_parallel", "enforce_eager"):
+        if key in ("enable_prefix_caching", "enable_expert_parallel", "enforce_eager", "async_scheduling"):
             if not isinstance(value, bool):
                 raise ServingRunError(f"{label}: expected true or false, got {value!r}")
             engine_values[key] = value

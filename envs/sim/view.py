@@ -56,7 +56,7 @@ class EngineInfo:
     kv_capacity_tokens: int
     dtype: str = "bf16"
     profile: str = "default"  # the performance-model profile its predictions use (the engine's own)
-    cuda_graphs: bool = False  # its decode-only steps replay CUDA graphs (no kernel-launch costs)
+    cuda_graphs: bool = True  # its decode-only steps replay CUDA graphs (one host launch per step)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,19 +8,20 @@ from envs.sim.serving_calibration import fit_serving, profile_with, residuals, t
 from envs.sim.serving_runs import read_runs, replay
 from perfmodel.profile import load_profile, register_profile
 
-TRUTH = {"step_overhead_ms": 0.4, "request_overhead_ms": 12.0, "attn_mem_eff": 0.8}
+TRUTH = {"step_overhead_ms": 0.4, "request_overhead_ms": 12.0, "attn_mem_eff": 0.8, "gemm_pad_tokens": 40.0}
 
 
 def test_the_terms_a_run_identifies(tmp_path):
     run = read_runs(plain_run(tmp_path / "run.json"))[0]
     labels = [t.label for t in terms_for([run])]
-    assert labels == ["step_overhead_ms", "request_overhead_ms", "H100-SXM.attn_mem_eff"]  # no TP > 1: no all-reduce
+    # no TP > 1: no all-reduce latency
+    assert labels == ["step_overhead_ms", "request_overhead_ms", "H100-SXM.attn_mem_eff", "H100-SXM.gemm_pad_tokens"]
 
 
 def test_a_fit_recovers_the_coefficients_that_produced_the_measurement(tmp_path):
     run = read_runs(plain_run(tmp_path / "run.json"))[0]
     terms = terms_for([run])
-    truth = profile_with(load_profile("default"), terms, [TRUTH[t.name] for t in terms], "test-truth")
+    truth = profile_with(load_profile("vidur"), terms, [TRUTH[t.name] for t in terms], "test-truth")
     register_profile(truth)
     measured = self_measured(replay(run, profile="test-truth"), run)
     before = residuals(replay(measured).table)
