@@ -17,11 +17,12 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-WORDS = tuple(
+_VOCABULARY = (
     "the of and to in is was for on that with as by at from his her it an were are which this be or has had one "
     "their its new after but who not they have first two been also other all into more time can year world may "
-    "would over such when most some only city these then".split()
+    "would over such when most some only city these then"
 )
+WORDS = tuple(_VOCABULARY.split())
 
 
 class PromptError(ValueError):
