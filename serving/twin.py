@@ -58,6 +58,7 @@ class TwinConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     profile: str = "default"
+    num_gpu_blocks: int | None = None  # KV blocks (None: from the model's memory budget, as the simulator does)
     served_model_name: str | None = None  # the name clients send; default: ``model``
     time_scale: float = 1.0  # wall seconds per simulated second
     seed: int = 0  # output text and natural output lengths
@@ -80,6 +81,7 @@ class TwinConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             profile=self.profile,
+            num_gpu_blocks=self.num_gpu_blocks,
         )
 
 
@@ -392,7 +394,7 @@ def _parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kind = {"int": int, "float": float}.get(type(default).__name__, str)
-        if f.name in ("max_model_len", "die_after"):
+        if f.name in ("max_model_len", "die_after", "num_gpu_blocks"):
             kind = int
         choices = METRIC_NAMES if f.name == "metric_names" else (500, 429) if f.name == "fail_status" else None
         parser.add_argument(flag, type=kind, default=default, choices=choices)
