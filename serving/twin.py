@@ -243,6 +243,8 @@ class Twin:
             if parsed.stream:
                 return await self._stream(request, parsed, stream, reason, headers, live)
             return await self._whole(parsed, stream, reason, headers, live)
+        except ConnectionError:  # the client left; the simulated request runs on (the engine has no abort)
+            return web.Response(status=499)
         finally:
             self._live.discard(live)
 

@@ -23,6 +23,7 @@ async def read_events(response: aiohttp.ClientResponse) -> list[Any]:
     raw = await response.read()
     events = []
     for block in raw.split(b"\n\n"):
+        block = block.strip(b"\n")  # a caller may have read the first event's line already
         if not block:
             continue
         assert block.startswith(b"data: "), block
