@@ -266,3 +266,23 @@ def test_a_client_that_leaves_mid_stream_frees_the_backend():
 def test_a_router_config_with_the_wrong_number_of_backends_is_refused():
     with pytest.raises(RouterConfigError, match="2 backend URL"):
         router_config({"cluster": "h100x8", "backends": ["http://127.0.0.1:1", "http://127.0.0.1:2"]})
+
+
+def test_the_view_holds_scraped_gauges_and_live_bookkeeping_and_prism_routes_on_it():
+    async def go():
+        async with served_cluster(2, "vllm_prism") as cluster, aiohttp.ClientSession() as session:
+            body = dict(SHORT, prompt=list(range(500)), max_tokens=2000, stream=True)
+            busy = await session.post(cluster.url + "/v1/completions", json=body)
+            await busy.content.readline()
+            await cluster.router.scraper.scrape_once()
+            index = int(busy.headers[TWIN_HEADER][1:])
+            snap = cluster.router.view([0, 1]).snapshots[index]
+            routed = await _post(session, cluster.url, SHORT)
+            busy.close()
+            return snap, routed
+
+    snap, (status, _, _) = run(go())
+    assert snap.num_requests_running == 1 and snap.kv_cache_usage_perc > 0  # scraped
+    assert snap.num_decodes == 1 and snap.pending_prefill_tokens == 0 and snap.decode_kv_tokens >= 501  # tapped
+    assert snap.predicted_step_ms > 0
+    assert status == 200
