@@ -179,20 +179,26 @@ def contract_feature_names(spec: FeatureSpec) -> list[str]:
     return [f"engine{i}.{n}" for i in range(spec.max_instances) for n in engine] + [f"request.{n}" for n in request]
 
 
-def load_routing_policy(policy: str | Mapping[str, Any], num_engines: int = 1) -> RoutingPolicy:
-    """The routing policy named by ``policy``, through the one loading path: the router part of a
-    ``conf/policy`` bundle (a name, a YAML path or a mapping) or a saved router (a training run or an ONNX
-    export, checked by :func:`check_saved_policy` for a cluster of ``num_engines``)."""
+def policy_spec(policy: str | Path | Mapping[str, Any], num_engines: int = 1) -> dict[str, Any]:
+    """The policy mapping (``router``, ``batch``, ``pools``, hydra ``_target_`` style) that ``policy`` names:
+    a ``conf/policy`` bundle (a name, a YAML path or a mapping) or a saved router (a training run or an ONNX
+    export, checked by :func:`check_saved_policy` for a cluster of ``num_engines``; vLLM batching)."""
     saved = saved_policy_path(policy) if isinstance(policy, str | Path) else None
     if saved is not None:
         check_saved_policy(saved, num_engines)
         spec: dict[str, Any] = saved_policy_spec(saved)
-    elif isinstance(policy, str):
-        spec = _load_yaml(_named(policy, "policy"))
+    elif isinstance(policy, str | Path):
+        spec = _load_yaml(_named(str(policy), "policy"))
     else:
         spec = dict(policy)
     if "router" not in spec:
         raise RouterConfigError("policy: no router entry (a conf/policy bundle has router, batch and pools)")
+    return spec
+
+
+def load_routing_policy(policy: str | Path | Mapping[str, Any], num_engines: int = 1) -> RoutingPolicy:
+    """A fresh routing policy named by ``policy`` (see :func:`policy_spec`), through the one loading path."""
+    spec = policy_spec(policy, num_engines)
     try:
         router = load_policy({"router": spec["router"]}).router
         check_policy("router", router, RoutingPolicy)
