@@ -243,7 +243,7 @@ class Router:
             self.metrics.errors.labels("internal").inc()
             return ApiError(500, f"router error: {type(error).__name__}: {error}").response({REQUEST_ID: request_id})
 
-    def _decide(self, info: RequestInfo, candidates: list[int], first: bool) -> int:
+    def decide(self, info: RequestInfo, candidates: list[int], first: bool) -> int:
         """The policy's choice on the first attempt; least outstanding among the rest on a failover."""
         view = self.view(candidates)
         if not first:
@@ -269,7 +269,7 @@ class Router:
         reasons: list[str] = []
         last_answer: tuple[int, tuple[int, CIMultiDict, bytes]] | None = None
         while candidates := self._candidates(parsed.model, tried):
-            backend = self._decide(info, candidates, first=not tried)
+            backend = self.decide(info, candidates, first=not tried)
             if tried:
                 self.metrics.failovers.inc()
             tried.add(backend)

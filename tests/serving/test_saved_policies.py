@@ -9,48 +9,24 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
-import gymnasium as gym
-import numpy as np
 import pytest
-from gymnasium import spaces
 from router_cluster import served_cluster
 from serving_helpers import MODEL, run
 
-from agents import run_dir
-from agents.exported import ExportedRouter, export_run
+from agents.exported import ExportedRouter
 from agents.learned import LearnedRouter
-from envs.features import FeatureSpec
+from serving.bench import tiny_export
 from serving.router import main as router_main
 from serving.router_config import RouterConfigError, load_routing_policy
 
 SLOTS = 8
 
 
-class _ContractShaped(gym.Env):
-    """Only the spaces of the routing contract: enough for stable-baselines3 to build an untrained policy."""
-
-    def __init__(self, spec: FeatureSpec) -> None:
-        self.observation_space = spaces.Box(spec.low, spec.high, dtype=np.float32)
-        self.action_space = spaces.Discrete(spec.max_instances)
-
-    def reset(self, seed=None, options=None):
-        return self.observation_space.sample(), {}
-
-    def step(self, action):
-        return self.observation_space.sample(), 0.0, True, False, {}
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny (untrained) routing run written by ``save_run`` and its ONNX export by ``export_run``."""
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
-
-    run = tmp_path_factory.mktemp("run")
-    vec = VecNormalize(DummyVecEnv([lambda: _ContractShaped(FeatureSpec(SLOTS))]))
-    model = PPO("MlpPolicy", vec, n_steps=64, device="cpu", policy_kwargs={"net_arch": [16]}, seed=0)
-    run_dir.save_run(run, model, vec, "servegym/Route-v0", "PPO", SLOTS)
-    return run, export_run(run, run / "export")
+    export = tiny_export(SLOTS, tmp_path_factory.mktemp("run"))
+    return export.parent, export
 
 
 def _edited_export(export: Path, tmp_path: Path, edit) -> Path:
