@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run simulate test lint bench report clean
+.PHONY: setup run simulate test lint bench report serve-parity clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ run: $(STAMP)
 # Simulate the default scenario under one policy and print its summary.
 simulate: $(STAMP)
 	$(PY) experiments/simulate.py $(ARGS)
+
+# Simulated vs live: a cluster's engine twins behind the router, each policy in turn, the same workload
+# window in the simulator; prints both side by side (docs/serving.md). Arguments in ARGS="...".
+serve-parity: $(STAMP)
+	$(PY) -m serving.parity $(ARGS)
 
 # Held-out accuracy of the performance model on real GPU measurements.
 report: $(STAMP)

@@ -1,6 +1,6 @@
 """The router service: any routing policy of the project in front of OpenAI-compatible engines.
 
-    python -m serving.router --config router.yaml [--port 8000] [--policy vllm_lor]
+    python -m serving.router --config router.yaml [--port 8000] [--policy vllm_lor | RUN_DIR | EXPORT]
 
 Each request is parsed only as far as routing needs (model, prompt tokens under the shared rule), the
 policy chooses from the simulator's :class:`envs.sim.view.ClusterView` (scraped snapshots plus the
@@ -243,7 +243,7 @@ class Router:
             self.metrics.errors.labels("internal").inc()
             return ApiError(500, f"router error: {type(error).__name__}: {error}").response({REQUEST_ID: request_id})
 
-    def _decide(self, info: RequestInfo, candidates: list[int], first: bool) -> int:
+    def decide(self, info: RequestInfo, candidates: list[int], first: bool) -> int:
         """The policy's choice on the first attempt; least outstanding among the rest on a failover."""
         view = self.view(candidates)
         if not first:
@@ -269,7 +269,7 @@ class Router:
         reasons: list[str] = []
         last_answer: tuple[int, tuple[int, CIMultiDict, bytes]] | None = None
         while candidates := self._candidates(parsed.model, tried):
-            backend = self._decide(info, candidates, first=not tried)
+            backend = self.decide(info, candidates, first=not tried)
             if tried:
                 self.metrics.failovers.inc()
             tried.add(backend)
@@ -414,7 +414,9 @@ class RunningRouter:
     """A :class:`Router` and its server."""
 
     def __init__(self, config: RouterConfig, policy: RoutingPolicy | str, port: int = 0) -> None:
-        self.router = Router(config, load_routing_policy(policy) if isinstance(policy, str) else policy)
+        if isinstance(policy, str):
+            policy = load_routing_policy(policy, len(config.urls))
+        self.router = Router(config, policy)
         self.server = Server(self.router.app, LOOPBACK, port)
 
     @property
@@ -431,7 +433,11 @@ class RunningRouter:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m serving.router", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="router YAML: cluster, backends, time_scale, ...")
-    parser.add_argument("--policy", help="a conf/policy name or YAML path (default: the config's, else vllm_lor)")
+    parser.add_argument(
+        "--policy",
+        help="a conf/policy name or YAML path, a training run directory or an ONNX export "
+        "(default: the config's, else vllm_lor)",
+    )
     parser.add_argument("--host", default=LOOPBACK)
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
@@ -439,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_router_config(args.config)
         policy_name = args.policy or config.policy or "vllm_lor"
         config = replace(config, policy=policy_name)
-        policy = load_routing_policy(policy_name)
+        policy = load_routing_policy(policy_name, len(config.urls))
     except (RouterConfigError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
 

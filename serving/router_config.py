@@ -5,11 +5,19 @@
     time_scale: 1.0                        # the twins' --time-scale: the policy sees simulated seconds
     scrape_interval_s: 0.1                 # default: the cluster's snapshot_interval_s, else 0.1
     stale_s: 2.0
-    policy: vllm_lor                       # a conf/policy name or YAML path (the --policy flag overrides it)
+    policy: vllm_lor                       # a conf/policy name or YAML path, a training run directory or an
+                                           # ONNX export (its directory, policy.json or policy.onnx); --policy
+                                           # overrides it
 
 Each backend's static facts become the :class:`envs.sim.view.EngineInfo` the simulator builds for the
 same engine (the simulator's own ``Cluster`` computes them, KV capacity included), so a simulated cluster
 is a served cluster.
+
+A saved router (a training run or an export) goes through the project's one loading path
+(:func:`agents.harness.saved_policy_spec`, then :func:`agents.harness.load_policy`), after its manifest is
+checked against the feature contract this router serves: a routing environment's policy, the contract's
+version and features (names, order, scales, bounds) as ``envs.features`` computes them, and enough engine
+slots for the cluster. A mismatch refuses to start with the reason in one line.
 """
 
 from __future__ import annotations
@@ -20,9 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.errors import InstantiationException
 
+from agents import exported, run_dir
 from agents.configs import CONF
-from agents.harness import load_policy
+from agents.harness import load_policy, saved_policy_spec
+from agents.learned import ContractMismatch, check_manifest
+from envs import ENV_IDS
+from envs.features import FeatureSpec
 from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from
 from envs.sim.errors import ClusterConfigError
@@ -60,7 +73,8 @@ def _named(value: str, group: str) -> Path:
     named = CONF / group / f"{value}.yaml"
     if not named.exists():
         known = ", ".join(sorted(p.stem for p in (CONF / group).glob("*.yaml")))
-        raise RouterConfigError(f"unknown {group} {value!r}; known: {known}")
+        saved = " (or a training run directory, an ONNX export)" if group == "policy" else ""
+        raise RouterConfigError(f"unknown {group} {value!r}; known: {known}{saved}")
     return named
 
 
@@ -111,14 +125,83 @@ def load_router_config(path: str | Path) -> RouterConfig:
     return router_config(_load_yaml(Path(path)))
 
 
-def load_routing_policy(policy: str | Mapping[str, Any]) -> RoutingPolicy:
-    """The router part of a ``conf/policy`` bundle (a name, a YAML path or a mapping), through the one loading path."""
-    spec = _load_yaml(_named(policy, "policy")) if isinstance(policy, str) else dict(policy)
+ROUTING_ENTRY_POINT = "envs.route_env:RouteEnv"
+
+
+def saved_policy_path(policy: str | Path) -> Path | None:
+    """The directory of a saved router named by ``policy`` (a training run directory, an export directory,
+    its ``policy.json`` or its ``policy.onnx``), or None when ``policy`` names no saved router."""
+    path = Path(policy)
+    if path.name == exported.GRAPH:
+        path = path.parent
+    if path.name == exported.MANIFEST:
+        path = path.parent
+    return path if path.is_dir() and (exported.is_export(path) or run_dir.is_run(path)) else None
+
+
+def check_saved_policy(path: Path, num_engines: int) -> dict[str, Any]:
+    """The manifest of the saved router in ``path``, refused (:class:`RouterConfigError`, one line) unless
+    it was trained on a routing environment, on the feature contract this code computes, with at least
+    ``num_engines`` engine slots. Checked before anything is loaded, so a mismatch never reaches the
+    model's own loader."""
+    try:
+        manifest = exported.load_manifest(path)[0] if exported.is_export(path) else run_dir.read_manifest(path)
+    except (exported.ExportError, OSError, ValueError) as error:
+        raise RouterConfigError(f"policy {path}: {error}") from None
+    env_id = manifest.get("env_id")
+    if ENV_IDS.get(env_id) != ROUTING_ENTRY_POINT:
+        routing = [k for k, v in ENV_IDS.items() if v == ROUTING_ENTRY_POINT]
+        raise RouterConfigError(f"policy {path}: trained on {env_id!r}, not a routing environment ({routing})")
+    features = manifest.get("features") or {}
+    try:
+        slots = int(features.get("max_instances", 0))
+        check_manifest(features, FeatureSpec(max(slots, 1)), f"policy {path}")
+    except (ContractMismatch, TypeError, ValueError) as error:
+        raise RouterConfigError(str(error)) from None
+    spec = FeatureSpec(slots)
+    if "feature_names" in manifest and manifest["feature_names"] != contract_feature_names(spec):
+        raise RouterConfigError(
+            f"policy {path}: its feature_names differ from the contract's (version {spec.manifest()['version']}); "
+            "export it again"
+        )
+    if slots < num_engines:
+        raise RouterConfigError(
+            f"policy {path}: trained with {slots} engine slots; this cluster has {num_engines} engines"
+        )
+    return manifest
+
+
+def contract_feature_names(spec: FeatureSpec) -> list[str]:
+    """Observation column names in the contract's layout (engine slots row-major, then the request)."""
+    manifest = spec.manifest()
+    engine = [f["name"] for f in manifest["engine_features"]]
+    request = [f["name"] for f in manifest["request_features"]]
+    return [f"engine{i}.{n}" for i in range(spec.max_instances) for n in engine] + [f"request.{n}" for n in request]
+
+
+def policy_spec(policy: str | Path | Mapping[str, Any], num_engines: int = 1) -> dict[str, Any]:
+    """The policy mapping (``router``, ``batch``, ``pools``, hydra ``_target_`` style) that ``policy`` names:
+    a ``conf/policy`` bundle (a name, a YAML path or a mapping) or a saved router (a training run or an ONNX
+    export, checked by :func:`check_saved_policy` for a cluster of ``num_engines``; vLLM batching)."""
+    saved = saved_policy_path(policy) if isinstance(policy, str | Path) else None
+    if saved is not None:
+        check_saved_policy(saved, num_engines)
+        spec: dict[str, Any] = saved_policy_spec(saved)
+    elif isinstance(policy, str | Path):
+        spec = _load_yaml(_named(str(policy), "policy"))
+    else:
+        spec = dict(policy)
     if "router" not in spec:
         raise RouterConfigError("policy: no router entry (a conf/policy bundle has router, batch and pools)")
-    router = load_policy({"router": spec["router"]}).router
+    return spec
+
+
+def load_routing_policy(policy: str | Path | Mapping[str, Any], num_engines: int = 1) -> RoutingPolicy:
+    """A fresh routing policy named by ``policy`` (see :func:`policy_spec`), through the one loading path."""
+    spec = policy_spec(policy, num_engines)
     try:
+        router = load_policy({"router": spec["router"]}).router
         check_policy("router", router, RoutingPolicy)
-    except ClusterConfigError as error:
-        raise RouterConfigError(str(error)) from None
+    except (ClusterConfigError, InstantiationException) as error:
+        raise RouterConfigError(f"policy: {str(error).splitlines()[0]}") from None
     return router

@@ -20,7 +20,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from aiohttp import web
@@ -96,13 +96,21 @@ class _Live:
 
 
 class Twin:
-    """The twin's application and state; :meth:`serve` runs it on a socket."""
+    """The twin's application and state; :meth:`serve` runs it on a socket.
 
-    def __init__(self, config: TwinConfig) -> None:
+    ``engine`` replaces the engine the config's flags describe by a whole :class:`EngineConfig` (what a
+    ``conf/cluster`` group holds: dtype, noise, prefix caching, ... besides the flags), so the twin of a
+    simulated cluster's engine is that engine; its ``model`` is then the served model name's default.
+    """
+
+    def __init__(self, config: TwinConfig, engine: EngineConfig | None = None) -> None:
+        if engine is not None:
+            config = replace(config, model=engine.model)
         self.config = config
         self.model_name = config.served_model_name or config.model
         self.tag = config.name or str(config.engine_index)
-        self.engine = WallClockEngine(config.engine_config(), config.engine_index, config.time_scale, config.seed)
+        engine_config = engine or config.engine_config()
+        self.engine = WallClockEngine(engine_config, config.engine_index, config.time_scale, config.seed)
         self.max_model_len = self.engine.engine.max_model_len
         self.metrics = TwinMetrics(self.model_name, config.engine_index, config.metric_names)
         self.dead = False
@@ -354,9 +362,12 @@ def _response_id(parsed: ParsedRequest, stream: TokenStream) -> str:
 
 
 @contextlib.asynccontextmanager
-async def start_twin(config: TwinConfig | None = None, port: int = 0, **overrides: Any) -> AsyncIterator[RunningTwin]:
-    """A twin served on loopback for the duration of the block (port 0: a free one)."""
-    twin = RunningTwin(config or TwinConfig(**overrides), port)
+async def start_twin(
+    config: TwinConfig | None = None, port: int = 0, engine: EngineConfig | None = None, **overrides: Any
+) -> AsyncIterator[RunningTwin]:
+    """A twin served on loopback for the duration of the block (port 0: a free one; ``engine``: see
+    :class:`Twin`)."""
+    twin = RunningTwin(config or TwinConfig(**overrides), port, engine)
     await twin.start()
     try:
         yield twin
@@ -368,8 +379,8 @@ class RunningTwin:
     """A :class:`Twin` and its server: ``url``, ``twin``, ``await start()``, ``await stop()`` (a crash
     as far as clients can tell: the port stops answering)."""
 
-    def __init__(self, config: TwinConfig, port: int = 0) -> None:
-        self.twin = Twin(config)
+    def __init__(self, config: TwinConfig, port: int = 0, engine: EngineConfig | None = None) -> None:
+        self.twin = Twin(config, engine)
         self.server = Server(self.twin.app, LOOPBACK, port)
 
     @property

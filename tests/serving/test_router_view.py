@@ -1,0 +1,137 @@
+"""The router's view against the simulator's on recorded traffic: at every decision of a replayed window,
+the features the router computes from its own bookkeeping (outstanding requests and prompt tokens, pending
+prefill, decodes and their KV) equal what the observation contract computes from the engines' true state at
+that instant (what the simulator's ``Cluster`` snapshots), up to the requests and tokens still on the wire
+(the router leads the engine by the requests it sent that have not arrived yet, never lags it),
+and the scraped gauges are at most a few scrape intervals old."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import numpy as np
+import pytest
+from serving_helpers import run
+
+from envs.features import ENGINE_FEATURES, FeatureContext, FeatureSpec
+from envs.sim.policies import RoundRobin
+from envs.sim.view import ClusterView, EngineSnapshot, RequestInfo
+from serving.loadgen import replay
+from serving.router import start_router
+from serving.router_config import router_config
+from serving.twin import TwinConfig, start_twin
+
+SCALE = 0.5  # wall seconds per simulated second: tokens spend ~1-2 ms (sim) on the wire
+ENGINES = 3
+COLUMN = {f.name: j for j, f in enumerate(ENGINE_FEATURES)}
+
+
+def _truth(engine) -> EngineSnapshot:
+    """The snapshot the simulator's ``Cluster`` takes of an engine (its engine-pushed fields)."""
+    return EngineSnapshot(
+        time_s=engine.env.now,
+        num_requests_running=engine.num_running,
+        num_requests_waiting=engine.num_waiting,
+        kv_cache_usage_perc=engine.used_blocks_at(engine.env.now) / engine.total_blocks,
+        num_gpu_blocks=engine.total_blocks,
+        block_size=engine.block_size,
+        pending_prefill_tokens=engine.pending_prefill_tokens,
+        num_decodes=engine.n_dec,
+        decode_kv_tokens=engine.dec_ctx_sum + engine.n_dec,
+    )
+
+
+class Recording(RoundRobin):
+    """Round-robin that, at every decision, records the router's view and the twins' true state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twins: list = []
+        self.pairs: list[tuple[RequestInfo, ClusterView, ClusterView]] = []
+        self.scraped: list[tuple[int, int, int]] = []  # (backend, scraped running, true running)
+
+    def route(self, request: RequestInfo, view: ClusterView) -> int:
+        engines = []
+        for twin in self.twins:
+            twin.twin.engine.advance()
+            engines.append(twin.twin.engine)
+        streams = [list(e._streams.values()) for e in engines]
+        truth = ClusterView(
+            view.now_s,
+            view.engines,
+            [_truth(e.engine) for e in engines],
+            [len(s) for s in streams],
+            [sum(t.request.prompt_tokens for t in s) for s in streams],
+        )
+        _ = view.snapshots  # the router's snapshots are lazy: take them now, not after the traffic ended
+        self.pairs.append((request, view, truth))
+        return super().route(request, view)
+
+
+async def _recorded(requests) -> Recording:
+    policy = Recording()
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(ENGINES):
+            config = TwinConfig(time_scale=SCALE, engine_index=i, seed=i)
+            policy.twins.append(await stack.enter_async_context(start_twin(config)))
+        mapping = {
+            "cluster": {"snapshot_interval_s": 0.1, "groups": [{"count": ENGINES, "engine": {"gpu": "H100-SXM"}}]},
+            "backends": [t.url for t in policy.twins],
+            "time_scale": SCALE,
+            "scrape_interval_s": 0.1 * SCALE,
+        }
+        router = await stack.enter_async_context(start_router(router_config(mapping), policy))
+        records, _ = await replay(router.url, requests, "Llama-3-8B", SCALE, time_limit_s=60)
+        assert (records["state"] == "finished").all()
+        await asyncio.sleep(0)
+    return policy
+
+
+def _requests():
+    from envs.sim.request import Request
+
+    rng = np.random.default_rng(3)
+    arrivals = np.cumsum(rng.exponential(1 / 30.0, 48))  # 30 req/s on three engines: queues form and drain
+    lengths = zip(rng.integers(100, 3000, 48), rng.integers(4, 60, 48), strict=True)
+    return [Request(i, float(t), int(p), int(o)) for i, (t, (p, o)) in enumerate(zip(arrivals, lengths, strict=True))]
+
+
+@pytest.fixture(scope="module")
+def recorded() -> Recording:
+    return run(_recorded(_requests()))
+
+
+def _differences(recorded: Recording, name: str) -> np.ndarray:
+    """Router view minus the contract on the true state, for one engine feature, every engine and decision."""
+    spec = FeatureSpec(8)
+    out = []
+    for request, live, truth in recorded.pairs:
+        live_rows, _ = spec.raw(live, request, FeatureContext())
+        true_rows, _ = spec.raw(truth, request, FeatureContext())
+        out.append(live_rows[:, COLUMN[name]] - true_rows[:, COLUMN[name]])
+    return np.concatenate(out)
+
+
+def test_the_routers_own_fields_equal_the_contracts_on_the_engines_true_state_up_to_the_wire(recorded):
+    assert len(recorded.pairs) == 48
+    # outstanding: the router counts a request from the moment it sends it until it relayed the end, the
+    # engine from its arrival to its last step: the router leads by the requests on the wire, never lags
+    outstanding = _differences(recorded, "outstanding")
+    assert outstanding.min() >= 0 and outstanding.max() <= 8 and np.mean(outstanding == 0) >= 0.25
+    prompt = _differences(recorded, "outstanding_prompt")
+    assert np.all((prompt == 0) == (outstanding == 0)) and prompt.min() >= 0
+    # pending prefill: prompts before their first token; on the wire they are pending for the router only
+    pending = _differences(recorded, "pending_prefill_s")
+    assert pending.min() >= -1e-9 and np.mean(np.isclose(pending, 0.0)) >= 0.25
+    # decodes' KV: the router adds a streamed token when it is relayed, the engine at its step
+    decode_kv = _differences(recorded, "decode_kv_share")
+    assert np.abs(decode_kv).max() <= 0.02
+    for _, live, truth in recorded.pairs:
+        for seen, true in zip(live.snapshots, truth.snapshots, strict=True):
+            assert abs(seen.num_decodes - true.num_decodes) <= 4
+
+
+def test_scraped_gauges_are_at_most_a_few_scrape_intervals_old(recorded):
+    ages = [live.now_s - seen.time_s for _, live, _ in recorded.pairs for seen in live.snapshots]
+    assert max(ages) <= 0.1 * 3  # simulated seconds: one interval, plus scrape and event-loop time
