@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shlex
 import sys
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 frames.append(error_table(replay_all(held, partial.profile.name, None), f"held-out {model}"))
                 print_errors(frames[-1], f"{model} predicted by the fit on the other models")
         record = fit.profile.provenance["serving_fit"]
-        record["command"] = " ".join(["python experiments/calibrate_serving.py", *(argv or sys.argv[1:])])
+        record["command"] = shlex.join(["python", "experiments/calibrate_serving.py", *(argv or sys.argv[1:])])
         record["date"] = datetime.date.today().isoformat()
         if args.source:
             record["source"] = args.source

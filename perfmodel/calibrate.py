@@ -26,6 +26,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from perfmodel.batch import StepBatchArray
+from perfmodel.catalog import get_model
 from perfmodel.profile import Coefficients, Profile, default_profile
 from perfmodel.steplog import StepRecord, read_steps
 from perfmodel.structural import StructuralModel
@@ -35,6 +36,7 @@ GPU_COEFFICIENTS = {
     "gemm_flops_eff": (0.02, 1.0),
     "gemm_mem_eff": (0.02, 1.0),
     "gemm_launch_ms": (1e-4, 0.1),
+    "gemm_pad_tokens": (0.01, 1024.0),
     "attn_flops_eff": (0.01, 1.0),
     "attn_mem_eff": (0.01, 1.0),
     "attn_launch_ms": (1e-4, 0.1),
@@ -79,12 +81,20 @@ class _Slot:
     high: float
 
 
+PER_LAYER_COSTS = ("gemm_launch_ms", "attn_launch_ms")  # told apart from the per-step CPU by layer counts
+
+
 def _slots(by_gpu: dict[str, dict]) -> list[_Slot]:
+    """What the log identifies: all-reduce terms only with TP > 1, and fixed per-layer kernel costs only with
+    models of different depths (one depth cannot tell a cost per layer from one per step)."""
     slots = [_Slot(name, None, *bounds) for name, bounds in SHARED_COEFFICIENTS.items()]
     for gpu, groups in sorted(by_gpu.items()):
         mine = dict(GPU_COEFFICIENTS)
         if any(tp > 1 for (_, tp, _, _) in groups):
             mine.update(COMM_COEFFICIENTS)
+        if len({get_model(model).num_hidden_layers for (model, _, _, _) in groups}) < 2:
+            for name in PER_LAYER_COSTS:
+                del mine[name]
         slots += [_Slot(name, gpu, *bounds) for name, bounds in mine.items()]
     return slots
 
@@ -100,8 +110,10 @@ def fit_steps(records: Sequence[StepRecord], base: Profile, prior_weight: float 
     first = sorted(by_gpu)[0]
     lower = np.log([s.low for s in slots])
     upper = np.log([s.high for s in slots])
-    start = np.clip(np.log([bases[s.gpu or first].value(s.name) for s in slots]), lower, upper)
-    prior_scale = np.sqrt(prior_weight)
+    base_values = np.array([bases[s.gpu or first].value(s.name) for s in slots])
+    start = np.clip(np.log(np.maximum(base_values, 1e-12)), lower, upper)
+    # a base value of zero (a term the base profile switched off) carries no magnitude to pull towards
+    prior_scale = np.sqrt(prior_weight) * (base_values > np.exp(lower))
 
     def coefficients_of(log_values: np.ndarray) -> dict[str, Coefficients]:
         values = np.exp(log_values)

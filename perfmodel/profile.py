@@ -142,19 +142,29 @@ class Profile:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def coefficients(self, gpu: str | GpuSpec) -> Coefficients:
-        """Coefficients of ``gpu``: its own if measured, else its family's, else the nearest family's, else priors."""
+        """Coefficients of ``gpu``: its own if measured, else its family's, else the nearest family's, else priors.
+
+        Borrowed all-reduce terms come only from members on the same kind of link (NVLink or not): an
+        NVLink member's all-reduce (custom one-shot kernels over peer memory) says nothing of one over PCIe,
+        which keeps the priors."""
         spec = get_gpu(gpu)
         if spec.name in self.gpus:
             return self.gpus[spec.name]
         family = spec.family
-        while family is not None:
-            members = [c for name, c in self.gpus.items() if _family_of(name) == family]
-            if members:
-                return geometric_mean(members)
+        members: list[str] = []
+        while family is not None and not members:
+            members = [name for name in self.gpus if _family_of(name) == family]
             family = FAMILY_FALLBACK.get(family)
-        if self.gpus:
-            return geometric_mean(list(self.gpus.values()))
-        return Coefficients()
+        members = members or list(self.gpus)
+        if not members:
+            return Coefficients()
+        borrowed = geometric_mean([self.gpus[name] for name in members])
+        same_link = [name for name in members if _nvlink(name) == _nvlink(spec.name)]
+        if not same_link:
+            prior = Coefficients()
+            return borrowed.with_values({name: prior.value(name) for name in COMM_TERMS})
+        links = geometric_mean([self.gpus[name] for name in same_link])
+        return borrowed.with_values({name: links.value(name) for name in COMM_TERMS})
 
     def source_of(self, gpu: str | GpuSpec) -> str:
         """Where :meth:`coefficients` takes ``gpu``'s values from, for reports."""
@@ -200,6 +210,13 @@ class Profile:
 
 def _family_of(gpu_name: str) -> str:
     return get_gpu(gpu_name).family
+
+
+def _nvlink(gpu_name: str) -> bool:
+    return get_gpu(gpu_name).link.startswith("nvlink")
+
+
+COMM_TERMS = ("comm_latency_ms", "comm_link_eff")
 
 
 PROFILE_DIR = DATA_DIR / "profiles"

@@ -54,8 +54,11 @@ class Term:
 # - GEMM kernels that compute whole 128-row tiles, so a batch of n rows costs on average n + 64 rows of FLOPs;
 #   Vidur's harness fitted 152 on H100, which makes a memory-bound decode step grow with its batch faster
 #   than vLLM's does. A prior only: the runs refit it where their load varies enough.
+# - Asynchronous scheduling (vLLM's default, replayed here): the scheduler's and input preparation's work for
+#   each running sequence overlaps the GPU's previous step, so a step pays no per-sequence CPU time (the
+#   operator-level base keeps the eager engine's 5 us per sequence). The per-step constant stays fitted.
 NVLINK_PRIORS = {"comm_latency_ms": 0.009}
-KERNEL_PRIORS = {"gemm_pad_tokens": 64.0}
+KERNEL_PRIORS = {"gemm_pad_tokens": 64.0, "seq_overhead_ms": 0.0}
 
 
 def with_serving_priors(coefficients: Coefficients, gpu: str) -> Coefficients:
