@@ -21,6 +21,7 @@ def test_informed_policies_beat_random_and_round_robin_when_overloaded(tmp_path)
                 "policies=[vllm_random,vllm_rr,vllm_lor,vllm_sal,vllm_prism,lens_prism]",
                 "workloads=[azure_conv]",
                 "workload_overrides={azure_conv:{num_requests:2500,rate_scale:18,random_window:true}}",
+                "loads=[1.0]",
                 "seeds=[0,1]",
                 "progress=false",
                 "jobs=2",
@@ -48,9 +49,10 @@ def test_max_sustainable_rate_grows_with_a_better_router(tmp_path):
                 "seeds=[0]",
                 "progress=false",
                 "max_rate.enabled=true",
-                "max_rate.iterations=4",
+                "loads=[1.0]",
+                "max_rate.iterations=3",
                 "jobs=2",
-                "workload_overrides={poisson:{num_requests:null,duration_s:30,arrivals:{rate:5.0,cv:3.0}}}",
+                "workload_overrides={poisson:{num_requests:null,duration_s:20,arrivals:{rate:5.0,cv:3.0}}}",
             ],
         )
     rates = run(cfg, tmp_path)["max_rate"]["poisson"]

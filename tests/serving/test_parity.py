@@ -32,28 +32,25 @@ WORKLOAD = {  # azure_conv lengths at 40 req/s with a tight SLO: the window queu
 def window(tmp_path_factory):
     path = tmp_path_factory.mktemp("workload") / "tight.yaml"
     path.write_text(yaml.safe_dump(WORKLOAD))
-    return workload_requests(path, 60, seed=0)
+    return workload_requests(path, 40, seed=0)
 
 
 def _relative(live: float, simulated: float) -> float:
     return abs(live - simulated) / simulated
 
 
-def test_round_robin_live_matches_the_simulator(window):
-    (result,) = compare(CLUSTER, ["vllm_rr"], window, seed=0, time_scale=3.0)
-    sim, live = result.simulated, result.live
-    assert result.live_errors == 0
+def test_live_matches_the_simulator_and_keeps_its_ranking(window):
+    # at a time scale of 4 the HTTP hops' few wall milliseconds are ~5% of the simulated TTFT median
+    results = compare(CLUSTER, ["vllm_rr", "vllm_prism"], window, seed=0, time_scale=4.0)
+    rr, prism = results
+    sim, live = rr.simulated, rr.live
+    assert rr.live_errors == prism.live_errors == 0
     assert sim["slo_attainment"] < 1.0  # the window is loaded enough for attainment to mean something
     assert abs(live["slo_attainment"] - sim["slo_attainment"]) <= 0.02
     assert _relative(live["ttft_p50_s"], sim["ttft_p50_s"]) <= 0.10
     assert _relative(live["tpot_p50_s"], sim["tpot_p50_s"]) <= 0.10
-    assert result.same_engine == 1.0  # round-robin is stateless of load: the same engine for every request
-
-
-def test_prism_ranks_above_round_robin_live_as_in_the_simulator(window):
-    results = compare(CLUSTER, ["vllm_rr", "vllm_prism"], window, seed=0, time_scale=1.0)
-    rr, prism = results
-    assert prism.simulated["slo_attainment"] - rr.simulated["slo_attainment"] >= 0.05
+    assert rr.same_engine == 1.0  # round-robin is stateless of load: the same engine for every request
+    assert prism.simulated["slo_attainment"] - sim["slo_attainment"] >= 0.05
     assert ranking(results, "simulated") == ranking(results, "live") == ["vllm_prism", "vllm_rr"]
 
 

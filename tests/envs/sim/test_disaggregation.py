@@ -4,7 +4,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-from simkit import make_requests
+from simkit import frontend_s, make_requests
 
 from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
 from envs.sim.config import cluster_from
@@ -29,7 +29,7 @@ def test_handoff_adds_the_kv_transfer_between_first_and_second_token(node, bandw
     cluster = Cluster(_pd(node=node), LeastOutstandingRequests())
     record = cluster.run(make_requests([(0.0, 1000, 20)])).records().iloc[0]
     perf = StructuralModel("H100-SXM", "Llama-3-8B")
-    prefill = perf.predict(StepBatch.prefill(1000)) / 1e3
+    prefill = frontend_s(perf) + perf.predict(StepBatch.prefill(1000)) / 1e3
     transfer = latency + 1000 * 131072 / bandwidth
     decodes = sum(perf.predict(StepBatch.decode(1, 1000 + j)) / 1e3 for j in range(19))
     assert (record["prefill_instance"], record["instance"]) == (0, 1)

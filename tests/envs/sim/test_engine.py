@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from simkit import make_requests
+from simkit import frontend_s, make_requests
 
 from envs.sim.cluster import InstanceGroup
 from envs.sim.engine import EngineConfig
@@ -26,7 +26,7 @@ def test_lone_request_ttft_and_tpot_equal_the_performance_model(run_cluster):
     _, result = run_cluster(make_requests([(0.0, 1000, 50)]))
     perf = StructuralModel("H100-SXM", "Llama-3-8B")
     record = result.records().iloc[0]
-    prefill = perf.predict(StepBatch.prefill(1000)) / 1e3
+    prefill = frontend_s(perf) + perf.predict(StepBatch.prefill(1000)) / 1e3
     decodes = [perf.predict(StepBatch.decode(1, 1000 + j)) / 1e3 for j in range(49)]
     assert record["ttft_s"] == pytest.approx(prefill, rel=1e-9)
     assert record["e2e_s"] == pytest.approx(prefill + sum(decodes), rel=1e-9)
@@ -37,7 +37,7 @@ def test_lone_request_ttft_and_tpot_equal_the_performance_model(run_cluster):
 def test_static_batch_e2e_is_one_prefill_plus_its_decode_steps(run_cluster):
     _, result = run_cluster(make_requests([(0.0, 500, 20)] * 8))
     perf = StructuralModel("H100-SXM", "Llama-3-8B")
-    prefill = perf.predict(StepBatch.from_seqs([(500, 0)] * 8)) / 1e3
+    prefill = frontend_s(perf) + perf.predict(StepBatch.from_seqs([(500, 0)] * 8)) / 1e3
     decodes = sum(perf.predict(StepBatch.decode(8, 8 * (500 + j))) / 1e3 for j in range(19))
     np.testing.assert_allclose(result.records()["e2e_s"], prefill + decodes, rtol=1e-9)
 
@@ -47,7 +47,8 @@ def test_long_prompt_is_chunked_by_the_token_budget(run_cluster):
     _, result = run_cluster(make_requests([(0.0, 5000, 2)]), groups=groups)
     perf = StructuralModel("H100-SXM", "Llama-3-8B")
     chunks = [StepBatch.prefill(2048, 0), StepBatch.prefill(2048, 2048), StepBatch.prefill(904, 4096)]
-    assert result.records()["ttft_s"].iloc[0] == pytest.approx(sum(perf.predict(c) for c in chunks) / 1e3, rel=1e-9)
+    expected = frontend_s(perf) + sum(perf.predict(c) for c in chunks) / 1e3
+    assert result.records()["ttft_s"].iloc[0] == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize(("utilization", "caching"), [(0.9, False), (0.35, False), (0.35, True)])
