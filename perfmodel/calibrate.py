@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -28,7 +27,7 @@ from scipy.optimize import least_squares
 from perfmodel.batch import StepBatchArray
 from perfmodel.catalog import get_model
 from perfmodel.profile import Coefficients, Profile, default_profile
-from perfmodel.steplog import StepRecord, read_steps
+from perfmodel.steplog import StepRecord
 from perfmodel.structural import StructuralModel
 
 # name: (lower, upper) bounds. Per GPU: efficiencies and fixed kernel costs; shared: the serving stack's CPU.
@@ -190,9 +189,3 @@ def split_by_tp(records: Sequence[StepRecord], held_out: Sequence[int]) -> tuple
             f"holding out TP {sorted(held)} of the log's TP degrees {degrees} leaves nothing to fit or test"
         )
     return fit, test
-
-
-def calibrate_file(path: str | Path, base: Profile | None = None, prior_weight: float = 0.01) -> Profile:
-    """Read a measured step log (every line needs ``latency_ms``) and calibrate on it."""
-    records = list(read_steps(path, need_latency=True))
-    return calibrate(records, base=base, prior_weight=prior_weight, source=str(path))

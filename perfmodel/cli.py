@@ -14,13 +14,9 @@ from pathlib import Path
 
 from perfmodel.catalog import DATA_DIR, get_gpu, get_model, register_catalog
 from perfmodel.errors import PerfModelError
-from perfmodel.profile import Profile, load_profile
+from perfmodel.profile import load_profile
 
 VIDUR_PROFILE_PATH = DATA_DIR / "profiles" / "vidur.json"
-
-
-def _load_profile(name: str | None) -> Profile:
-    return load_profile(name)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -28,7 +24,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from perfmodel.steplog import read_steps
     from perfmodel.structural import StructuralModel
 
-    profile = _load_profile(args.profile)
+    profile = load_profile(args.profile)
     models: dict[tuple, StructuralModel] = {}
     out = sys.stdout
     for record in read_steps(args.steps):
@@ -47,7 +43,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from perfmodel.calibrate import calibrate, holdout_errors, split_by_tp
     from perfmodel.steplog import read_steps
 
-    base = _load_profile(args.base)
+    base = load_profile(args.base)
     records = list(read_steps(args.measured, need_latency=True))
     held: list = []
     if args.hold_out_tp:

@@ -248,9 +248,7 @@ class Engine:
         """With asynchronous scheduling, the first step a request queued now can join: the one after the
         next while a step runs (the next was scheduled when the running one started), else the next."""
         if self._jump is not None:
-            start, latencies, first, _ = self._jump
-            starts = np.concatenate([[0.0], np.cumsum(latencies[:-1])])
-            running = first + int(np.searchsorted(starts, self.env.now - start, side="right")) - 1
+            running = self._jump[2] + self._jump_steps_started(self.env.now) - 1
             return running + 2
         if self._inflight_step is not None:
             return self._inflight_step + 2
@@ -267,12 +265,16 @@ class Engine:
     def used_blocks_at(self, t: float) -> int:
         """KV blocks in use at time ``t`` (``t`` within the current step or jump), as a scraper would read."""
         if self._jump is not None:
-            start, latencies, first_step, used_before = self._jump  # reconstructed only when someone looks
-            starts = np.concatenate([[0.0], np.cumsum(latencies[:-1])])
-            started = int(np.searchsorted(starts, t - start, side="right"))
-            keys = (first_step + np.arange(started)) % self.block_size
+            _, _, first_step, used_before = self._jump  # reconstructed only when someone looks
+            keys = (first_step + np.arange(self._jump_steps_started(t))) % self.block_size
             return used_before + int(np.asarray(self.block_hist)[keys].sum())
         return self.total_blocks - self.free_blocks
+
+    def _jump_steps_started(self, t: float) -> int:
+        """How many steps of the decode jump in progress have started by time ``t``."""
+        start, latencies, _, _ = self._jump
+        starts = np.concatenate([[0.0], np.cumsum(latencies[:-1])])
+        return int(np.searchsorted(starts, t - start, side="right"))
 
     def decode_step_s(self, num_seqs: int, kv_tokens: int) -> float:
         """Noise-free time (s) of a decode-only step; linear in the KV tokens at a fixed batch size."""

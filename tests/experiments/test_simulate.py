@@ -31,6 +31,18 @@ SUMMARY_KEYS = {
 }
 
 
+def _cli(tmp_path, *overrides, timeout, module=False):
+    """Run simulate.py (or ``python -m experiments.simulate``) in a subprocess, its run directory in ``tmp_path``."""
+    entry = ["-m", "experiments.simulate"] if module else [str(ROOT / "experiments" / "simulate.py")]
+    return subprocess.run(
+        [sys.executable, *entry, *overrides, f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
 def _compose(*overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="simulate", overrides=["progress=false", *overrides])
@@ -62,18 +74,12 @@ def test_trace_workload_from_a_user_path(tmp_path):
 
 
 def test_command_line_reports_a_bad_config_in_one_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments/simulate.py"),
-            "progress=false",
-            "cluster=llama70b_tp4",
-            "cluster.groups.0.engine.tp=1",
-            "cluster.groups.0.engine.gpu=A100-40GB",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
+    result = _cli(
+        tmp_path,
+        "progress=false",
+        "cluster=llama70b_tp4",
+        "cluster.groups.0.engine.tp=1",
+        "cluster.groups.0.engine.gpu=A100-40GB",
         timeout=120,
     )
     assert result.returncode == 2
@@ -86,17 +92,7 @@ def test_command_line_reports_a_bad_config_in_one_line(tmp_path):
 
 def test_readme_main_command_on_a_small_window(tmp_path):
     """`make simulate` is `python experiments/simulate.py`; here on 300 requests of the default scenario."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments/simulate.py"),
-            "workload.num_requests=300",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = _cli(tmp_path, "workload.num_requests=300", timeout=180)
     assert result.returncode == 0, result.stderr
     assert "SLO attainment" in result.stdout
     assert json.loads((tmp_path / "summary.json").read_text())["num_requests"] == 300
@@ -112,20 +108,7 @@ def test_a_policy_whose_pools_are_its_router_runs(tmp_path):
 
 
 def test_the_entry_point_also_runs_as_a_module(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.simulate",
-            "workload.num_requests=200",
-            "progress=false",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-    )
+    result = _cli(tmp_path, "workload.num_requests=200", "progress=false", timeout=180, module=True)
     assert result.returncode == 0, result.stderr
     assert "SLO attainment" in result.stdout
     assert json.loads((tmp_path / "summary.json").read_text())["num_requests"] == 200
@@ -144,17 +127,11 @@ def test_a_groups_profile_is_used_and_recorded(tmp_path):
 
 
 def test_an_unknown_profile_is_one_line_and_exit_2(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "simulate.py"),
-            "workload.num_requests=50",
-            "cluster.groups.0.engine.profile=no-such-profile",
-            "progress=false",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
+    result = _cli(
+        tmp_path,
+        "workload.num_requests=50",
+        "cluster.groups.0.engine.profile=no-such-profile",
+        "progress=false",
         timeout=300,
     )
     assert result.returncode == 2
