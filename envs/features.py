@@ -2,7 +2,8 @@
 router service.
 
 Features are computed from a :class:`envs.sim.view.ClusterView` (what a router can see: engine metrics as
-vLLM exports them, possibly stale, plus what engines push, the router's own bookkeeping and static facts)
+vLLM exports them, possibly stale, what it knows from its own traffic — :mod:`envs.sim.router_tap` — and
+static facts)
 and the :class:`envs.sim.view.RequestInfo` of the decision, with performance-model predictions. The
 simulator builds the view from its snapshots; a router in front of real engines builds the same view
 from scraped metrics, so a policy trained here runs unchanged there.
@@ -20,11 +21,14 @@ import numpy as np
 
 from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, LocalCorrection, RequestInfo
 from perfmodel.batch import StepBatch
-from perfmodel.capacity import predict_ttft
+from perfmodel.capacity import predict_ttft, ttft_steps
 from perfmodel.profile import registry_version
 from perfmodel.structural import StructuralModel, structural_model
 
-FEATURE_VERSION = 2  # 2: prompts sent since the snapshot (PRISM's decision-lag correction) in the load features
+# 2: prompts sent since the snapshot (PRISM's decision-lag correction) in the load features;
+# 3: pending prefill, decodes, their KV, step time and next step from the router tap (live, router-side,
+#    the same in the simulator and the router service); no corrected pending; tokens_per_step -> next_step_tokens
+FEATURE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -48,16 +52,13 @@ ENGINE_FEATURES: tuple[Feature, ...] = (
     Feature("kv_usage", "fraction", 1.0, 1.0, "vllm:kv_cache_usage_perc"),
     Feature("outstanding", "requests", 256.0, 4.0, "requests this router sent and has not seen finish"),
     Feature("outstanding_prompt", "tokens", 100_000.0, 10.0, "their prompt tokens"),
-    Feature("pending_prefill_s", "s", 10.0, 10.0, "pushed pending prefill tokens / prefill capacity"),
-    Feature("sent_since_snapshot", "requests", 16.0, 8.0, "requests this router sent here since the snapshot"),
-    Feature(
-        "corrected_pending_s", "s", 10.0, 10.0, "(pushed pending + prompt tokens sent since the snapshot) / capacity"
-    ),
-    Feature("decode_kv_share", "fraction", 1.0, 1.0, "resident decode KV tokens / KV capacity"),
-    Feature("tokens_per_step", "tokens", 8192.0, 2.0, "recent tokens per step (scheduling mode)"),
-    Feature("step_ms", "ms", 100.0, 10.0, "recent step latency (observed inter-token time)"),
-    Feature("predicted_step_ms", "ms", 100.0, 10.0, "performance model: next step latency"),
-    Feature("predicted_ttft_s", "s", 10.0, 10.0, "performance model: TTFT if routed here (incl. prompts sent since)"),
+    Feature("pending_prefill_s", "s", 10.0, 10.0, "tapped prompt tokens awaiting their first token / prefill capacity"),
+    Feature("sent_since_snapshot", "requests", 16.0, 8.0, "requests this router sent here since the gauges' scrape"),
+    Feature("decode_kv_share", "fraction", 1.0, 1.0, "tapped decode KV tokens (prompt + streamed) / KV capacity"),
+    Feature("next_step_tokens", "tokens", 8192.0, 2.0, "tapped decodes + a budget chunk of pending prefill"),
+    Feature("step_ms", "ms", 100.0, 10.0, "EWMA of the inter-token gaps the router relayed"),
+    Feature("predicted_step_ms", "ms", 100.0, 10.0, "performance model: that next step's latency"),
+    Feature("predicted_ttft_s", "s", 10.0, 10.0, "performance model: TTFT if routed here, through the pending prefill"),
     Feature("predicted_tpot_ms", "ms", 100.0, 10.0, "performance model: decode step with this request added"),
     Feature("prefill_capacity", "tokens/s", 100_000.0, 10.0, "static: prefill tokens/s at full budget"),
     Feature("kv_capacity", "tokens", 1_000_000.0, 10.0, "static: KV cache capacity"),
@@ -79,39 +80,64 @@ class EngineModels:
     and its prefill capacity."""
 
     def __init__(self) -> None:
-        self._capacity: dict[tuple, float] = {}
+        # per EngineInfo object (a cluster's infos live as long as it does): (registry version, model, capacity)
+        self._known: dict[int, tuple[int, EngineInfo, StructuralModel, float]] = {}
+
+    def _entry(self, info: EngineInfo) -> tuple[int, EngineInfo, StructuralModel, float]:
+        entry, version = self._known.get(id(info)), registry_version()
+        if entry is None or entry[0] != version or entry[1] is not info:
+            model = structural_model(
+                info.gpu, info.model, tp=info.tp, dtype=info.dtype, profile=info.profile, cuda_graphs=info.cuda_graphs
+            )
+            budget = info.max_num_batched_tokens
+            entry = (version, info, model, budget / (model.predict(StepBatch.prefill(budget)) / 1e3))
+            if len(self._known) > 4096:  # infos of clusters long gone
+                self._known.clear()
+            self._known[id(info)] = entry
+        return entry
 
     def __call__(self, info: EngineInfo) -> StructuralModel:
-        return structural_model(
-            info.gpu, info.model, tp=info.tp, dtype=info.dtype, profile=info.profile, cuda_graphs=info.cuda_graphs
-        )
+        return self._entry(info)[2]
 
     def prefill_capacity(self, info: EngineInfo) -> float:
         """Tokens per second the engine computes with full token budgets (PRISM's capacity)."""
-        key = (info.gpu, info.model, info.tp, info.dtype, info.profile, info.cuda_graphs, registry_version(),
-               info.max_num_batched_tokens)  # fmt: skip
-        if key not in self._capacity:
-            budget = info.max_num_batched_tokens
-            self._capacity[key] = budget / (self(info).predict(StepBatch.prefill(budget)) / 1e3)
-        return self._capacity[key]
+        return self._entry(info)[3]
 
-    def routed_latency_ms(
-        self, info: EngineInfo, snap: EngineSnapshot, prompt_tokens: int, queued_extra: int = 0
-    ) -> tuple[float, float]:
+    def routed_latency_ms(self, info: EngineInfo, snap: EngineSnapshot, prompt_tokens: int) -> tuple[float, float]:
         """Predicted TTFT and TPOT (ms) of a request of ``prompt_tokens`` routed to this engine: through its
-        pending prefill work (plus ``queued_extra`` tokens sent since the snapshot) with its decodes held
-        fixed, then a decode step of its batch with this request added."""
+        pending prefill work with its decodes held fixed, then a decode step of its batch with this
+        request added."""
         perf = self(info)
         ttft = predict_ttft(
             perf,
             prompt_tokens,
-            queued_prefill_tokens=snap.pending_prefill_tokens + queued_extra,
+            queued_prefill_tokens=snap.pending_prefill_tokens,
             running=snap.running_decodes(),
             max_num_batched_tokens=info.max_num_batched_tokens,
         )
         resident = max(0, snap.decode_kv_tokens - snap.num_decodes)
         tpot = perf.predict(StepBatch.decode(snap.num_decodes + 1, resident + prompt_tokens))
         return ttft, tpot
+
+    def routed_latency_many(
+        self, infos: list[EngineInfo], snaps: list[EngineSnapshot], prompt_tokens: int
+    ) -> tuple[list[float], list[float]]:
+        """:meth:`routed_latency_ms` for every engine, without building intermediate batches (the hot path
+        of every decision: the performance model remembers the linear-layer times of repeated counts)."""
+        ttfts, tpots = [], []
+        for info, snap in zip(infos, snaps, strict=True):
+            perf, d = self(info), snap.num_decodes
+            kv = max(snap.decode_kv_tokens, d) if d else 0  # the running decodes' KV as running_decodes() has it
+            ttft = 0.0
+            for steps, tokens, seqs, decodes, pairs, chunk_kv, decode_kv in ttft_steps(
+                prompt_tokens, snap.pending_prefill_tokens, d, info.max_num_batched_tokens
+            ):
+                batch = StepBatch(d + tokens, d + seqs, d + decodes, kv + pairs, kv + chunk_kv, kv + decode_kv)
+                ttft += steps * perf.predict(batch)
+            total = kv - d + prompt_tokens + d + 1  # a decode step with this request added
+            ttfts.append(ttft)
+            tpots.append(perf.predict(StepBatch(d + 1, d + 1, d + 1, total, total, total)))
+        return ttfts, tpots
 
 
 @dataclass
@@ -122,10 +148,10 @@ class FeatureContext:
     engines: EngineModels = field(default_factory=EngineModels)
     sessions: dict[int, int] = field(default_factory=dict)
 
-    correction: LocalCorrection = field(default_factory=LocalCorrection)
+    correction: LocalCorrection = field(default_factory=LocalCorrection)  # requests sent since each scrape
 
     def observe_route(self, request: RequestInfo, engine: int, view: ClusterView) -> None:
-        """Record a placement: the session table and what was sent since the engine's snapshot."""
+        """Record a placement: the session table and what was sent since the engine's gauges were scraped."""
         self.correction.record(view, engine, request)
         if request.session_id >= 0:
             self.sessions[request.session_id] = engine
@@ -169,39 +195,39 @@ class FeatureSpec:
         if view.num_engines > self.max_instances:
             raise ValueError(f"the cluster has {view.num_engines} engines; the spec holds {self.max_instances}")
         expected = float(request.output_tokens) if request.output_tokens is not None else context.output_mean
-        rows = np.zeros((view.num_engines, len(ENGINE_FEATURES)))
+        engines, snapshots = view.engines, view.snapshots
         last = context.sessions.get(request.session_id) if request.session_id >= 0 else None
-        for i, (info, snap) in enumerate(zip(view.engines, view.snapshots, strict=True)):
+        ttft_ms, tpot = context.engines.routed_latency_many(engines, snapshots, request.prompt_tokens)
+        outstanding, outstanding_prompt, correction = (
+            view.outstanding_requests,
+            view.outstanding_prompt_tokens,
+            context.correction,
+        )
+        rows = []
+        for i, (info, snap) in enumerate(zip(engines, snapshots, strict=True)):
             role = view.roles[i]
             capacity = context.engines.prefill_capacity(info)
-            queued = snap.pending_prefill_tokens
-            sent_requests, sent_tokens = context.correction.sent(view, i)
-            ttft_ms, tpot = context.engines.routed_latency_ms(
-                info, snap, request.prompt_tokens, queued_extra=sent_tokens
-            )
-            ttft = ttft_ms / 1e3
-            rows[i] = (
+            rows.append((
                 1.0,
                 float(role.accepts_new),
                 float(role.accepts_decode),
                 snap.num_requests_running,
                 snap.num_requests_waiting,
                 snap.kv_cache_usage_perc,
-                view.outstanding_requests[i],
-                view.outstanding_prompt_tokens[i],
-                queued / capacity,
-                sent_requests,
-                (queued + sent_tokens) / capacity,
+                outstanding[i],
+                outstanding_prompt[i],
+                snap.pending_prefill_tokens / capacity,
+                correction.requests(view, i),
                 snap.decode_kv_tokens / max(info.kv_capacity_tokens, 1),
-                snap.recent_tokens_per_step,
+                snap.next_step_tokens,
                 snap.recent_step_ms,
                 snap.predicted_step_ms,
-                ttft,
-                tpot,
+                ttft_ms[i] / 1e3,
+                tpot[i],
                 capacity,
                 info.kv_capacity_tokens,
                 float(last == i),
-            )
+            ))  # fmt: skip
         slo = request.slo
         req = np.array(
             [
@@ -214,7 +240,7 @@ class FeatureSpec:
             ],
             dtype=float,
         )
-        return rows, req
+        return np.array(rows, dtype=float).reshape(len(rows), len(ENGINE_FEATURES)), req
 
     def vector(
         self, view: ClusterView, request: RequestInfo, context: FeatureContext, decode_phase: bool = False

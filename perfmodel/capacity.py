@@ -108,22 +108,54 @@ def predict_ttft(
     state is held fixed over the prediction; queued prompts are charged their chunks' own attention.
     """
     running = running or StepBatch()
-    chunk = max_num_batched_tokens - running.num_decodes
+    total = 0.0
+    for count, *chunks in ttft_steps(
+        prompt_tokens, queued_prefill_tokens, running.num_decodes, max_num_batched_tokens, cached_tokens
+    ):
+        total += count * perf.predict(running + StepBatch(*chunks))
+    return total
+
+
+# (how many such steps, then the StepBatch fields of their prefill chunks: tokens, sequences, decodes,
+# attention pairs, KV tokens, decode KV tokens)
+TtftStep = tuple[int, int, int, int, float, int, int]
+
+
+def ttft_steps(
+    prompt_tokens: int,
+    queued_prefill_tokens: int,
+    num_decodes: int,
+    max_num_batched_tokens: int,
+    cached_tokens: int = 0,
+) -> list[TtftStep]:
+    """The prefill chunks of each step up to a new request's first token (see :func:`predict_ttft`), as
+    aggregates to add to the running batch: plain arithmetic, so callers can predict many engines at once."""
+    chunk = max_num_batched_tokens - num_decodes
     if chunk < 1:
         raise CatalogError("the running decodes fill the whole token budget; no prefill can be scheduled")
     queued, own = max(0, queued_prefill_tokens), max(1, prompt_tokens - cached_tokens)
     full_queue_steps, remainder = divmod(queued, chunk)
-    total = full_queue_steps * perf.predict(running + StepBatch.prefill(chunk)) if full_queue_steps else 0.0
+    steps: list[TtftStep] = []
+    if full_queue_steps:
+        steps.append((full_queue_steps, *_chunk(chunk, 0)))
     done = cached_tokens
     if remainder:  # the step that finishes the queue starts the request's prompt
         first = min(chunk - remainder, own)
-        total += perf.predict(running + StepBatch.prefill(remainder) + StepBatch.prefill(first, done))
+        steps.append((1, *(a + b for a, b in zip(_chunk(remainder, 0), _chunk(first, done), strict=True))))
         done, own = done + first, own - first
     while own > 0:
         step = min(chunk, own)
-        total += perf.predict(running + StepBatch.prefill(step, done))
+        steps.append((1, *_chunk(step, done)))
         done, own = done + step, own - step
-    return total
+    return steps
+
+
+def _chunk(new: int, context: int) -> tuple[int, int, int, float, int, int]:
+    """:meth:`StepBatch.prefill`'s fields without building one (one token on a context is a decode)."""
+    kv = context + new
+    if new == 1 and context > 0:
+        return 1, 1, 1, float(kv), kv, kv
+    return new, 1, 0, new * (context + (new + 1) / 2), kv, 0
 
 
 def predict_tpot(perf: StructuralModel, running: StepBatch, prefill_tokens_per_step: int = 0) -> float:

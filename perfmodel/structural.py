@@ -38,6 +38,7 @@ VIDUR_OPS = (
 )
 TERM_NAMES = ("overhead", "linear", "attention", "communication", "host_wait")
 HOST_SMOOTHNESS = 4.0  # order of the smooth maximum of GPU time and host launch time
+LINEAR_MEMO_SIZE = 1 << 16  # remembered (tokens, sequences) linear-layer times per model (a few MB at most)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class StructuralModel:
         self._precompute()
 
     def _precompute(self) -> None:
+        self._linear_memo: dict[tuple[int, int], float] = {}
         m, c, tp = self.model, self.coefficients, self.tp
         b = DTYPE_BYTES[self.dtype]
         self.layers = m.num_hidden_layers
@@ -189,11 +191,16 @@ class StructuralModel:
         waits on kernel launches — for one or many batches."""
         return dict(zip(TERM_NAMES, self._terms(batch), strict=True))
 
-    def _terms(self, batch: StepBatch | StepBatchArray) -> tuple[Any, Any, Any, Any, Any]:
+    def _linear(self, n: Any, s: Any) -> Any:
+        """The linear layers' time: the part that depends only on token and sequence counts."""
+        emb = self.elem_launch["emb"] + n * self.elem_ms_per_token["emb"]
+        return self.layers * self.layer_linear_ms(n) + emb + self.gemm_ms(s, self.lm_head)
+
+    def _terms(self, batch: StepBatch | StepBatchArray, linear: Any = None) -> tuple[Any, Any, Any, Any, Any]:
         n, s = batch.num_tokens, batch.num_seqs
         overhead = self.coefficients.step_overhead_ms + s * self.coefficients.seq_overhead_ms
-        emb = self.elem_launch["emb"] + n * self.elem_ms_per_token["emb"]
-        linear = self.layers * self.layer_linear_ms(n) + emb + self.gemm_ms(s, self.lm_head)
+        if linear is None:
+            linear = self._linear(n, s)
         attention = self.layers * (
             self._attn_launch + batch.attn_pairs * self._attn_ms_per_pair + batch.kv_tokens * self._attn_ms_per_kv
         )
@@ -207,10 +214,21 @@ class StructuralModel:
         return overhead, linear, attention, communication, host_wait
 
     def predict(self, batch: StepBatch) -> float:
-        """Latency (ms) of one step; an empty batch costs nothing (no step runs)."""
-        if batch.num_tokens <= 0:
+        """Latency (ms) of one step; an empty batch costs nothing (no step runs).
+
+        The linear layers' time (most of the cost of a prediction) is remembered per (tokens, sequences):
+        steps repeat those counts all the time, and a router predicts several steps per engine per decision.
+        """
+        n = batch.num_tokens
+        if n <= 0:
             return 0.0
-        overhead, linear, attention, communication, host_wait = self._terms(batch)
+        key = (n, batch.num_seqs)
+        linear = self._linear_memo.get(key)
+        if linear is None:
+            if len(self._linear_memo) >= LINEAR_MEMO_SIZE:
+                self._linear_memo.clear()
+            linear = self._linear_memo[key] = self._linear(n, batch.num_seqs)
+        overhead, linear, attention, communication, host_wait = self._terms(batch, linear)
         return float(overhead + linear + attention + communication + host_wait)
 
     def predict_seqs(self, seqs: list[tuple[int, int]]) -> float:

@@ -185,10 +185,13 @@ def decision_router(backends: int, policy: str) -> Router:
     router.scraper = _StaticScraper(backends)
     rng = np.random.default_rng(0)
     for i in range(backends):
-        for _ in range(int(rng.integers(0, 12))):
-            router.book.sent(i, int(rng.integers(50, 2000)))
-        for _ in range(int(rng.integers(0, router.book.outstanding[i] + 1))):
-            router.book.first_token(i, 500)
+        prompts = rng.integers(50, 2000, size=int(rng.integers(0, 12)))
+        for prompt in prompts:
+            router.tap.sent(i, int(prompt))
+        for prompt in prompts[: int(rng.integers(0, len(prompts) + 1))]:
+            router.tap.first_token(i, int(prompt))
+            for _ in range(int(rng.integers(1, 200))):
+                router.tap.token(i, 0.012)
     return router
 
 

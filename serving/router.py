@@ -32,13 +32,13 @@ from envs.features import EngineModels
 from envs.sim.policies import Observer, RoutingPolicy, least_outstanding, overrides
 from envs.sim.request import SloClass
 from envs.sim.roles import Role
+from envs.sim.router_tap import RouterTap
 from envs.sim.view import ClusterView, RequestInfo
-from serving.bookkeeping import Bookkeeping, snapshot
 from serving.http_server import LOOPBACK, Server
 from serving.protocol import CHAT, COMPLETIONS, DONE_FRAME, ApiError, ParsedRequest, parse_request, unknown_model
 from serving.router_config import RouterConfig, RouterConfigError, load_router_config, load_routing_policy
 from serving.router_metrics import RouterMetrics
-from serving.scrape import Scraper
+from serving.scrape import Scraper, gauge_snapshot
 
 _HOP_BY_HOP_NAMES = "Connection Keep-Alive Proxy-Authenticate Proxy-Authorization TE Trailer Transfer-Encoding Upgrade"
 HOP_BY_HOP = frozenset(h.lower() for h in [*_HOP_BY_HOP_NAMES.split(), "Host", "Content-Length"])
@@ -104,7 +104,7 @@ class Router:
     def __init__(self, config: RouterConfig, policy: RoutingPolicy) -> None:
         self.config, self.policy = config, policy
         self.n = len(config.urls)
-        self.book = Bookkeeping(self.n)
+        self.tap = RouterTap(self.n)  # what this router knows from its own traffic
         self.up = [True] * self.n
         self.down_reason = [""] * self.n
         self.metrics = RouterMetrics([str(i) for i in range(self.n)])
@@ -185,23 +185,19 @@ class Router:
         roles = [Role.BOTH if i in chosen else Role.DRAINING for i in range(self.n)]
 
         def snapshots():
-            return [
-                snapshot(
-                    info,
-                    self.scraper.latest[i],
-                    now - self.scraper.age_s(i) / self.config.time_scale,
-                    self.book,
-                    self.models,
-                )
+            scale, scraper = self.config.time_scale, self.scraper
+            gauges = [
+                gauge_snapshot(info, scraper.latest[i], now - scraper.age_s(i) / scale)
                 for i, info in enumerate(self.config.infos)
             ]
+            return self.tap.snapshots(self.config.infos, gauges, self.models)
 
         return ClusterView(
             now,
             list(self.config.infos),
             snapshots,
-            list(self.book.outstanding),
-            list(self.book.outstanding_prompt),
+            list(self.tap.outstanding),
+            list(self.tap.outstanding_prompt),
             roles,
         )
 
@@ -217,7 +213,7 @@ class Router:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         ages = [self.scraper.age_s(i) for i in range(self.n)]
-        page = self.metrics.render(ages, self.up, self.book.outstanding)
+        page = self.metrics.render(ages, self.up, self.tap.outstanding)
         return web.Response(body=page, content_type="text/plain", charset="utf-8")
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -275,11 +271,11 @@ class Router:
             tried.add(backend)
             self.metrics.routed.labels(str(backend)).inc()
             attempt = _Attempt(backend, parsed.prompt_tokens)
-            self.book.sent(backend, parsed.prompt_tokens)
+            self.tap.sent(backend, parsed.prompt_tokens)
             try:
                 outcome = await self._attempt(request, parsed, raw, headers, attempt, info)
             finally:
-                self.book.ended(backend, parsed.prompt_tokens, attempt.tokens)
+                self.tap.ended(backend, parsed.prompt_tokens, attempt.tokens)
             if isinstance(outcome, web.StreamResponse):
                 return outcome
             if isinstance(outcome, str):
@@ -372,9 +368,9 @@ class Router:
     def token_seen(self, attempt: _Attempt) -> None:
         now = self.now_s()
         if attempt.tokens == 0:
-            self.book.first_token(attempt.backend, attempt.prompt_tokens)
+            self.tap.first_token(attempt.backend, attempt.prompt_tokens)
         else:
-            self.book.token(attempt.backend, now - attempt.last_token_s)
+            self.tap.token(attempt.backend, now - attempt.last_token_s)
         attempt.tokens += 1
         attempt.last_token_s = now
 

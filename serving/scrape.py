@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from envs.sim.view import EngineInfo, EngineSnapshot
+
 RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 KV_CURRENT, KV_DEPRECATED = "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"
 CACHE_INFO = "vllm:cache_config_info"
@@ -33,6 +35,21 @@ class EngineMetrics:
     kv_cache_usage_perc: float = 0.0
     num_gpu_blocks: int | None = None
     block_size: int | None = None
+
+
+def gauge_snapshot(info: EngineInfo, scraped: EngineMetrics | None, scraped_at_s: float) -> EngineSnapshot:
+    """A backend's scraped gauges as the view's snapshot (zeros before the first scrape, cache blocks from
+    the static facts then); the router tap fills the rest (:meth:`envs.sim.router_tap.RouterTap.snapshots`)."""
+    scraped = scraped or EngineMetrics()
+    block_size = scraped.block_size or 16
+    return EngineSnapshot(
+        time_s=scraped_at_s,
+        num_requests_running=scraped.num_requests_running,
+        num_requests_waiting=scraped.num_requests_waiting,
+        kv_cache_usage_perc=scraped.kv_cache_usage_perc,
+        num_gpu_blocks=scraped.num_gpu_blocks or max(1, info.kv_capacity_tokens // block_size),
+        block_size=block_size,
+    )
 
 
 def _split(line: str) -> tuple[str, str, float]:

@@ -71,6 +71,12 @@ class WallClockEngine:
     def engine_finished(self, request: Request) -> None:
         """Nothing to do here: :meth:`_collect` sees the finished state right after the step."""
 
+    def engine_first_token(self, engine: Engine, request: Request) -> None:
+        """Nothing to do here either: the tokens are read off the request after each step."""
+
+    def engine_tokens(self, engine: Engine, decodes: int, gaps_s: object) -> None:
+        """As :meth:`engine_first_token`."""
+
     def engine_handoff(self, engine: Engine, request: Request) -> None:
         raise RuntimeError("a twin is a single colocated engine; it never hands prefills over")
 

@@ -32,19 +32,11 @@ def argmin(candidates: list[int], key) -> int:
 
 
 class LeastResidentDecode(RoutingPolicy):
-    """Decode placement: the decode-capable engine with the fewest resident decode KV tokens, counting the
-    prompts this router handed to it since its snapshot."""
-
-    def __init__(self) -> None:
-        self._decode_correction = LocalCorrection()
+    """Decode placement: the decode-capable engine with the fewest resident decode KV tokens (the router's
+    live count, handed-over decodes included)."""
 
     def route_decode(self, request: RequestInfo, view: ClusterView) -> int:
-        def load(i: int) -> float:
-            return view.snapshots[i].decode_kv_tokens + self._decode_correction.tokens(view, i)
-
-        choice = argmin(view.decode_candidates, load)
-        self._decode_correction.record(view, choice, request)
-        return choice
+        return argmin(view.decode_candidates, lambda i: view.snapshots[i].decode_kv_tokens)
 
 
 class RandomRouter(LeastResidentDecode):
@@ -111,25 +103,21 @@ class PowerOfTwoChoices(LeastResidentDecode):
 class TokenAware(LeastResidentDecode):
     """SAL-style token-aware balancing: the least outstanding *tokens*, not requests.
 
-    Load of an engine = prompt tokens it has not prefilled yet (its pushed pending-prefill count plus
-    the prompts sent since) + the decode work of its in-flight requests, estimated as outstanding
+    Load of an engine = prompt tokens it has not prefilled yet (the router's live pending-prefill count)
+    + the decode work of its in-flight requests, estimated as outstanding
     requests × the mean output length the router has observed. Reading of Kossmann et al.'s SAL (the
     exact rule is not published): token counts, no hardware normalisation.
     """
 
     def __init__(self, output_prior: float = 256.0) -> None:
         super().__init__()
-        self.correction = LocalCorrection()
         self.outputs = OutputEstimate(output_prior)
 
     def load(self, view: ClusterView, i: int) -> float:
-        prefill = view.snapshots[i].pending_prefill_tokens + self.correction.tokens(view, i)
-        return prefill + view.outstanding_requests[i] * self.outputs.mean
+        return view.snapshots[i].pending_prefill_tokens + view.outstanding_requests[i] * self.outputs.mean
 
     def route(self, request: RequestInfo, view: ClusterView) -> int:
-        choice = argmin(view.prefill_candidates, lambda i: self.load(view, i))
-        self.correction.record(view, choice, request)
-        return choice
+        return argmin(view.prefill_candidates, lambda i: self.load(view, i))
 
     def on_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:
         self.outputs.update(output_tokens)

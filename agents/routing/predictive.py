@@ -1,8 +1,9 @@
 """Predictive routers built on the performance model: SynergySched's PRISM and Block-style prediction.
 
-Both read what engines push beyond vLLM's exporter (pending prefill tokens, predicted next-step latency,
-recent tokens per step, resident decodes: see :class:`envs.sim.view.EngineSnapshot`) and each engine's
-static facts, from which they build the same structural model the engines are calibrated with.
+Both read what the router knows beyond vLLM's exporter from its own traffic (pending prefill tokens,
+resident decodes, the next step's tokens and predicted latency: :mod:`envs.sim.router_tap`, where
+SynergySched has engines push them) and each engine's static facts, from which they build the same
+structural model the engines are calibrated with.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ import math
 from agents.routing.classic import LeastResidentDecode, argmin
 from agents.routing.estimates import OutputEstimate
 from envs.features import EngineModels
-from envs.sim.view import ClusterView, LocalCorrection, RequestInfo
+from envs.sim.view import ClusterView, RequestInfo
 
 
 class Prism(LeastResidentDecode):
     """PRISM (SynergySched): score each engine, route to the highest.
 
     ``s_lat = max(0, 1 − min(predicted step latency / SLO_TPOT, 5))``; ``s_load = 1 − tanh(pending
-    prefill tokens / capacity / 1 s)`` with the prompts routed since the last push added to the pending
-    count (the decision-lag correction); ``s_mode`` = 1, 0.5, 0 when recent tokens per step are < 256,
-    ≤ 1024, larger (latency-optimised, balanced, throughput mode); ``s_kv`` = 1 if the request's session
+    prefill tokens / capacity / 1 s)`` (the router's live count, so SynergySched's decision-lag
+    correction for pushed state is already in it); ``s_mode`` = 1, 0.5, 0 when the next step's tokens
+    are < 256, ≤ 1024, larger (latency-optimised, balanced, throughput mode); ``s_kv`` = 1 if the request's session
     was last routed to this engine within ``affinity_window_s``. Weights 1 by default. Capacity in
     tokens/s is what makes it hardware-aware in a heterogeneous cluster.
     """
@@ -34,7 +35,6 @@ class Prism(LeastResidentDecode):
     ) -> None:
         super().__init__()
         self.slo_tpot_s, self.affinity_window_s, self.weights = slo_tpot_s, affinity_window_s, tuple(weights)
-        self.correction = LocalCorrection()
         self.models = EngineModels()
         self._sessions: dict[int, tuple[int, float]] = {}
 
@@ -45,9 +45,8 @@ class Prism(LeastResidentDecode):
         for i in view.prefill_candidates:
             s = view.snapshots[i]
             s_lat = max(0.0, 1.0 - min(s.predicted_step_ms / 1e3 / self.slo_tpot_s, 5.0))
-            pending = s.pending_prefill_tokens + self.correction.tokens(view, i)
-            s_load = 1.0 - math.tanh(pending / self.models.prefill_capacity(view.engines[i]) / 1.0)
-            tokens = s.recent_tokens_per_step
+            s_load = 1.0 - math.tanh(s.pending_prefill_tokens / self.models.prefill_capacity(view.engines[i]) / 1.0)
+            tokens = s.next_step_tokens
             s_mode = 1.0 if tokens < 256 else 0.5 if tokens <= 1024 else 0.0
             s_kv = 1.0 if last is not None and last[0] == i and view.now_s - last[1] <= self.affinity_window_s else 0.0
             out[i] = w_lat * s_lat + w_load * s_load + w_mode * s_mode + w_kv * s_kv
@@ -56,7 +55,6 @@ class Prism(LeastResidentDecode):
     def route(self, request: RequestInfo, view: ClusterView) -> int:
         scores = self.scores(request, view)
         choice = argmin(list(scores), lambda i: -scores[i])
-        self.correction.record(view, choice, request)
         if request.session_id >= 0:
             self._sessions[request.session_id] = (choice, view.now_s)
         return choice
@@ -66,7 +64,7 @@ class BlockPredictive(LeastResidentDecode):
     """Block-style routing: predict the request's end-to-end latency on every engine, take the best.
 
     Each candidate's prediction walks its queue with the performance model: TTFT through the pending
-    prefill tokens (pushed, plus prompts routed since) with its running decodes held fixed, then the
+    prefill tokens (the router's live count) with its running decodes held fixed, then the
     expected output length (the request's own in oracle mode, else the observed mean) at the TPOT of
     its decode batch with this request added. Reading of Block (arXiv 2508.03611), whose length
     predictor is replaced by the router's running mean.
@@ -74,19 +72,15 @@ class BlockPredictive(LeastResidentDecode):
 
     def __init__(self, output_prior: float = 256.0) -> None:
         super().__init__()
-        self.correction = LocalCorrection()
         self.models = EngineModels()
         self.outputs = OutputEstimate(output_prior)
 
     def predicted_e2e_s(self, request: RequestInfo, view: ClusterView, i: int) -> float:
-        ttft, tpot = self.models.routed_latency_ms(
-            view.engines[i], view.snapshots[i], request.prompt_tokens, queued_extra=self.correction.tokens(view, i)
-        )
+        ttft, tpot = self.models.routed_latency_ms(view.engines[i], view.snapshots[i], request.prompt_tokens)
         return (ttft + (self.outputs.expected(request) - 1) * tpot) / 1e3
 
     def route(self, request: RequestInfo, view: ClusterView) -> int:
         choice = argmin(view.prefill_candidates, lambda i: self.predicted_e2e_s(request, view, i))
-        self.correction.record(view, choice, request)
         return choice
 
     def on_completion(self, request: RequestInfo, instance: int, output_tokens: int, e2e_s: float) -> None:

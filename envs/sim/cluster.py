@@ -29,8 +29,10 @@ from envs.sim.metrics import SimResult
 from envs.sim.policies import BatchPolicy, Observer, PoolPolicy, RoutingPolicy, VllmPolicy, check_policy, overrides
 from envs.sim.request import Request, State
 from envs.sim.roles import SERVING_ROLES, TAKES_NEW, Role, flip_allowed
+from envs.sim.router_tap import RouterTap
 from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
 from perfmodel.errors import PerfModelError
+from perfmodel.structural import StructuralModel
 
 __all__ = ["Cluster", "ClusterConfig", "InstanceGroup", "KvLink", "check_buildable"]
 
@@ -186,8 +188,7 @@ class Cluster:
             )
             for eng in self.engines
         ]
-        self.outstanding = [0] * len(self.engines)
-        self.outstanding_prompt = [0] * len(self.engines)
+        self.tap = RouterTap(len(self.engines))  # what the router knows from its own traffic
         self._snapshots = [self._snapshot(engine) for engine in self.engines]
         self._snapshot_tick = -1
         for policy in (router, self.batch_policy, pool_policy):
@@ -212,6 +213,7 @@ class Cluster:
 
     # -- the router's view -------------------------------------------------------------------------------
     def _snapshot(self, engine: Engine) -> EngineSnapshot:
+        """The engine's gauges as a scrape now reads them (the tapped fields are filled at the decision)."""
         used = engine.used_blocks_at(self.env.now)
         return EngineSnapshot(
             time_s=self.env.now,
@@ -220,29 +222,39 @@ class Cluster:
             kv_cache_usage_perc=used / engine.total_blocks,
             num_gpu_blocks=engine.total_blocks,
             block_size=engine.block_size,
-            pending_prefill_tokens=engine.pending_prefill_tokens,
-            num_decodes=engine.n_dec,
-            decode_kv_tokens=engine.dec_ctx_sum + engine.n_dec,
-            recent_tokens_per_step=engine.recent_tokens_per_step,
-            recent_step_ms=engine.recent_step_s * 1e3,
-            predicted_step_ms=engine.predicted_next_step_ms(),
             role=engine.role,
         )
 
     def view(self) -> ClusterView:
-        """The view a policy gets now: live snapshots, or the ones of the latest refresh tick."""
-        if self.config.snapshot_interval_s == 0:
-            snapshots = lambda: [self._snapshot(engine) for engine in self.engines]  # noqa: E731 (lazy)
-        else:
-            snapshots = self._snapshots
+        """The view a policy gets now: the gauges live or of the latest refresh tick, the router tap live."""
         return ClusterView(
             self.env.now,
             self.infos,
-            snapshots,
-            list(self.outstanding),
-            list(self.outstanding_prompt),
+            self._tapped_snapshots,
+            list(self.tap.outstanding),
+            list(self.tap.outstanding_prompt),
             [engine.role for engine in self.engines],
         )
+
+    def _tapped_snapshots(self) -> list[EngineSnapshot]:
+        now = self.env.now
+        for engine in self.engines:  # tokens of decode jumps in progress, as far as they streamed by now
+            engine.tell_tokens(now)
+        if self.config.snapshot_interval_s == 0:
+            gauges = [self._snapshot(engine) for engine in self.engines]
+        else:
+            gauges = self._snapshots
+        return self.tap.snapshots(self.infos, gauges, self._model_of)
+
+    def _model_of(self, info: EngineInfo) -> StructuralModel:
+        return self.engines[info.index].perf
+
+    # -- the EngineHost protocol: what a router relaying the engines' streams would see ------------------
+    def engine_first_token(self, engine: Engine, request: Request) -> None:
+        self.tap.first_token(engine.index, request.prompt_tokens)
+
+    def engine_tokens(self, engine: Engine, decodes: int, gaps_s: np.ndarray | float) -> None:
+        self.tap.decode_steps(engine.index, decodes, gaps_s)
 
     def _refresh(self, requests: Sequence[Request]):
         """Take snapshots at the refresh ticks that precede some arrival (the only ticks routers read)."""
@@ -296,8 +308,7 @@ class Cluster:
                     f"whose role is {self.engines[choice].role}; new requests need a prefill instance"
                 )
             if self.engines[choice].submit(request):
-                self.outstanding[choice] += 1
-                self.outstanding_prompt[choice] += request.prompt_tokens
+                self.tap.sent(choice, request.prompt_tokens)
             else:
                 self._reject(request)
             if progress is not None:
@@ -323,8 +334,7 @@ class Cluster:
 
     def engine_finished(self, request: Request) -> None:
         """An engine finished ``request``: bookkeeping, then the observers (a router sees its length)."""
-        self.outstanding[request.instance] -= 1
-        self.outstanding_prompt[request.instance] -= request.prompt_tokens
+        self.tap.ended(request.instance, request.prompt_tokens, request.generated)
         self.completed += 1
         if self.keep_requests:
             self.finished.append(request)
@@ -360,10 +370,7 @@ class Cluster:
                 f"decode-capable engines are {candidates}"
             )
         target = int(target)
-        self.outstanding[source.index] -= 1
-        self.outstanding_prompt[source.index] -= request.prompt_tokens
-        self.outstanding[target] += 1
-        self.outstanding_prompt[target] += request.prompt_tokens
+        self.tap.moved(source.index, target, request.prompt_tokens, request.generated)
         same_node = self.nodes[source.index] and self.nodes[source.index] == self.nodes[target]
         link = self.config.links["nvlink" if same_node else "network"]
         seconds = link.seconds(request.computed * source.perf.model.kv_bytes_per_token(source.perf.dtype))
@@ -374,8 +381,7 @@ class Cluster:
         yield self.env.timeout(seconds)
         source.release_transferred(request)
         if not target.submit_decode(request):
-            self.outstanding[target.index] -= 1
-            self.outstanding_prompt[target.index] -= request.prompt_tokens
+            self.tap.ended(target.index, request.prompt_tokens, request.generated)
             self._reject(request)
 
     # -- pool policies -----------------------------------------------------------------------------------

@@ -45,6 +45,13 @@ class EngineHost(Protocol):
     def engine_finished(self, request: Request) -> None:
         """``request`` finished on this engine."""
 
+    def engine_first_token(self, engine: Engine, request: Request) -> None:
+        """``request``'s first token was sampled now (what a router relaying the stream sees)."""
+
+    def engine_tokens(self, engine: Engine, decodes: int, gaps_s: np.ndarray | float) -> None:
+        """Steps ended in which ``decodes`` requests each got another token, ``gaps_s`` (one per step) after
+        their previous one."""
+
     def engine_handoff(self, engine: Engine, request: Request) -> simpy.Event | None:
         """A prefill instance computed ``request``'s prompt: move it to a decode instance. Returns a pending
         event when an agent makes the choice (the engine waits on it; no time passes)."""
@@ -168,11 +175,10 @@ class Engine:
         # optional hooks, called only when the policy overrides them (the defaults cost nothing here)
         self._admit_hook = policy.admit if overrides(policy, BatchPolicy, "admit") else None
         self._external_budget = policy.request_budget if overrides(policy, BatchPolicy, "request_budget") else None
-        # engine-pushed state (SynergySched-style): queued prefill work and recent step shape
+        # queued prefill work (what the batch policies read)
         self.waiting_tokens = 0  # prefill tokens of waiting requests
         self.prefill_remaining = 0  # tokens running prefills still have to compute
-        self.recent_tokens_per_step = 0.0  # EWMA over steps
-        self.recent_step_s = 0.0  # EWMA over steps
+        self._jump_told = 0  # steps of the decode jump in progress whose tokens the host was told of
         # a serving stack's per-request latency before scheduling (HTTP, tokenisation): a profile term, 0 by default
         self._frontend_s = self.perf.coefficients.request_overhead_ms / 1e3
         self.in_frontend = 0
@@ -305,6 +311,7 @@ class Engine:
                 latencies, blocks = jump
                 first, start = self.step_count + 1, env.now
                 self._jump = (start, latencies, first, self.total_blocks - self.free_blocks)
+                self._jump_told = 0
                 self._take(blocks)
                 try:
                     yield env.timeout(float(latencies.sum()))
@@ -315,7 +322,8 @@ class Engine:
                 if steps:
                     self._record(first, latencies)
                     self.tokens_computed += self.n_dec * steps
-                    self._remember(self.n_dec, float(latencies.mean()), steps)
+                    if self.host is not None and steps > self._jump_told:
+                        self.host.engine_tokens(self, self.n_dec, latencies[self._jump_told :])
                     for observe in self._step_listeners:  # costs per step only when someone listens
                         for j in range(steps):
                             observe(
@@ -347,20 +355,33 @@ class Engine:
             step = self.step_count + 1
             self._record_one(step, latency)
             self.tokens_computed += batch.num_tokens
-            self._remember(batch.num_tokens, latency)
             self._inflight_step = step
             yield env.timeout(latency)
             self._inflight_step = None
             for observe in self._step_listeners:
                 observe(self.view, batch, latency)
+            if n_dec and self.host is not None:
+                self.host.engine_tokens(self, n_dec, latency)
             self.step_count = step
             self.dec_ctx_sum += n_dec
             self._complete_decodes()
             yield from self._advance_prefills(chunks)
 
+    def tell_tokens(self, t: float) -> None:
+        """Tell the host of the tokens the decode jump in progress produced by time ``t`` (steps ended),
+        so a router's view mid-jump counts them as a router relaying the stream would."""
+        if self._jump is None or self.host is None:
+            return
+        start, latencies, _, _ = self._jump
+        ended = int(np.searchsorted(np.cumsum(latencies), t - start, side="right"))
+        if ended > self._jump_told:
+            self.host.engine_tokens(self, self.n_dec, latencies[self._jump_told : ended])
+            self._jump_told = ended
+
     def _cut_jump(self, start: float, latencies: np.ndarray, first: int, blocks: int):
         """Keep the jump's steps that started before now; return the unstarted steps' KV blocks."""
         self._interrupt_pending = False
+        self.tell_tokens(self.env.now)
         self._jump = None
         starts = np.concatenate([[0.0], np.cumsum(latencies[:-1])])
         steps = int(np.searchsorted(starts, self.env.now - start, side="left"))
@@ -390,22 +411,6 @@ class Engine:
         if self.config.noise_sigma <= 0:
             return np.ones(count)
         return np.exp(self.config.noise_sigma * self.rng.standard_normal(count))
-
-    EWMA_WEIGHT = 0.1  # per step
-
-    def _remember(self, tokens_per_step: float, latency_s: float, steps: int = 1) -> None:
-        keep = (1.0 - self.EWMA_WEIGHT) ** steps
-        self.recent_tokens_per_step = keep * self.recent_tokens_per_step + (1 - keep) * tokens_per_step
-        self.recent_step_s = keep * self.recent_step_s + (1 - keep) * latency_s
-
-    def predicted_next_step_ms(self) -> float:
-        """The performance model's latency of the next step: the decodes plus a prefill chunk of the budget."""
-        budget = max(self.config.max_num_batched_tokens, self.n_dec)
-        prefill = min(self.pending_prefill_tokens, budget - self.n_dec)
-        if prefill <= 0:  # decode-only (or idle): the cached linear form, no model evaluation
-            return self.decode_step_s(self.n_dec, self.dec_ctx_sum) * 1e3 if self.n_dec else 0.0
-        batch = StepBatch.decode(self.n_dec, self.dec_ctx_sum) if self.n_dec else StepBatch()
-        return self.perf.predict(batch + StepBatch.prefill(prefill))
 
     @property
     def pending_prefill_tokens(self) -> int:
@@ -687,8 +692,12 @@ class Engine:
             request.generated += 1  # the last prefill chunk samples a token
             if math.isnan(request.first_token_s):
                 request.first_token_s = now
-            else:
+                if self.host is not None:
+                    self.host.engine_first_token(self, request)
+            else:  # a preempted request's recomputation samples its next token
                 request.max_gap_s = max(request.max_gap_s, now - request.last_token_s)
+                if self.host is not None:
+                    self.host.engine_tokens(self, 1, now - request.last_token_s)
             request.last_token_s = now
             del self.prefilling[request.id]
             if self.cache is not None and request.hash_ids:

@@ -1,10 +1,11 @@
 """What a router can see: engine metrics as vLLM exports them (possibly stale), and its own bookkeeping.
 
 Snapshots carry vLLM's Prometheus names (``vllm:num_requests_running`` → ``num_requests_running`` ...).
-With a refresh interval Δ > 0 a policy deciding at time t sees the snapshot taken at ⌊t/Δ⌋·Δ, as a
-router scraping every Δ does; Δ = 0 gives the live state. The router's own counts (requests and prompt
-tokens it sent to each engine and has not seen finish) are always current. A request's true output
-length is hidden unless the cluster runs in oracle mode.
+With a refresh interval Δ > 0 a policy deciding at time t sees the gauges scraped at ⌊t/Δ⌋·Δ, as a
+router scraping every Δ does; Δ = 0 gives the live state. What the router knows from its own traffic
+(requests and prompt tokens sent and not finished, pending prefill, decodes and their KV, the relayed
+inter-token time: :mod:`envs.sim.router_tap`) is always current, in the simulator as in the router
+service. A request's true output length is hidden unless the cluster runs in oracle mode.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from envs.sim.roles import TAKES_DECODE, TAKES_NEW, Role
 from perfmodel.batch import StepBatch
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: construction is 8x cheaper, and it is on every step and decision
 class EngineSnapshot:
     """One engine's scraped metrics at ``time_s``."""
 
@@ -27,13 +28,13 @@ class EngineSnapshot:
     kv_cache_usage_perc: float  # fraction in [0, 1], as vLLM exports it
     num_gpu_blocks: int
     block_size: int
-    # Engine-pushed state beyond vLLM's exporter (SynergySched's engines push these to PRISM):
-    pending_prefill_tokens: int = 0  # prompt tokens queued or still prefilling
-    num_decodes: int = 0  # running sequences past their prefill
-    decode_kv_tokens: int = 0  # KV tokens resident for those decodes
-    recent_tokens_per_step: float = 0.0  # EWMA of tokens per step (scheduling mode)
-    recent_step_ms: float = 0.0  # EWMA of step latency (observed inter-token time)
-    predicted_step_ms: float = 0.0  # performance-model prediction of the next step
+    # What the router knows from its own traffic (envs.sim.router_tap), live at the decision:
+    pending_prefill_tokens: int = 0  # prompt tokens of its requests still waiting for their first token
+    num_decodes: int = 0  # its requests past their first token, not finished
+    decode_kv_tokens: int = 0  # their KV tokens: prompt + tokens streamed so far
+    next_step_tokens: int = 0  # decodes + a budget chunk of pending prefill (the scheduling mode)
+    recent_step_ms: float = 0.0  # EWMA of the inter-token gaps it relayed
+    predicted_step_ms: float = 0.0  # performance model: latency of that next step
     role: Role = Role.BOTH
 
     def running_decodes(self) -> StepBatch | None:
@@ -126,10 +127,11 @@ class ClusterView:
 
 
 class LocalCorrection:
-    """What this router sent to each engine since the snapshot it is looking at.
+    """What this router sent to each engine since the scraped gauges it is looking at.
 
-    A router scraping every Δ sees state up to Δ old; adding what it routed since (SynergySched's PRISM
-    does this with prompt tokens) keeps it from herding onto the engine that looked emptiest.
+    A router scraping every Δ sees running/waiting/KV gauges up to Δ old; adding what it routed since
+    keeps it from herding onto the engine that looked emptiest. (The tapped fields — pending prefill,
+    decodes — are live and need no correction.)
     """
 
     def __init__(self) -> None:

@@ -65,7 +65,12 @@ def test_decode_placement_prefers_least_resident_tokens_among_decode_instances()
         [snap(decode_kv=0, role="prefill"), snap(decode_kv=9000, role="decode"), snap(decode_kv=4000, role="decode")]
     )
     assert router.route_decode(request(prompt=6000), v) == 2
-    assert router.route_decode(request(prompt=100), v) == 1  # 2 now holds 4000 + 6000
+    # the counts are the router's live ones (the handoff it just made is in the next view), no correction on top
+    assert router.route_decode(request(prompt=100), v) == 2
+    after = view(
+        [snap(decode_kv=0, role="prefill"), snap(decode_kv=9000, role="decode"), snap(decode_kv=10_000, role="decode")]
+    )
+    assert router.route_decode(request(prompt=100), after) == 1
 
 
 def test_llmd_scorer_sums_prefix_queue_and_kv_scores():
@@ -99,7 +104,7 @@ def test_prism_scores_latency_load_mode_and_affinity():
     assert scores[0] == pytest.approx((1 - 0.6) + 1 + 1 + 0)
     assert scores[1] == pytest.approx(0 + 1 + 0 + 0)
     assert router.route(request(session=4), v) == 0
-    fresh = dict(time_s=5.0, predicted_ms=30.0, tokens_per_step=100)  # a new push: no local correction left
+    fresh = dict(time_s=5.0, predicted_ms=30.0, tokens_per_step=100)
     same = view([snap(**fresh), snap(**fresh)], now=10)
     assert router.scores(request(session=4), same)[0] - router.scores(request(session=4), same)[1] == pytest.approx(1)
 

@@ -40,7 +40,7 @@ def snap(
         pending_prefill_tokens=pending,
         num_decodes=decodes,
         decode_kv_tokens=decode_kv,
-        recent_tokens_per_step=tokens_per_step,
+        next_step_tokens=tokens_per_step,
         recent_step_ms=step_ms,
         predicted_step_ms=predicted_ms,
         role=Role(role),

@@ -250,13 +250,13 @@ def test_a_client_that_leaves_mid_stream_frees_the_backend():
                     cluster.url + "/v1/completions", json=dict(SHORT, max_tokens=3000, stream=True)
                 )
                 await response.content.readline()
-                during = list(cluster.router.book.outstanding)
+                during = list(cluster.router.tap.outstanding)
             deadline = time.monotonic() + 5
-            while cluster.router.book.outstanding[0] and time.monotonic() < deadline:
+            while cluster.router.tap.outstanding[0] and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)  # the router notices at its next write: poll its state
             async with aiohttp.ClientSession() as session:
                 counters = await _accounted(cluster, session)
-            return during, list(cluster.router.book.outstanding), counters
+            return during, list(cluster.router.tap.outstanding), counters
 
     during, after, counters = run(go())
     assert during == [1] and after == [0]

@@ -91,7 +91,9 @@ def test_every_request_is_accounted_for_and_kv_stays_within_capacity(
         assert np.all(engine.step_latencies(engine.step_count) > 0)
         assert engine.busy_s >= float(engine.step_latencies(engine.step_count).sum()) - 1e-9
     assert len(cluster.finished) + len(cluster.rejected) == len(requests)
-    assert sum(cluster.outstanding) == 0
+    tap = cluster.tap  # the router's own account came back to zero too: nothing it counted was lost
+    assert tap.outstanding == tap.outstanding_prompt == tap.pending_prefill == [0] * len(cluster.engines)
+    assert tap.decodes == tap.decode_kv == [0] * len(cluster.engines)
     if disaggregated:
         assert all(r.prefill_instance != 1 for r in result.requests if r.state is State.FINISHED)
 
