@@ -251,10 +251,12 @@ class Twin:
             if parsed.stream:
                 return await self._stream(request, parsed, stream, reason, headers, live)
             return await self._whole(parsed, stream, reason, headers, live)
-        except ConnectionError:  # the client left; the simulated request runs on (the engine has no abort)
+        except ConnectionError:  # the client left (the finally aborts the simulated request)
             return web.Response(status=499)
         finally:
             self._live.discard(live)
+            if not stream.finished:  # a client that left, or a crash: the engine stops serving it
+                self.engine.abort(stream)
 
     def _finish(self, parsed: ParsedRequest, stream: TokenStream, reason: str) -> None:
         r = stream.request

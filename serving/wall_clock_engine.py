@@ -128,6 +128,12 @@ class WallClockEngine:
         self._poke()
         return stream
 
+    def abort(self, stream: TokenStream) -> None:
+        """Its client went away: the simulated engine stops serving the request and frees its KV."""
+        self.advance()
+        self.engine.abort(stream.request)
+        self._poke()
+
     @property
     def in_flight(self) -> int:
         return len(self._streams)

@@ -380,6 +380,10 @@ class Cluster:
     def _transfer(self, source: Engine, target: Engine, request: Request, seconds: float):
         yield self.env.timeout(seconds)
         source.release_transferred(request)
+        if request.aborted:  # its client left during the transfer: it ends here
+            request.state, request.instance, request.finished_s = State.FINISHED, target.index, self.env.now
+            self.engine_finished(request)
+            return
         if not target.submit_decode(request):
             self.tap.ended(target.index, request.prompt_tokens, request.generated)
             self._reject(request)

@@ -219,7 +219,52 @@ class Engine:
     def _after_frontend(self, request: Request):
         yield self.env.timeout(self._frontend_s)
         self.in_frontend -= 1
+        if request.aborted:  # its client left while the API server held it
+            self._end_aborted(request)
+            return
         self._enqueue(request)
+
+    def abort(self, request: Request) -> None:
+        """The client went away: stop serving ``request``, as vLLM's scheduler aborts it and frees its KV.
+
+        A request that holds no place in a running batch (in the frontend, waiting, prefilling) ends now; a
+        decode ends with the step in progress (its token is being computed) — a decode jump is cut there.
+        Its ``generated`` count is what it produced; the host hears of it as of a finished request.
+        """
+        if request.instance != self.index or request.state in (State.FINISHED, State.REJECTED) or request.aborted:
+            return
+        request.aborted = True
+        state = request.state
+        if state is State.WAITING and request in self.waiting:
+            self.waiting.remove(request)
+            self.waiting_tokens -= request.prefill_target
+            self._end_aborted(request)
+        elif state is State.PREFILL:
+            self.free_blocks += request.blocks
+            request.blocks = 0
+            self._release_shared(request)
+            self.prefill_remaining -= request.prefill_target - request.computed
+            del self.prefilling[request.id]
+            del self.running[request.id]
+            self._end_aborted(request)
+        elif state is State.INCOMING:
+            self.incoming.remove(request)
+            self._end_aborted(request)
+        elif state is State.DECODE:
+            if self._jump is not None:
+                ending = self._jump[2] + self._jump_steps_started(self.env.now) - 1
+            else:
+                ending = self._inflight_step if self._inflight_step is not None else self.step_count + 1
+            request.heap_version += 1
+            heapq.heappush(self.finish_heap, (ending, request.heap_version, request.id, request))
+        # WAITING in the frontend ends when it leaves it; TRANSFER when its KV lands (the cluster checks)
+        self._notify()  # the schedule changed: wake the engine, or cut a decode jump after the step in progress
+
+    def _end_aborted(self, request: Request) -> None:
+        request.state = State.FINISHED
+        request.finished_s = self.env.now
+        if self.host is not None:
+            self.host.engine_finished(request)
 
     def submit_decode(self, request: Request) -> bool:
         """Accept a request whose prompt KV was computed elsewhere and has just arrived (PD handoff)."""

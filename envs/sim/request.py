@@ -75,6 +75,7 @@ class Request:
     shared: list[int] = field(default_factory=list)  # prefix-cache segments this request references
     shared_blocks: int = 0  # KV blocks those segments cover (not counted in ``blocks``)
     prefix_hit_tokens: int = 0
+    aborted: bool = False  # its client went away (Engine.abort): it ended before its output length
 
     def latencies(self) -> tuple[float, float, float]:
         """(TTFT, TPOT, E2E) in seconds; NaN for what has not happened. TPOT = (finish − first token) /

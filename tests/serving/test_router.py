@@ -251,16 +251,26 @@ def test_a_client_that_leaves_mid_stream_frees_the_backend():
                 )
                 await response.content.readline()
                 during = list(cluster.router.tap.outstanding)
+                (stream,) = cluster.twins[0].twin.engine._streams.values()
             deadline = time.monotonic() + 5
             while cluster.router.tap.outstanding[0] and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)  # the router notices at its next write: poll its state
+            engine = cluster.twins[0].twin.engine
+            while engine.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # the router closed the upstream request: the twin aborts it
+            engine.advance()
             async with aiohttp.ClientSession() as session:
                 counters = await _accounted(cluster, session)
-            return during, list(cluster.router.tap.outstanding), counters
+            simulated = engine.engine
+            freed = not simulated.running and simulated.free_blocks == simulated.total_blocks
+            left = stream.request
+            return during, list(cluster.router.tap.outstanding), counters, engine.in_flight, freed, left
 
-    during, after, counters = run(go())
+    during, after, counters, in_flight, freed, left = run(go())
     assert during == [1] and after == [0]
     assert counters["errors"]["client_disconnect"] == 1
+    # the simulated engine stopped generating the 3000 tokens nobody reads, and freed their KV
+    assert in_flight == 0 and freed and left.aborted and left.generated < 1000
 
 
 def test_a_router_config_with_the_wrong_number_of_backends_is_refused():

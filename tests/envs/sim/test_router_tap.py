@@ -14,6 +14,8 @@ from envs.sim.request import State
 from envs.sim.router_tap import RouterTap
 from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
 
+RUNNING = (State.WAITING, State.PREFILL, State.DECODE)
+
 
 @dataclass(frozen=True)
 class StepByStep(VllmPolicy):
@@ -101,3 +103,50 @@ def test_step_ewma_follows_the_engines_decode_steps():
     assert all(s.recent_step_ms > 0 for s in view.snapshots)  # both engines decoded
     mean_step_ms = 1e3 * np.mean(cluster.engines[0].step_latencies(50))
     assert 0.2 * mean_step_ms < view.snapshots[0].recent_step_ms < 5 * mean_step_ms
+
+
+def test_aborted_requests_free_everything_wherever_they_are():
+    """A client leaving in the frontend, the queue, mid-prefill or mid-decode (decode jumps on): the request
+    ends, every KV block comes back, the others finish in full and the router tap returns to zero."""
+    workload = SyntheticWorkload(
+        arrivals=RateSchedule(((1.0, 60.0),)),
+        lengths=LengthSampler("lognormal", prompt=1500, output=200, prompt_sigma=0.8, output_sigma=0.8),
+        num_requests=200,
+    )
+    requests = workload.generate(5)
+    groups = (InstanceGroup(1, EngineConfig(gpu_memory_utilization=0.4, max_num_batched_tokens=1024)),)
+    cluster = Cluster(ClusterConfig(groups), LeastOutstandingRequests(), seed=0)
+    engine = cluster.engines[0]
+    seen: dict[State | str, int] = {}
+
+    def client_leaves(env):
+        for k in range(150):
+            yield env.timeout(0.017)
+            live = [r for r in requests if r.state in RUNNING and r.instance == 0 and not r.aborted]
+            if live and k % 3 == 0:
+                victim = live[k % len(live)]
+                where = "frontend" if victim.state is State.WAITING and victim not in engine.waiting else victim.state
+                seen[where] = seen.get(where, 0) + 1
+                engine.abort(victim)
+
+    def leaves_at_once(env, request):  # within the API server's request overhead (the frontend)
+        yield env.timeout(request.arrival_s + 1e-4 - env.now)
+        assert request.state is State.WAITING and request not in engine.waiting
+        seen["frontend"] = seen.get("frontend", 0) + 1
+        engine.abort(request)
+
+    cluster.env.process(client_leaves(cluster.env))
+    cluster.env.process(leaves_at_once(cluster.env, requests[40]))
+    cluster.run(requests)
+    assert {"frontend", State.WAITING, State.PREFILL, State.DECODE} <= set(seen), seen
+    assert engine.jumps > 0
+    aborted = [r for r in requests if r.aborted]
+    assert len(aborted) == sum(seen.values())
+    assert all(r.state in (State.FINISHED, State.REJECTED) and r.generated <= r.output_tokens for r in requests)
+    assert all(r.generated == r.output_tokens for r in requests if not r.aborted and r.state is State.FINISHED)
+    assert any(r.generated < r.output_tokens for r in aborted)
+    assert engine.free_blocks == engine.total_blocks and engine.n_dec == 0 and not engine.running
+    assert engine.waiting_tokens == engine.prefill_remaining == 0
+    tap = cluster.tap
+    assert tap.outstanding == tap.pending_prefill == tap.decodes == tap.decode_kv == [0]
+    assert len(cluster.finished) + cluster.num_rejected == len(requests)
