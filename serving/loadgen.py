@@ -33,7 +33,7 @@ from envs.sim.config import workload_from
 from envs.sim.metrics import RECORD_COLUMNS, summarize
 from envs.sim.request import Request
 from envs.sim.workload import WorkloadError, scale_load
-from serving.tokens import make_prompt
+from serving.tokens import hashed_prompt, make_prompt
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -53,18 +53,31 @@ def workload_requests(path: str | Path, count: int, rate_scale: float = 1.0, see
 
 
 async def _one(
-    session: aiohttp.ClientSession, target: str, model: str, request: Request, start: float, scale: float
+    session: aiohttp.ClientSession,
+    target: str,
+    model: str,
+    request: Request,
+    start: float,
+    scale: float,
+    segment_tokens: int = 512,
 ) -> dict[str, Any]:
     """Send one request at its arrival time; its record in simulated seconds."""
     await asyncio.sleep(max(0.0, start + request.arrival_s * scale - time.monotonic()))  # open-loop arrival
     sent = time.monotonic()
-    body = {"model": model, "prompt": make_prompt(request.prompt_tokens, seed=request.id),
-            "max_tokens": request.output_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    prompt = (
+        hashed_prompt(request.hash_ids, request.prompt_tokens, segment_tokens, seed=request.id)
+        if request.hash_ids
+        else make_prompt(request.prompt_tokens, seed=request.id)
+    )
+    body = {"model": model, "prompt": prompt, "max_tokens": request.output_tokens, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    headers = {"X-SLO-Class": request.slo.name}
+    if request.session_id >= 0:
+        headers["X-Session-Id"] = str(request.session_id)
     times: list[float] = []
     error, backend = "", ""
     try:
-        async with session.post(target + "/v1/completions", json=body) as response:
+        async with session.post(target + "/v1/completions", json=body, headers=headers) as response:
             backend = response.headers.get("X-ServeGym-Twin", "")
             if response.status != 200:
                 error = f"HTTP {response.status}: {(await response.text())[:200]}"
@@ -104,14 +117,26 @@ async def _one(
 
 
 async def replay(
-    target: str, requests: Sequence[Request], model: str, time_scale: float = 1.0, time_limit_s: float = 60.0
+    target: str,
+    requests: Sequence[Request],
+    model: str,
+    time_scale: float = 1.0,
+    time_limit_s: float = 60.0,
+    segment_tokens: int = 512,
 ) -> tuple[pd.DataFrame, float]:
     """Replay ``requests`` open-loop; per-request records and the wall seconds it took. Requests still
-    running at the time limit are cancelled and recorded as not finished."""
+    running at the time limit are cancelled and recorded as not finished.
+
+    Each request carries its SLO class (``X-SLO-Class``) and session (``X-Session-Id``); one with prefix
+    hashes is sent as a token-id prompt whose ``segment_tokens``-token segments follow its hashes, so the
+    router and the twins see the workload's prefix sharing."""
     target = check_loopback(target)
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        tasks = [asyncio.ensure_future(_one(session, target, model, r, started, time_scale)) for r in requests]
+        tasks = [
+            asyncio.ensure_future(_one(session, target, model, r, started, time_scale, segment_tokens))
+            for r in requests
+        ]
         done, pending = await asyncio.wait(tasks, timeout=time_limit_s)
         for task in pending:
             task.cancel()
@@ -138,6 +163,19 @@ def summary(records: pd.DataFrame, wall_s: float, time_scale: float) -> dict[str
     return out
 
 
+def per_backend(records: pd.DataFrame) -> pd.DataFrame:
+    """Requests, SLO attainment and latency medians per backend (the ``X-ServeGym-Twin`` each answered from)."""
+    done = records[records["state"] == "finished"]
+    table = done.groupby("instance").agg(
+        requests=("id", "size"),
+        slo_attainment=("slo_met", "mean"),
+        ttft_p50_ms=("ttft_s", lambda x: 1e3 * x.median()),
+        tpot_p50_ms=("tpot_s", lambda x: 1e3 * x.median()),
+        e2e_p50_s=("e2e_s", "median"),
+    )
+    return table.rename_axis("backend")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m serving.loadgen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True, help="router or twin URL (loopback)")
@@ -148,16 +186,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-limit-s", type=float, default=60.0, help="wall seconds before the rest is cancelled")
     parser.add_argument("--time-scale", type=float, default=1.0, help="the twins' --time-scale")
     parser.add_argument("--model", default="Llama-3-8B")
+    parser.add_argument("--segment-tokens", type=int, default=512, help="prompt tokens per prefix hash")
     args = parser.parse_args(argv)
     try:
         check_loopback(args.target)
         requests = workload_requests(args.workload, args.requests, args.rate_scale, args.seed)
     except (OSError, ValueError, WorkloadError) as error:
         raise SystemExit(f"error: {error}") from None
-    records, wall_s = asyncio.run(replay(args.target, requests, args.model, args.time_scale, args.time_limit_s))
+    records, wall_s = asyncio.run(
+        replay(args.target, requests, args.model, args.time_scale, args.time_limit_s, args.segment_tokens)
+    )
     result = summary(records, wall_s, args.time_scale)
     print_summary(result, f"{Path(args.workload).stem} live at {args.target} ({len(requests)} requests)")
     print(f"errors: {result['errors']}, in flight at the time limit: {result['in_flight'] - result['errors']}")
+    backends = per_backend(records)
+    if len(backends) > 1:
+        print("per backend (simulated units):")
+        print(backends.to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ stream) serves it behind the router with that policy (scrape interval = the clus
 open-loop. Prints, per policy, simulated vs live (SLO attainment, goodput, TTFT/TPOT P50/P90, E2E P50,
 all in simulated units) and how often both sent a request to the same engine; with several policies,
 both rankings. Live numbers differ by what the live side cannot avoid: scrape staleness (gauges up to
-one interval old, taken at other moments than the simulator's ticks), router-side instead of
-engine-pushed fields (docs/serving.md), and event-loop jitter, which the run measures and prints.
+one interval old, taken at other moments than the simulator's ticks), tokens and requests on the wire
+(the router tap counts them when relayed), and event-loop jitter, which the run measures and prints.
 
-Both sides see the same request information: the live router does not read sessions or prefix hashes
-from requests yet, so the simulator's copy of the window has them cleared too.
+Both sides see the same request information: the load generator sends each request's SLO class and
+session in headers and its prefix structure as token-id segments, which the router (and a twin with prefix
+caching) hash as the simulator's ``hash_ids``.
 """
 
 from __future__ import annotations
@@ -85,11 +86,22 @@ def window_metrics(summary_row: Mapping[str, Any], records: pd.DataFrame) -> dic
 
 
 def _same_window(requests: Sequence[Request]) -> list[Request]:
-    """Fresh copies of the window with what the live router cannot see (sessions, prefix hashes) cleared."""
+    """Fresh copies of the window (the load generator sends the same SLO classes, sessions and prefixes)."""
     return [
-        Request(r.id, r.arrival_s, r.prompt_tokens, r.output_tokens, r.slo, session_id=-1, hash_ids=())
+        Request(
+            r.id, r.arrival_s, r.prompt_tokens, r.output_tokens, r.slo, session_id=r.session_id, hash_ids=r.hash_ids
+        )
         for r in requests
     ]
+
+
+def slo_classes(requests: Sequence[Request]) -> list[dict[str, Any]]:
+    """The window's SLO classes for the router's config, in order of first appearance."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in requests:
+        seen.setdefault(r.slo.name, {"name": r.slo.name, "ttft_s": r.slo.ttft_s, "tpot_s": r.slo.tpot_s,
+                                     "e2e_s": r.slo.e2e_s})  # fmt: skip
+    return list(seen.values())
 
 
 def _count(config: ClusterConfig) -> int:
@@ -180,11 +192,12 @@ async def serve(
                 "time_scale": time_scale,
                 "scrape_interval_s": interval_s * time_scale,  # the simulator's snapshot cadence, on the wall
                 "stale_s": max(2.0, 20 * interval_s * time_scale),
+                "slo": slo_classes(requests),
             }
         )
         router = await stack.enter_async_context(start_router(served, load_routing_policy(policy, len(engines))))
         with LoopLag() as lag:
-            records, wall_s = await replay(router.url, requests, model, time_scale, time_limit_s)
+            records, wall_s = await replay(router.url, requests, model, time_scale, time_limit_s, served.segment_tokens)
     live = summary(records, wall_s, time_scale)
     return window_metrics(live, records), records, lag.summary() | {"errors": float(live["errors"])}
 

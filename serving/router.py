@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import time
@@ -39,10 +40,24 @@ from serving.protocol import CHAT, COMPLETIONS, DONE_FRAME, ApiError, ParsedRequ
 from serving.router_config import RouterConfig, RouterConfigError, load_router_config, load_routing_policy
 from serving.router_metrics import RouterMetrics
 from serving.scrape import Scraper, gauge_snapshot
+from serving.tokens import prefix_hashes, prompt_tokens_of
 
 _HOP_BY_HOP_NAMES = "Connection Keep-Alive Proxy-Authenticate Proxy-Authorization TE Trailer Transfer-Encoding Upgrade"
 HOP_BY_HOP = frozenset(h.lower() for h in [*_HOP_BY_HOP_NAMES.split(), "Host", "Content-Length"])
 REQUEST_ID = "X-Request-Id"
+SLO_HEADER, SESSION_HEADER = "X-SLO-Class", "X-Session-Id"
+
+
+def session_id(value: object) -> int:
+    """A session key (a header or the body's ``user``) as the simulator's integer session id; -1 for none."""
+    if value is None or value == "":
+        return -1
+    text = str(value)
+    if text.isdigit() and int(text) < 2**62:
+        return int(text)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 2
+
+
 RETRY_STATUSES = frozenset({429})  # besides every 5xx: answered before anything was committed
 
 
@@ -239,6 +254,18 @@ class Router:
             self.metrics.errors.labels("internal").inc()
             return ApiError(500, f"router error: {type(error).__name__}: {error}").response({REQUEST_ID: request_id})
 
+    def _slo_class(self, name: str | None) -> SloClass:
+        classes = self.config.slo_classes
+        if name is None:
+            return classes[0] if classes else SloClass()
+        if not classes:  # none configured: the class is a name without targets
+            return SloClass(name)
+        for slo in classes:
+            if slo.name == name:
+                return slo
+        known = ", ".join(s.name for s in classes)
+        raise ApiError(400, f"unknown SLO class {name!r} in {SLO_HEADER}; classes: {known}", SLO_HEADER)
+
     def decide(self, info: RequestInfo, candidates: list[int], first: bool) -> int:
         """The policy's choice on the first attempt; least outstanding among the rest on a failover."""
         view = self.view(candidates)
@@ -256,7 +283,15 @@ class Router:
         parsed = parse_request(raw, chat)
         if parsed.model not in self.config.models:
             raise unknown_model(parsed.model)
-        info = RequestInfo(next(self._ids), self.now_s(), parsed.prompt_tokens, SloClass())
+        info = RequestInfo(
+            next(self._ids),
+            self.now_s(),
+            parsed.prompt_tokens,
+            self._slo_class(request.headers.get(SLO_HEADER)),
+            session_id(request.headers.get(SESSION_HEADER) or parsed.body.get("user")),
+            None,
+            prefix_hashes(prompt_tokens_of(parsed.body, chat), self.config.segment_tokens),
+        )
         if self._on_arrival is not None:
             self._on_arrival(info)
         headers = forwardable(request.headers)

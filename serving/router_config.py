@@ -8,6 +8,12 @@
     policy: vllm_lor                       # a conf/policy name or YAML path, a training run directory or an
                                            # ONNX export (its directory, policy.json or policy.onnx); --policy
                                            # overrides it
+    slo: [{name: chat, ttft_s: 2.0, tpot_s: 0.1}]  # SLO classes (a workload's `slo` list); a request names
+                                           # its class in the X-SLO-Class header, else it has the first
+
+What a request tells the router beyond its body (as the simulator's ``RequestInfo`` carries it): its SLO
+class (``X-SLO-Class``), its session (``X-Session-Id``, else the body's OpenAI ``user`` field) and the
+prefix hashes of its prompt (computed by the router per the cluster's ``prefix_segment_tokens``).
 
 Each backend's static facts become the :class:`envs.sim.view.EngineInfo` the simulator builds for the
 same engine (the simulator's own ``Cluster`` computes them, KV capacity included), so a simulated cluster
@@ -40,9 +46,11 @@ from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from
 from envs.sim.errors import ClusterConfigError
 from envs.sim.policies import LeastOutstandingRequests, RoutingPolicy, check_policy
+from envs.sim.request import SloClass
 from envs.sim.view import EngineInfo
+from envs.sim.workload import SloMix, WorkloadError
 
-KEYS = {"cluster", "backends", "time_scale", "scrape_interval_s", "stale_s", "policy", "probe_interval_s"}
+KEYS = {"cluster", "backends", "time_scale", "scrape_interval_s", "stale_s", "policy", "probe_interval_s", "slo"}
 
 
 class RouterConfigError(ValueError):
@@ -61,6 +69,8 @@ class RouterConfig:
     stale_s: float = 2.0
     probe_interval_s: float = 0.25  # how often a backend marked down is re-probed through /health
     policy: str | None = None
+    slo_classes: tuple[SloClass, ...] = ()  # the first is a request's class unless it names another
+    segment_tokens: int = 512  # prompt tokens per prefix hash (the engines' prefix_segment_tokens)
 
 
 def _named(value: str, group: str) -> Path:
@@ -109,6 +119,10 @@ def router_config(mapping: Mapping[str, Any]) -> RouterConfig:
             "give one URL per engine, in group order"
         )
     models = tuple(group.engine.model for group in cluster_config.groups for _ in range(group.count))
+    try:
+        slo = SloMix.from_config(mapping.get("slo")).classes if mapping.get("slo") else ()
+    except (WorkloadError, TypeError) as error:
+        raise RouterConfigError(f"router config: slo: {error}") from None
     return RouterConfig(
         urls=tuple(b.rstrip("/") for b in backends),
         infos=infos,
@@ -118,6 +132,8 @@ def router_config(mapping: Mapping[str, Any]) -> RouterConfig:
         stale_s=float(mapping.get("stale_s", 2.0)),
         probe_interval_s=float(mapping.get("probe_interval_s", 0.25)),
         policy=mapping.get("policy"),
+        slo_classes=slo,
+        segment_tokens=cluster_config.groups[0].engine.prefix_segment_tokens,
     )
 
 

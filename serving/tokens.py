@@ -13,6 +13,7 @@ rule gives its completion-token count.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -77,3 +78,50 @@ def output_tokens(seed: int, request_id: int) -> Iterator[str]:
     rng = random.Random(f"{seed}:{request_id}")
     while True:
         yield " " + rng.choice(WORDS)
+
+
+def prompt_tokens_of(body: dict[str, Any], chat: bool) -> list[Any]:
+    """The prompt's tokens under the rule (words, or ids), in order: what prefix hashes are computed over."""
+    if chat:
+        words: list[Any] = []
+        for message in body.get("messages") or []:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                words.extend(content.split())
+            elif isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                        words.extend(part["text"].split())
+        return words
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
+        prompt = prompt[0]
+    return prompt.split() if isinstance(prompt, str) else list(prompt or [])
+
+
+def prefix_hashes(tokens: list[Any], segment_tokens: int) -> tuple[int, ...]:
+    """One hash per segment of ``segment_tokens`` tokens (the last may be partial), each chained on the ones
+    before, so equal hashes mean equal prefixes: the ids the simulator's prefix cache and cache-aware
+    routers match (Mooncake's ``hash_ids`` are such ids for 512-token blocks)."""
+    out, previous = [], b""
+    for start in range(0, len(tokens), segment_tokens):
+        segment = tokens[start : start + segment_tokens]
+        digest = hashlib.blake2b(previous + "\x1f".join(map(str, segment)).encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "big") >> 1)  # non-negative, fits an int64
+        previous = digest
+    return tuple(out)
+
+
+def hashed_prompt(hash_ids: tuple[int, ...], prompt_tokens: int, segment_tokens: int, seed: int) -> list[int]:
+    """A token-id prompt of ``prompt_tokens`` tokens whose segments are drawn from ``hash_ids`` (one per
+    segment, the rest from ``seed``), so requests that share leading hash ids share a prompt prefix and
+    :func:`prefix_hashes` gives them equal leading hashes: how a load generator replays prefix structure."""
+    tokens: list[int] = []
+    for hash_id in hash_ids:
+        if len(tokens) >= prompt_tokens:
+            break
+        rng = random.Random(f"segment:{hash_id}")
+        tokens.extend(rng.randrange(1, 32_000) for _ in range(min(segment_tokens, prompt_tokens - len(tokens))))
+    rng = random.Random(f"tail:{seed}")
+    tokens.extend(rng.randrange(1, 32_000) for _ in range(prompt_tokens - len(tokens)))
+    return tokens

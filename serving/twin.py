@@ -40,7 +40,7 @@ from serving.protocol import (
     sse,
     unknown_model,
 )
-from serving.tokens import output_tokens
+from serving.tokens import output_tokens, prefix_hashes, prompt_tokens_of
 from serving.twin_metrics import METRIC_NAMES, TwinMetrics
 from serving.wall_clock_engine import EngineRejected, TokenStream, WallClockEngine
 
@@ -240,7 +240,13 @@ class Twin:
                 raise context_too_long(self.max_model_len, parsed.prompt_tokens)
             length, reason = self._output_length(parsed, self.engine._next_id)
             try:
-                stream = self.engine.submit(parsed.prompt_tokens, length)
+                config = self.engine.engine.config
+                hashes = (
+                    prefix_hashes(prompt_tokens_of(parsed.body, chat), config.prefix_segment_tokens)
+                    if config.enable_prefix_caching
+                    else ()
+                )
+                stream = self.engine.submit(parsed.prompt_tokens, length, hashes)
             except EngineRejected as error:
                 raise ApiError(400, f"the engine cannot serve this request: {error}", "prompt") from None
         except ApiError as error:

@@ -116,10 +116,11 @@ class WallClockEngine:
             del self._streams[request_id]
 
     # -- requests ------------------------------------------------------------------------------------------
-    def submit(self, prompt_tokens: int, output_tokens: int) -> TokenStream:
-        """Start a request now; raises :class:`EngineRejected` with the engine's reason if it can never run."""
+    def submit(self, prompt_tokens: int, output_tokens: int, hash_ids: tuple[int, ...] = ()) -> TokenStream:
+        """Start a request now (``hash_ids``: its prompt's prefix hashes, for prefix caching); raises
+        :class:`EngineRejected` with the engine's reason if it can never run."""
         self.advance()
-        request = Request(self._next_id, self.env.now, prompt_tokens, output_tokens)
+        request = Request(self._next_id, self.env.now, prompt_tokens, output_tokens, hash_ids=hash_ids)
         self._next_id += 1
         if not self.engine.submit(request):
             raise EngineRejected(request.reject_reason)

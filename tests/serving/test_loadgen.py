@@ -9,7 +9,7 @@ import yaml
 from router_cluster import served_cluster
 from serving_helpers import FAST, MODEL, run
 
-from serving.loadgen import check_loopback, replay, summary, workload_requests
+from serving.loadgen import check_loopback, per_backend, replay, summary, workload_requests
 
 
 def test_a_workload_replayed_through_the_router_completes_with_its_lengths(tmp_path, capsys):
@@ -33,6 +33,9 @@ def test_a_workload_replayed_through_the_router_completes_with_its_lengths(tmp_p
     assert set(records["instance"]) == {"t0", "t1"}
     assert all(math.isfinite(v) and v > 0 for v in records["ttft_s"])
     assert result["slo_attainment"] == 1.0  # 64-token prompts and 8 tokens on idle H100s meet 2 s / 100 ms
+    table = per_backend(records)
+    assert list(table.index) == ["t0", "t1"] and table["requests"].sum() == 6
+    assert (table["slo_attainment"] == 1.0).all() and (table["ttft_p50_ms"] > 0).all()
 
 
 def test_targets_off_this_machine_are_refused():
