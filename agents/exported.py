@@ -29,6 +29,7 @@ import numpy as np
 
 from agents import run_dir
 from agents.learned import FeatureRouter, algorithm_class
+from envs.features import feature_names
 
 MASKED = -1e8  # sb3-contrib's value for masked logits
 GRAPH, MANIFEST = "policy.onnx", "policy.json"
@@ -134,7 +135,7 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
                 "algorithm": manifest["algorithm"],
                 "action": manifest["action"],
                 "features": manifest["features"],
-                "feature_names": _names(manifest["features"]),
+                "feature_names": feature_names(manifest["features"]),
                 "normalization": norm,
                 "source_run": str(run.resolve()),
                 "git_revision": manifest.get("git_revision", "unknown"),
@@ -143,14 +144,6 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
         )
     )
     return out
-
-
-def _names(features: dict[str, Any]) -> list[str]:
-    engine = [f["name"] for f in features["engine_features"]]
-    request = [f["name"] for f in features["request_features"]]
-    return [f"engine{i}.{n}" for i in range(int(features["max_instances"])) for n in engine] + [
-        f"request.{n}" for n in request
-    ]
 
 
 def is_export(path: str | Path) -> bool:

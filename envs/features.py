@@ -188,6 +188,10 @@ class FeatureSpec:
             "layout": "engine slots (max_instances x engine_features, row-major) then request features",
         }
 
+    def feature_names(self) -> list[str]:
+        """Observation column names in the layout (``engine3.kv_usage``, ..., ``request.prompt_tokens``)."""
+        return feature_names(self.manifest())
+
     def raw(
         self, view: ClusterView, request: RequestInfo, context: FeatureContext, decode_phase: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -261,3 +265,13 @@ class FeatureSpec:
         tail = observation[per_engine * self.max_instances :]
         out.update({f"request.{f.name}": tail[j] for j, f in enumerate(REQUEST_FEATURES)})
         return out
+
+
+def feature_names(manifest: dict) -> list[str]:
+    """Column names of the observation a contract manifest (:meth:`FeatureSpec.manifest`, or a saved policy's
+    copy of it) describes: engine slots row-major, then the request features."""
+    engine = [f["name"] for f in manifest["engine_features"]]
+    request = [f["name"] for f in manifest["request_features"]]
+    return [f"engine{i}.{n}" for i in range(int(manifest["max_instances"])) for n in engine] + [
+        f"request.{n}" for n in request
+    ]

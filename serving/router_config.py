@@ -42,13 +42,13 @@ from agents.harness import load_policy, saved_policy_spec
 from agents.learned import ContractMismatch, check_manifest
 from envs import ENV_IDS
 from envs.features import FeatureSpec
-from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from
 from envs.sim.errors import ClusterConfigError
-from envs.sim.policies import LeastOutstandingRequests, RoutingPolicy, check_policy
+from envs.sim.policies import RoutingPolicy, check_policy
 from envs.sim.request import SloClass
 from envs.sim.view import EngineInfo
 from envs.sim.workload import SloMix, WorkloadError
+from perfmodel.errors import PerfModelError
 
 KEYS = {"cluster", "backends", "time_scale", "scrape_interval_s", "stale_s", "policy", "probe_interval_s", "slo"}
 
@@ -106,9 +106,10 @@ def router_config(mapping: Mapping[str, Any]) -> RouterConfig:
     cluster = _load_yaml(_named(cluster, "cluster")) if isinstance(cluster, str) else dict(cluster)
     try:
         cluster_config = cluster_from(cluster)
-        # the simulator's own construction: the same EngineInfo (and KV capacity) as a simulated run
-        infos = tuple(Cluster(cluster_config, LeastOutstandingRequests()).infos)
-    except ClusterConfigError as error:
+        engines = [group.engine for group in cluster_config.groups for _ in range(group.count)]
+        # the simulator's own facts: the same EngineInfo (and KV capacity) as a simulated run's
+        infos = tuple(engine.engine_info(index) for index, engine in enumerate(engines))
+    except (ClusterConfigError, PerfModelError) as error:
         raise RouterConfigError(f"router config: cluster: {error}") from None
     backends = mapping.get("backends") or []
     if not isinstance(backends, list) or not all(isinstance(b, str) and b.startswith("http") for b in backends):
@@ -175,7 +176,7 @@ def check_saved_policy(path: Path, num_engines: int) -> dict[str, Any]:
     except (ContractMismatch, TypeError, ValueError) as error:
         raise RouterConfigError(str(error)) from None
     spec = FeatureSpec(slots)
-    if "feature_names" in manifest and manifest["feature_names"] != contract_feature_names(spec):
+    if "feature_names" in manifest and manifest["feature_names"] != spec.feature_names():
         raise RouterConfigError(
             f"policy {path}: its feature_names differ from the contract's (version {spec.manifest()['version']}); "
             "export it again"
@@ -185,14 +186,6 @@ def check_saved_policy(path: Path, num_engines: int) -> dict[str, Any]:
             f"policy {path}: trained with {slots} engine slots; this cluster has {num_engines} engines"
         )
     return manifest
-
-
-def contract_feature_names(spec: FeatureSpec) -> list[str]:
-    """Observation column names in the contract's layout (engine slots row-major, then the request)."""
-    manifest = spec.manifest()
-    engine = [f["name"] for f in manifest["engine_features"]]
-    request = [f["name"] for f in manifest["request_features"]]
-    return [f"engine{i}.{n}" for i in range(spec.max_instances) for n in engine] + [f"request.{n}" for n in request]
 
 
 def policy_spec(policy: str | Path | Mapping[str, Any], num_engines: int = 1) -> dict[str, Any]:

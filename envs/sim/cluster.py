@@ -173,21 +173,7 @@ class Cluster:
                     raise ClusterConfigError(f"group {group.name or group_index}: {error}") from None
                 self.engines.append(engine)
                 self.nodes.append(group.node)
-        self.infos = [
-            EngineInfo(
-                eng.index,
-                eng.perf.gpu.name,
-                eng.perf.model.name,
-                eng.config.tp,
-                eng.config.max_num_batched_tokens,
-                eng.config.max_num_seqs,
-                eng.total_blocks * eng.block_size,
-                eng.config.dtype,
-                eng.config.profile,
-                eng.config.cuda_graphs,
-            )
-            for eng in self.engines
-        ]
+        self.infos = [engine.config.engine_info(engine.index) for engine in self.engines]
         self.tap = RouterTap(len(self.engines))  # what the router knows from its own traffic
         self._snapshots = [self._snapshot(engine) for engine in self.engines]
         self._snapshot_tick = -1

@@ -34,8 +34,10 @@ from envs.sim.policies import BatchPolicy, EngineView, check_policy, overrides
 from envs.sim.prefix_cache import PrefixCache
 from envs.sim.request import Request, State
 from envs.sim.roles import SERVING_ROLES, Role
+from envs.sim.view import EngineInfo
 from perfmodel.batch import StepBatch
 from perfmodel.capacity import KvCapacity, kv_capacity
+from perfmodel.catalog import get_gpu, get_model
 from perfmodel.structural import StructuralModel, structural_model
 
 
@@ -107,6 +109,26 @@ class EngineConfig:
             self.max_num_seqs,
         )
 
+    def num_blocks(self, perf: StructuralModel | None = None) -> int:
+        """KV blocks the engine holds: a measured count if given, else what the memory budget leaves."""
+        return self.num_gpu_blocks or self.kv_capacity(perf).num_blocks
+
+    def engine_info(self, index: int) -> EngineInfo:
+        """The static facts a router is configured with for engine ``index`` of this configuration (what the
+        simulator's cluster gives its policies and the router service its backends)."""
+        return EngineInfo(
+            index,
+            get_gpu(self.gpu).name,
+            get_model(self.model).name,
+            self.tp,
+            self.max_num_batched_tokens,
+            self.max_num_seqs,
+            self.num_blocks() * self.block_size,
+            self.dtype,
+            self.profile,
+            self.cuda_graphs,
+        )
+
 
 class Engine:
     """A simpy process that runs steps; requests enter through :meth:`submit`."""
@@ -128,8 +150,7 @@ class Engine:
         # Observer.on_step of the subscribed observers (shared with the cluster, which appends to it)
         self._step_listeners = step_listeners if step_listeners is not None else []
         self.perf = perf or config.perf_model()
-        capacity = config.kv_capacity(self.perf)
-        self.total_blocks = config.num_gpu_blocks or capacity.num_blocks  # a measured count replaces the estimate
+        self.total_blocks = config.num_blocks(self.perf)  # a measured count replaces the estimate
         self.free_blocks = self.total_blocks
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or self.perf.model.max_position_embeddings
