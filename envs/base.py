@@ -246,6 +246,7 @@ class ServeGymEnv(gym.Env):
         self._pending = None
         self._completed: list[tuple[Request, bool]] = []
         self._decisions = self._invalid = self._clipped = self._met_total = 0
+        self._invalid_reason: str | None = None
         self._area_time = 0.0
         self._warm_left, self._draining, self._placed = self.warmup, False, set()
         self._inline_router, self._inline_batch, self._inline_pools = self._heuristics()
@@ -331,6 +332,7 @@ class ServeGymEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if self._pending is None:
             raise RuntimeError("the episode has ended; call reset()")
+        self._invalid_reason = None
         penalty = self._apply(self._pending, action)
         self._pending = None
         self._decisions += 1
@@ -355,6 +357,10 @@ class ServeGymEnv(gym.Env):
         if answer is None:
             answer, penalty = self._fallback(decision), 1.0
             self._invalid += 1
+            self._invalid_reason = (
+                f"action {action!r} is masked for this {decision.kind} decision: the fallback "
+                f"{answer!r} was taken and the step's reward reduced by 1"
+            )
         if decision.kind is DecisionKind.ROUTE:
             self.context.observe_route(decision.request, answer, decision.view)
             self._placed.add(decision.request.id)
@@ -373,6 +379,7 @@ class ServeGymEnv(gym.Env):
             "completed": self.sim.completed,
             "slo_met": self._met_total,
             "invalid_actions": self._invalid,
+            "invalid_reason": self._invalid_reason,
             "clipped_features": self._clipped,
         }
 
@@ -383,21 +390,45 @@ class ServeGymEnv(gym.Env):
         return vector
 
 
-def action_index(action: Any, what: str) -> int:
-    """A discrete action as an int: an integer, or an integer-valued number or one-element array. NaN,
-    None, strings and fractional values are refused with a message naming them (not truncated)."""
+def action_index(action: Any, env: str, space: gym.spaces.Discrete) -> int:
+    """A discrete action as an int: an integer, or an integer-valued number or one-element array, inside
+    ``space``. Anything else (NaN, inf, None, a string, 2.7, a value outside the space, an array of several
+    values) is a programming error of the caller, not a decision: one ``ValueError`` naming the environment,
+    its action space and the value, never a truncation (2.7 is not action 2)."""
     value = action
     if isinstance(value, np.ndarray):
         if value.size != 1:
-            raise ValueError(f"{what}: expected one discrete action, got an array of shape {value.shape}")
+            raise ValueError(f"{env}: expected one discrete action of {space}, got {action!r} (shape {value.shape})")
         value = value.reshape(-1)[0]
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{what}: the action must be an integer, got {action!r}")
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if not math.isfinite(value) or float(value) != int(value):
-        raise ValueError(f"{what}: the action must be an integer, got {action!r}")
-    return int(value)
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if not integral and (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or float(value) != int(value)
+    ):
+        raise ValueError(f"{env}: the action must be an integer of {space}, got {action!r}")
+    index = int(value)
+    if not space.contains(index):
+        raise ValueError(f"{env}: the action {action!r} is outside the action space {space}")
+    return index
+
+
+def continuous_action(action: Any, env: str, space: gym.spaces.Box) -> np.ndarray:
+    """A continuous action as a float array of ``space``'s shape, inside its bounds; NaN, inf, None, strings,
+    other shapes and values outside the bounds raise one ``ValueError`` naming the environment, the space
+    and the value (SB3 clips its Gaussian actions to the bounds before ``step``, so none of these is an
+    agent's decision)."""
+    raw = np.asarray(action, dtype=object if action is None else None)
+    if raw.dtype.kind not in "fiu" or raw.size != int(np.prod(space.shape)):
+        raise ValueError(f"{env}: the action must be a number array of {space}, got {action!r}")
+    value = raw.astype(np.float64)
+    value = value.reshape(space.shape)
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{env}: the action must be finite, got {action!r} for {space}")
+    if np.any(value < space.low) or np.any(value > space.high):
+        raise ValueError(f"{env}: the action {action!r} is outside the action space {space}")
+    return value
 
 
 class _EpisodeLedger(Observer):

@@ -5,7 +5,9 @@ with ``continuous=True`` a ``Box([-1, 1])`` mapped log-linearly onto [min, max] 
 batch former turns the budget into a batch as vLLM does (decodes first and never starved, then prefill
 chunks, then FCFS admission), with the configured batch policy's chunk cap, prefill order, admission and
 preemption rules. Observation: the contract's features of the whole cluster (no request: request features
-are zero) followed by a one-hot of the deciding engine. An invalid index gets the last listed budget.
+are zero) followed by a one-hot of the deciding engine. Every action of the space is valid; a value that is
+not one (NaN, None, 2.7, an index or a continuous value outside the space) raises a ``ValueError`` naming
+the environment, the space and the value.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import ServeGymEnv, action_index
+from envs.base import ServeGymEnv, action_index, continuous_action
 from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request, SloClass
@@ -58,13 +60,12 @@ class BatchEnv(ServeGymEnv):
         return np.ones(len(self.budgets), dtype=bool)
 
     def budget_of(self, action: Any) -> int:
+        """The token budget an action asks for; a value that is no action of the space raises ValueError."""
         if self.continuous:
-            x = (float(np.clip(np.asarray(action, dtype=float).reshape(-1)[0], -1.0, 1.0)) + 1.0) / 2.0
+            x = (float(continuous_action(action, "Batch-v0", self.action_space)[0]) + 1.0) / 2.0
             low, high = np.log(min(self.budgets)), np.log(max(self.budgets))
             return round(np.exp(low + x * (high - low)))
-        return self.budgets[action_index(action, "Batch-v0")]
+        return self.budgets[action_index(action, "Batch-v0", self.action_space)]
 
-    def _answer_of(self, decision: Decision, action: Any) -> int | None:
-        if not self.continuous and not 0 <= action_index(action, "Batch-v0") < len(self.budgets):
-            return None
-        return self.budget_of(action)
+    def _answer_of(self, decision: Decision, action: Any) -> int:
+        return self.budget_of(action)  # every budget of the space is allowed: nothing to mask

@@ -2,8 +2,9 @@
 
 Action: ``Discrete(1 + 2·max_instances)`` — 0 keeps the pools, ``1 + i`` flips instance i to decode,
 ``1 + max_instances + i`` flips it to prefill. ``action_masks()`` marks flips that are impossible (absent
-instance, already in that role, draining, or leaving a pool empty); an invalid action keeps the pools,
-costs 1 of reward and is counted in ``info["invalid_actions"]``. Flips are stateless (Arrow) or drains,
+instance, already in that role, draining, or leaving a pool empty); a masked action keeps the pools,
+costs 1 of reward and is counted in ``info["invalid_actions"]``; a value that is no action of the space
+(NaN, 1.5, 99) raises a ``ValueError`` naming it. Flips are stateless (Arrow) or drains,
 as the cluster configures.
 """
 
@@ -94,7 +95,5 @@ class PoolsEnv(ServeGymEnv):
         return mask
 
     def _answer_of(self, decision: Decision, action: Any) -> list[tuple[int, Role]] | None:
-        action = action_index(action, "Pools-v0")
-        if not 0 <= action < 1 + 2 * self.max_instances or not self._mask(decision)[action]:
-            return None
-        return self.flip_of(action)
+        action = action_index(action, "Pools-v0", self.action_space)
+        return self.flip_of(action) if self._mask(decision)[action] else None
