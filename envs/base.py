@@ -73,7 +73,9 @@ class ServeGymEnv(gym.Env):
         reward: ``goodput`` (+1 per request finishing within its SLO, on the step it finishes),
             ``latency`` (minus the request-seconds spent in the system since the last decision, / 10), or
             ``relative`` (+1/−1 per finishing request that meets/misses its SLO where the reference heuristic
-            on the same arrivals missed/met it). Each step's reward is clipped to [−10, 10].
+            on the same arrivals missed/met it). Rewards are not clipped: an episode's return is exactly the
+            outcome the reward names (SLO-meeting requests, minus request-seconds / 10, or the difference
+            to the reference) minus 1 per masked action; SB3's ``VecNormalize`` scales them for learning.
         horizon: decisions per episode before truncation (None: until the workload is drained).
         load_range: ``(low, high)``: every episode compresses the workload's arrival times by a factor
             drawn uniformly from this range (1.2 = 20% more load), so one policy trains across loads rather
@@ -81,9 +83,9 @@ class ServeGymEnv(gym.Env):
         warmup: decisions made by the inline heuristic at the start of every episode before the agent takes
             over (the agent then acts in a loaded cluster instead of an empty one).
         drain: (routing environments) at truncation, keep simulating (the inline heuristic deciding) until
-            every request the agent placed has finished, and pay their outcomes in the last step's reward
-            (not clipped). With the ``relative`` reward and ``gamma`` = 1, an episode's return is then exactly
-            how many more requests met their SLO than under the reference heuristic because of the agent's ``horizon``
+            every request the agent placed has finished, and pay their outcomes in the last step's reward.
+            With the ``relative`` reward and ``gamma`` = 1, an episode's return is then exactly how many more
+            requests met their SLO than under the reference heuristic because of the agent's ``horizon``
             decisions: the counterfactual credit that per-step rewards, arriving hundreds of decisions
             after the choice that caused them, do not give.
         router / batch / pools: the heuristics of the ``relative`` reward (and the inline decisions the agent
@@ -317,7 +319,9 @@ class ServeGymEnv(gym.Env):
         self._met_total += met
         self.context.observe_completion(request.output_tokens)
 
-    def _reward(self, clip: float = 10.0) -> float:
+    def _reward(self) -> float:
+        """What happened since the previous step, unclipped, so that the rewards of an episode sum to its
+        outcome (a clip at ±10 used to eat most of a Pools-v0 interval's and every drain's signal)."""
         if self.reward_kind == "goodput":
             value = float(sum(met for _, met in self._completed))
         elif self.reward_kind == "latency":
@@ -325,7 +329,7 @@ class ServeGymEnv(gym.Env):
         else:
             value = float(sum(met - self._reference.get(r.id, False) for r, met in self._completed))
         self._completed, self._area_time = [], 0.0
-        return float(np.clip(value, -clip, clip))
+        return value
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self.sim is None:
@@ -344,7 +348,7 @@ class ServeGymEnv(gym.Env):
         )
         if truncated and self.drain:
             self._drain()
-        reward = self._reward(clip=math.inf if truncated and self.drain else 10.0) - penalty
+        reward = self._reward() - penalty
         info = self._info()
         if terminated:
             info["summary"] = self.summary()
