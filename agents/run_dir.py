@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents.configs import git_revision
 from envs.features import FeatureSpec
+from envs.route_env import ACTION_MEANING as ROUTE_ACTION
 
 MODEL = "model.zip"
 VECNORMALIZE = "vecnormalize.pkl"
@@ -47,10 +48,12 @@ def save_run(
     algorithm: str,
     max_instances: int,
     profiles: list[str] | None = None,
+    action: dict[str, Any] | None = None,
 ) -> None:
     """Everything a later evaluation or export needs: the model, the normaliser (also as plain JSON, no
     pickle) and the manifest of the observation contract the policy was trained on, with the
-    performance-model profiles its training cluster used."""
+    performance-model profiles its training cluster used. ``action`` is the environment's
+    ``action_manifest()`` (what an action means, and for Batch-v0 its budgets); default: routing's."""
     model.save(out_dir / MODEL)
     vec_normalize.save(str(out_dir / VECNORMALIZE))
     rms = vec_normalize.obs_rms
@@ -68,7 +71,7 @@ def save_run(
         "env_id": env_id,
         "env_version": env_id.rsplit("-v", 1)[-1],
         "algorithm": algorithm,
-        "action": "engine index in [0, max_instances): the engine to send the request to",
+        **(action or {"action": ROUTE_ACTION}),
         "features": FeatureSpec(int(max_instances)).manifest(),
         "profiles": list(profiles or ["default"]),
         "git_revision": git_revision(),

@@ -21,6 +21,8 @@ from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request
 
+ACTION_MEANING = "engine index in [0, max_instances): the engine to send the request to"
+
 
 class RouteEnv(ServeGymEnv):
     decision_kinds = (DecisionKind.ROUTE, DecisionKind.ROUTE_DECODE)
@@ -38,6 +40,10 @@ class RouteEnv(ServeGymEnv):
             seed=seed,
             pool_policy=self._inline_pools,
         )
+
+    def action_manifest(self) -> dict[str, Any]:
+        """What an action means, as a saved policy's manifest records it."""
+        return {"action": ACTION_MEANING}
 
     def _observe(self, decision: Decision) -> np.ndarray:
         return self._features(decision.view, decision.request, decode_phase=decision.kind is DecisionKind.ROUTE_DECODE)

@@ -74,7 +74,7 @@ TINY = [
     "env.horizon=32",
     "final_eval.seeds=[1000]",
     "final_eval.num_requests=100",
-    "final_eval.policies=[vllm_rr]",
+    "env.compare.baselines=[vllm_rr]",
     "final_eval.jobs=1",
 ]
 
@@ -98,7 +98,7 @@ def test_readme_main_command_on_a_small_budget(tmp_path):
             *TINY,
             "imitation.expert=vllm_prism",
             "imitation.episodes=2",
-            "final_eval.policies=[vllm_rr,vllm_jsq]",
+            "env.compare.baselines=[vllm_rr,vllm_jsq]",
             "final_eval.seeds=[1000,1001]",
             f"hydra.run.dir={tmp_path}",
         ],
