@@ -26,6 +26,7 @@ import pandas as pd
 from scipy import stats
 
 from agents import exported, run_dir
+from agents.configs import is_trace
 from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from, workload_from
 from envs.sim.workload import scale_load
@@ -111,11 +112,6 @@ def saved_policy_spec(
     }
     spec[kind] = {"_target_": SAVED_CLASSES[kind][which], ("path" if which == 0 else "run"): str(path)}
     return spec
-
-
-def is_trace(workload: Mapping[str, Any]) -> bool:
-    """Whether a workload mapping replays a trace (its seed moves a window) rather than generating arrivals."""
-    return workload.get("kind", "trace") == "trace"
 
 
 def warn_if_one_window(workloads: Mapping[str, Mapping[str, Any]], seeds: list[int]) -> None:

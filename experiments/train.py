@@ -33,41 +33,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import envs  # noqa: F401  (registers the ids in this process)
-from agents.configs import ConfigError, named_configs
-from agents.harness import Task, head_to_head, is_trace, run_tasks, saved_policy_spec, summarise
+from agents.configs import ConfigError, is_trace, named_configs
+from agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise
 from agents.learned import algorithm_class
 from agents.reporting import print_head_to_head, print_tables
-from agents.run_dir import save_config, save_run
+from agents.run_dir import env_kwargs, save_config, save_run, windowed
 from agents.user_errors import exit_on_user_error
 from envs.sim.config import cluster_from
-
-NOT_ENV_ARGUMENTS = ("id", "expert", "compare")  # the env group's keys that train.py reads itself
-
-
-def windowed(workload: dict[str, Any], window: dict[str, Any]) -> dict[str, Any]:
-    """``workload`` with a window's settings; ``random_window`` only where it means something (traces:
-    synthetic arrivals already differ per seed)."""
-    workload = {**workload, **window}
-    if not is_trace(workload):
-        workload.pop("random_window", None)
-    return workload
-
-
-def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """The environment's arguments: the env group's keys (but ``id``, ``expert``, ``compare``), the
-    cluster and the training window of the workload."""
-    env = OmegaConf.to_container(cfg.env, resolve=True)
-    kwargs = {k: v for k, v in env.items() if k not in NOT_ENV_ARGUMENTS}
-    if kwargs.get("load_range") is not None:
-        kwargs["load_range"] = tuple(kwargs["load_range"])
-    workload = OmegaConf.to_container(cfg.workload, resolve=True)
-    window = OmegaConf.to_container(cfg.train_window, resolve=True)
-    return {
-        **kwargs,
-        "cluster": OmegaConf.to_container(cfg.cluster, resolve=True),
-        "workload": windowed(workload, window),
-        "render_mode": None,
-    }
 
 
 def save_policy(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
