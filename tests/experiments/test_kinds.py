@@ -122,7 +122,7 @@ def test_the_saved_policy_in_the_simulator_decides_as_in_its_environment(kind_ru
 
 
 def test_the_export_of_each_kind_matches_the_run(kind_run, tmp_path):
-    kind, cfg, out, _ = kind_run
+    _, cfg, out, _ = kind_run
     export = export_run(out, tmp_path / "export")
     observations, masks = recorded_observations(out, 64, seed=1)
     report = parity(out, export, observations, masks)
@@ -143,7 +143,7 @@ def test_a_failed_export_leaves_nothing_behind(kind_run, tmp_path):
     for name in ("model.zip", "normalization.json", "manifest.json"):  # no config.yaml: the check cannot run
         (run / name).write_bytes((out / name).read_bytes())
     cfg = compose_export(run)
-    with pytest.raises(Exception, match="config.yaml"):
+    with pytest.raises(Exception, match=r"config\.yaml"):
         export_command(cfg)
     assert not (run / "export").exists()
 
