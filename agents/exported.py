@@ -165,6 +165,16 @@ def is_export(path: str | Path) -> bool:
     return (path / MANIFEST).exists() or path.name == MANIFEST
 
 
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """An export's manifest as JSON, unverified (which kind of policy it is); :func:`load_manifest` verifies."""
+    path = Path(path)
+    manifest_path = path / MANIFEST if path.is_dir() else path
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{manifest_path}: not valid JSON ({exc})") from None
+
+
 def load_manifest(path: str | Path) -> tuple[dict[str, Any], Path]:
     """The manifest of an export (its directory or ``policy.json``) and the graph's path, verified."""
     path = Path(path)

@@ -95,7 +95,7 @@ def saved_policy_spec(
 
     path = Path(path)
     if exported.is_export(path):
-        manifest, which = exported.load_manifest(path)[0], 0
+        manifest, which = exported.read_manifest(path), 0  # verified when the policy loads
     elif run_dir.is_run(path):
         manifest, which = run_dir.read_manifest(path), 1
     else:
