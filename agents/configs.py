@@ -46,3 +46,8 @@ def git_revision() -> str:
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def is_trace(workload: Mapping[str, Any]) -> bool:
+    """Whether a workload mapping replays a trace (its seed moves a window) rather than generating arrivals."""
+    return workload.get("kind", "trace") == "trace"

@@ -1,11 +1,15 @@
-"""A trained routing policy as a self-contained ONNX graph plus a JSON manifest, and its router.
+"""A trained policy of any discrete decision kind as a self-contained ONNX graph plus a JSON manifest, and
+the simulator policies that run it: :class:`ExportedRouter`, :class:`ExportedBatcher`, :class:`ExportedPools`.
 
-The graph maps the *raw* observation contract (``envs.features.FeatureSpec``: the features in their
-documented scales, before the training normaliser) and the action mask to the chosen engine and the
-policy's masked log-probabilities, with a dynamic batch dimension::
+The graph maps the *raw* observation (``envs.features.FeatureSpec``'s contract as the run's environment
+lays it out: features in their documented scales, before the training normaliser) and the action mask to
+the chosen action and the policy's masked log-probabilities, with a dynamic batch dimension::
 
-    observation float32 [batch, features], action_mask bool [batch, max_instances]
-      -> action int64 [batch], logits float32 [batch, max_instances]
+    observation float32 [batch, features], action_mask bool [batch, actions]
+      -> action int64 [batch], logits float32 [batch, actions]
+
+(actions: engine slots for Route-v0, budgets for Batch-v0, keep/flips for Pools-v0; the manifest's ``env_id``
+and ``action`` say which, and loading refuses an export of another kind than the one asked for).
 
 The normaliser's statistics are constants inside the graph, so a consumer (the simulator, the evaluation
 harness, a router service in another language) needs onnxruntime and the manifest, nothing from training —
@@ -28,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from agents import run_dir
-from agents.learned import FeatureRouter, algorithm_class
+from agents.learned import FeatureBatcher, FeaturePools, FeatureRouter, SavedModel, algorithm_class, kind_of
 from envs.features import feature_names
 
 MASKED = -1e8  # sb3-contrib's value for masked logits
@@ -84,9 +88,10 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
         raise ExportError(f"{run}: no {missing} (is this a training run directory written by train.py?)")
     manifest = run_dir.read_manifest(run)
     norm = run_dir.read_normalization(run)
+    kind_of(manifest, str(run))  # an environment this code knows
     model = algorithm_class(manifest["algorithm"]).load(run_dir.model_path(run), device="cpu")
     if not hasattr(model.action_space, "n"):
-        raise ExportError(f"{run}: only discrete routing policies export (action space {model.action_space})")
+        raise ExportError(f"{run}: only discrete-action policies export (action space {model.action_space})")
     size = int(model.observation_space.shape[0])
     slots = int(model.action_space.n)
     graph = _policy_graph(
@@ -134,6 +139,7 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
                 "env_version": manifest["env_version"],
                 "algorithm": manifest["algorithm"],
                 "action": manifest["action"],
+                **({"budgets": manifest["budgets"], "continuous": False} if "budgets" in manifest else {}),
                 "features": manifest["features"],
                 "feature_names": feature_names(manifest["features"]),
                 "normalization": norm,
@@ -150,6 +156,16 @@ def is_export(path: str | Path) -> bool:
     """Whether ``path`` is an exported policy: a directory holding ``policy.json``, or that file."""
     path = Path(path)
     return (path / MANIFEST).exists() or path.name == MANIFEST
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """An export's manifest as JSON, unverified (which kind of policy it is); :func:`load_manifest` verifies."""
+    path = Path(path)
+    manifest_path = path / MANIFEST if path.is_dir() else path
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{manifest_path}: not valid JSON ({exc})") from None
 
 
 def load_manifest(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -196,15 +212,38 @@ class OnnxPolicy:
 
 class ExportedRouter(FeatureRouter):
     """Routes with an exported policy in onnxruntime (``_target_: agents.exported.ExportedRouter``,
-    ``path:`` the export directory). Refuses a manifest whose feature contract differs from this code's."""
+    ``path:`` the export directory). Refuses a manifest whose feature contract differs from this code's,
+    or an export of another decision kind."""
 
     def __init__(self, path: str | Path) -> None:
         self.policy = OnnxPolicy(path)
-        super().__init__(self.policy.manifest["features"], str(path))
+        super().__init__(self.policy.manifest["features"], str(path), self.policy.manifest)
 
     def act(self, observation: np.ndarray, mask: np.ndarray) -> int:
         action, _ = self.policy(observation[None, :], mask[None, :])
         return int(action[0])
+
+
+class ExportedBatcher(FeatureBatcher):
+    """Forms batches with an exported Batch-v0 policy in onnxruntime (``path:`` the export directory)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.policy = OnnxPolicy(path)
+        super().__init__(self.policy.manifest, str(path))
+
+    def act(self, observation: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.policy(observation[None, :], mask[None, :])[0]
+
+
+class ExportedPools(FeaturePools):
+    """Flips pool roles with an exported Pools-v0 policy in onnxruntime (``path:`` the export directory)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.policy = OnnxPolicy(path)
+        super().__init__(self.policy.manifest, str(path))
+
+    def act(self, observation: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.policy(observation[None, :], mask[None, :])[0]
 
 
 def parity(run: str | Path, export: str | Path, observations: np.ndarray, masks: np.ndarray) -> dict[str, float]:
@@ -214,9 +253,7 @@ def parity(run: str | Path, export: str | Path, observations: np.ndarray, masks:
     masks; SB3 would not)."""
     import torch
 
-    from agents.learned import LearnedRouter
-
-    original = LearnedRouter(run)
+    original = SavedModel(run)
     onnx_policy = OnnxPolicy(export)
     maskable = original.algorithm == "MaskablePPO"
     masks = np.asarray(masks, bool) if maskable else np.ones_like(masks, dtype=bool)

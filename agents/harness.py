@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import pandas as pd
 from scipy import stats
 
 from agents import exported, run_dir
+from agents.configs import is_trace
 from envs.sim.cluster import Cluster
 from envs.sim.config import cluster_from, workload_from
 from envs.sim.workload import scale_load
@@ -67,20 +69,65 @@ def load_policy(spec: Mapping) -> PolicyBundle:
     return PolicyBundle(router, batch, pools)
 
 
-def saved_policy_spec(path: str | Path, batch: Mapping | None = None) -> dict[str, Any]:
-    """A policy spec for a saved router: an export (``policy.json`` + ONNX, no pickle) or a training run
-    (``manifest.json`` + ``model.zip``, unpickled by stable-baselines3: trusted paths only). vLLM batching
-    unless ``batch`` says otherwise."""
+SAVED_CLASSES = {  # (export, training run) classes per bundle slot
+    "router": ("agents.exported.ExportedRouter", "agents.learned.LearnedRouter"),
+    "batch": ("agents.exported.ExportedBatcher", "agents.learned.LearnedBatcher"),
+    "pools": ("agents.exported.ExportedPools", "agents.learned.LearnedPools"),
+}
+LOR = {"_target_": "envs.sim.policies.LeastOutstandingRequests"}
+VLLM = {"_target_": "envs.sim.policies.VllmPolicy"}
+
+
+def saved_policy_spec(
+    path: str | Path,
+    batch: Mapping | None = None,
+    router: Mapping | None = None,
+    pools: Mapping | None = None,
+    expect: str | None = None,
+) -> dict[str, Any]:
+    """A policy spec for a saved policy: an export (``policy.json`` + ONNX, no pickle) or a training run
+    (``manifest.json`` + ``model.zip``, unpickled by stable-baselines3: trusted paths only). Its manifest's
+    environment says which slot it fills (Route-v0 → router, Batch-v0 → batch, Pools-v0 → pools); the
+    other slots are ``router`` (least outstanding requests), ``batch`` (vLLM) and ``pools`` (static),
+    the inline heuristics the environments train with. ``expect`` (a slot) refuses a policy of another
+    kind in one line (:class:`agents.learned.KindMismatch`)."""
+    from agents.learned import check_kind, kind_of
+
     path = Path(path)
     if exported.is_export(path):
-        router = {"_target_": "agents.exported.ExportedRouter", "path": str(path)}
+        manifest, which = exported.read_manifest(path), 0  # verified when the policy loads
     elif run_dir.is_run(path):
-        router = {"_target_": "agents.learned.LearnedRouter", "run": str(path)}
+        manifest, which = run_dir.read_manifest(path), 1
     else:
         raise FileNotFoundError(
             f"{path}: neither an exported policy ({exported.MANIFEST}) nor a training run ({run_dir.MANIFEST})"
         )
-    return {"router": router, "batch": dict(batch) if batch else {"_target_": "envs.sim.policies.VllmPolicy"}}
+    kind = kind_of(manifest, str(path))
+    if expect is not None:
+        check_kind(manifest, expect, str(path))
+    spec: dict[str, Any] = {
+        "router": dict(router) if router else dict(LOR),
+        "batch": dict(batch) if batch else dict(VLLM),
+        "pools": dict(pools) if pools else None,
+    }
+    spec[kind] = {"_target_": SAVED_CLASSES[kind][which], ("path" if which == 0 else "run"): str(path)}
+    return spec
+
+
+def warn_if_one_window(workloads: Mapping[str, Mapping[str, Any]], seeds: list[int]) -> None:
+    """Seeds that cannot change the arrivals make every interval a ±0.00 on the same input: say so, per
+    trace workload that replays one fixed window (``random_window: false``)."""
+    if len(seeds) < 2:
+        return
+    for name, workload in workloads.items():
+        if is_trace(workload) and not workload.get("random_window", False):
+            warnings.warn(
+                f"workload {name}: a trace replayed from one fixed window (random_window: false): the {len(seeds)} "
+                "seeds do not change the arrivals, only the simulator's step noise, so the intervals do not "
+                f"measure variation of the input; set workload_overrides={{{name}: {{random_window: true, "
+                "num_requests: N}}}",
+                stacklevel=2,
+            )
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from agents.configs import git_revision
+from agents.configs import git_revision, is_trace
 from envs.features import FeatureSpec
+from envs.route_env import ACTION_MEANING as ROUTE_ACTION
 
 MODEL = "model.zip"
 VECNORMALIZE = "vecnormalize.pkl"
@@ -47,10 +48,12 @@ def save_run(
     algorithm: str,
     max_instances: int,
     profiles: list[str] | None = None,
+    action: dict[str, Any] | None = None,
 ) -> None:
     """Everything a later evaluation or export needs: the model, the normaliser (also as plain JSON, no
     pickle) and the manifest of the observation contract the policy was trained on, with the
-    performance-model profiles its training cluster used."""
+    performance-model profiles its training cluster used. ``action`` is the environment's
+    ``action_manifest()`` (what an action means, and for Batch-v0 its budgets); default: routing's."""
     model.save(out_dir / MODEL)
     vec_normalize.save(str(out_dir / VECNORMALIZE))
     rms = vec_normalize.obs_rms
@@ -68,7 +71,7 @@ def save_run(
         "env_id": env_id,
         "env_version": env_id.rsplit("-v", 1)[-1],
         "algorithm": algorithm,
-        "action": "engine index in [0, max_instances): the engine to send the request to",
+        **(action or {"action": ROUTE_ACTION}),
         "features": FeatureSpec(int(max_instances)).manifest(),
         "profiles": list(profiles or ["default"]),
         "git_revision": git_revision(),
@@ -113,3 +116,32 @@ def read_config(run: str | Path) -> DictConfig | None:
         if path.exists():
             return OmegaConf.load(path)
     return None
+
+
+NOT_ENV_ARGUMENTS = ("id", "expert", "compare")  # the env group's keys that train.py reads itself
+
+
+def windowed(workload: dict[str, Any], window: dict[str, Any]) -> dict[str, Any]:
+    """``workload`` with a window's settings; ``random_window`` only where it means something (traces:
+    synthetic arrivals already differ per seed)."""
+    workload = {**workload, **window}
+    if not is_trace(workload):
+        workload.pop("random_window", None)
+    return workload
+
+
+def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The arguments of the environment a run's config trains on (train.py; export.py rebuilds it): the
+    env group's keys (but ``id``, ``expert``, ``compare``), the cluster and the training window."""
+    env = OmegaConf.to_container(cfg.env, resolve=True)
+    kwargs = {k: v for k, v in env.items() if k not in NOT_ENV_ARGUMENTS}
+    if kwargs.get("load_range") is not None:
+        kwargs["load_range"] = tuple(kwargs["load_range"])
+    workload = OmegaConf.to_container(cfg.workload, resolve=True)
+    window = OmegaConf.to_container(cfg.train_window, resolve=True)
+    return {
+        **kwargs,
+        "cluster": OmegaConf.to_container(cfg.cluster, resolve=True),
+        "workload": windowed(workload, window),
+        "render_mode": None,
+    }

@@ -36,7 +36,7 @@ from envs.sim.policies import (
     check_policy,
     least_outstanding,
 )
-from envs.sim.request import Request
+from envs.sim.request import Request, State
 from envs.sim.view import ClusterView, RequestInfo
 from envs.sim.workload import scale_load
 
@@ -73,17 +73,29 @@ class ServeGymEnv(gym.Env):
         reward: ``goodput`` (+1 per request finishing within its SLO, on the step it finishes),
             ``latency`` (minus the request-seconds spent in the system since the last decision, / 10), or
             ``relative`` (+1/−1 per finishing request that meets/misses its SLO where the reference heuristic
-            on the same arrivals missed/met it). Each step's reward is clipped to [−10, 10].
+            on the same arrivals missed/met it). Rewards are not clipped: an episode's return is exactly the
+            outcome the reward names (SLO-meeting requests, minus request-seconds / 10, or the difference
+            to the reference) minus 1 per masked action; SB3's ``VecNormalize`` scales them for learning.
         horizon: decisions per episode before truncation (None: until the workload is drained).
+        horizon_s: simulated seconds of agent control per episode before truncation, counted from the
+            agent's first decision (None: no time limit). Batch-v0 decides every engine step (a few ms), so
+            its episodes are measured in simulated time: 100 decisions covered 0.1–0.3 s, where nothing
+            finishes.
         load_range: ``(low, high)``: every episode compresses the workload's arrival times by a factor
             drawn uniformly from this range (1.2 = 20% more load), so one policy trains across loads rather
             than at the single rate it will not be deployed at. ``None``: the workload as configured.
         warmup: decisions made by the inline heuristic at the start of every episode before the agent takes
             over (the agent then acts in a loaded cluster instead of an empty one).
-        drain: (routing environments) at truncation, keep simulating (the inline heuristic deciding) until
-            every request the agent placed has finished, and pay their outcomes in the last step's reward
-            (not clipped). With the ``relative`` reward and ``gamma`` = 1, an episode's return is then exactly
-            how many more requests met their SLO than under the reference heuristic because of the agent's ``horizon``
+        warmup_s: simulated seconds during which the inline heuristic decides, before (and in addition to)
+            ``warmup`` decisions.
+        windows: episodes replay one of this many fixed windows (workload seed, simulator seed and load
+            factor drawn once from the environment's seed), so the ``relative`` reward's reference run is
+            simulated once per window and cached, not once per reset (None: every reset draws a new window).
+        drain: at truncation, keep simulating (the inline heuristic deciding) until every request the agent
+            placed (routing), or every request in the system (batching, pools: the agent's steps and flips
+            touched them all), has finished, and pay their outcomes in the last step's reward.
+            With the ``relative`` reward and ``gamma`` = 1, an episode's return is then exactly how many more
+            requests met their SLO than under the reference heuristic because of the agent's ``horizon``
             decisions: the counterfactual credit that per-step rewards, arriving hundreds of decisions
             after the choice that caused them, do not give.
         router / batch / pools: the heuristics of the ``relative`` reward (and the inline decisions the agent
@@ -106,13 +118,14 @@ class ServeGymEnv(gym.Env):
         load_range: tuple[float, float] | None = None,
         warmup: int = 0,
         drain: bool = False,
+        horizon_s: float | None = None,
+        warmup_s: float = 0.0,
+        windows: int | None = None,
         render_mode: str | None = None,
     ) -> None:
         if reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
-        if horizon is not None and (
-            isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral) or horizon < 1
-        ):
+        if horizon is not None and not _positive_int(horizon):
             raise ValueError(f"horizon must be a positive number of decisions (or None), got {horizon!r}")
         if load_range is not None:
             load_range = (float(load_range[0]), float(load_range[1]))
@@ -122,13 +135,19 @@ class ServeGymEnv(gym.Env):
         self.load_factor = 1.0
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 decisions, got {warmup}")
-        if drain and horizon is None:
-            raise ValueError("drain needs a horizon (it acts when an episode is truncated)")
-        if drain and not set(self.decision_kinds) & set(ROUTING_KINDS):
-            raise ValueError(
-                f"drain pays the outcomes of the requests the agent routed; {type(self).__name__} routes none"
-            )
+        if horizon_s is not None and not (isinstance(horizon_s, numbers.Real) and horizon_s > 0):
+            raise ValueError(f"horizon_s must be a positive number of simulated seconds (or None), got {horizon_s!r}")
+        if not (isinstance(warmup_s, numbers.Real) and warmup_s >= 0):
+            raise ValueError(f"warmup_s must be >= 0 simulated seconds, got {warmup_s!r}")
+        if windows is not None and not _positive_int(windows):
+            raise ValueError(f"windows must be a positive number of episode windows (or None), got {windows!r}")
+        if drain and horizon is None and horizon_s is None:
+            raise ValueError("drain needs a horizon or horizon_s (it acts when an episode is truncated)")
         self.warmup, self.drain = int(warmup), bool(drain)
+        self.horizon_s, self.warmup_s = (float(horizon_s) if horizon_s is not None else None), float(warmup_s)
+        self.windows = int(windows) if windows is not None else None
+        self._window_table: list[tuple[int, int, float]] | None = None
+        self._reference_cache: dict[tuple[int, int, float], dict[int, bool]] = {}
         for name, value, base in (
             ("router", router, RoutingPolicy),
             ("batch", batch, BatchPolicy),
@@ -166,6 +185,10 @@ class ServeGymEnv(gym.Env):
 
     def _answer_of(self, decision: Decision, action: Any) -> Any:
         """What ``action`` answers to ``decision``, or None if the action is invalid there."""
+        raise NotImplementedError
+
+    def action_manifest(self) -> dict[str, Any]:
+        """What an action means (``action``, plus what a saved policy needs to decode it), for manifests."""
         raise NotImplementedError
 
     # -- the inline heuristics (warm-up, drain, the decisions the agent does not make, the reference) ---
@@ -234,20 +257,23 @@ class ServeGymEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
+        if seed is not None:
+            self._window_table = None  # a new seed draws new fixed windows
         options = options or {}
-        workload_seed = int(options.get("workload_seed", self.np_random.integers(0, 2**31 - 1)))
-        sim_seed = int(options.get("sim_seed", self.np_random.integers(0, 2**31 - 1)))
-        self.load_factor = float(
-            options.get("load_factor", self.np_random.uniform(*self.load_range) if self.load_range else 1.0)
-        )
+        drawn = self._draw_window()
+        workload_seed = int(options.get("workload_seed", drawn[0]))
+        sim_seed = int(options.get("sim_seed", drawn[1]))
+        self.load_factor = float(options.get("load_factor", drawn[2]))
         requests = self._generate(workload_seed)
         self._reference = self._reference_outcomes(workload_seed, sim_seed) if self.reward_kind == "relative" else {}
         self.context = FeatureContext()
         self._pending = None
         self._completed: list[tuple[Request, bool]] = []
         self._decisions = self._invalid = self._clipped = self._met_total = 0
+        self._invalid_reason: str | None = None
         self._area_time = 0.0
         self._warm_left, self._draining, self._placed = self.warmup, False, set()
+        self._agent_start: float | None = None
         self._inline_router, self._inline_batch, self._inline_pools = self._heuristics()
         self.sim = self._build(requests, sim_seed)
         self.sim.subscribe(_EpisodeLedger(self._on_completion))
@@ -265,14 +291,37 @@ class ServeGymEnv(gym.Env):
             )
         return self._observe(self._pending), self._info()
 
+    def _draw_window(self) -> tuple[int, int, float]:
+        """The episode's (workload seed, simulator seed, load factor): a fresh draw, or one of the fixed
+        ``windows`` drawn once from the environment's seed."""
+
+        def draw() -> tuple[int, int, float]:
+            return (
+                int(self.np_random.integers(0, 2**31 - 1)),
+                int(self.np_random.integers(0, 2**31 - 1)),
+                float(self.np_random.uniform(*self.load_range)) if self.load_range else 1.0,
+            )
+
+        if self.windows is None:
+            return draw()
+        if self._window_table is None:
+            self._window_table = [draw() for _ in range(self.windows)]
+        return self._window_table[int(self.np_random.integers(0, self.windows))]
+
     def _reference_outcomes(self, workload_seed: int, sim_seed: int) -> dict[int, bool]:
         """Which requests meet their SLO when the inline heuristics make every decision (router, batch
-        former and pool policy alike) on the same arrivals and simulator seed."""
-        router, batch, pools = self._heuristics()
-        reference = Cluster(self.cluster_config, router, batch_policy=batch, seed=sim_seed, pool_policy=pools)
-        requests = self._generate(workload_seed)
-        reference.run(requests)
-        return {request.id: request.slo_met for request in requests}
+        former and pool policy alike) on the same arrivals and simulator seed; simulated once per window
+        (the cache holds the ``windows`` fixed ones, or the last window when every reset draws anew)."""
+        key = (workload_seed, sim_seed, self.load_factor)
+        if key not in self._reference_cache:
+            router, batch, pools = self._heuristics()
+            reference = Cluster(self.cluster_config, router, batch_policy=batch, seed=sim_seed, pool_policy=pools)
+            requests = self._generate(workload_seed)
+            reference.run(requests)
+            if len(self._reference_cache) >= (self.windows or 1):
+                self._reference_cache.pop(next(iter(self._reference_cache)))
+            self._reference_cache[key] = {request.id: request.slo_met for request in requests}
+        return self._reference_cache[key]
 
     def _generate(self, workload_seed: int) -> list[Request]:
         return scale_load(self.workload, self.load_factor).generate(workload_seed)
@@ -295,14 +344,22 @@ class ServeGymEnv(gym.Env):
         a warm-up decision is used up by asking."""
         if self._draining:
             return True
+        if self.sim.env.now < self.warmup_s:
+            return True
         if self._warm_left > 0:
             self._warm_left -= 1
             return True
+        if self._agent_start is None:
+            self._agent_start = self.sim.env.now
         return False
 
     def _drain(self) -> None:
-        """Simulate until every request the agent placed has finished (the inline heuristic deciding)."""
+        """Simulate until every request the agent placed (routing) or every request in the system (other
+        kinds: the agent's budgets and flips touched them all) has finished, the inline heuristic deciding."""
         self._draining = True
+        if not set(self.decision_kinds) & set(ROUTING_KINDS):
+            now, ended = self.sim.env.now, (State.FINISHED, State.REJECTED)
+            self._placed = {r.id for r in self._requests if r.arrival_s <= now and r.state not in ended}
         pending = self._pending
         if pending is not None:  # the decision the truncated episode left open: arrivals wait on it
             pending.answer(self._inline_answer(pending.kind, pending.view, pending.request, pending.engine))
@@ -316,7 +373,9 @@ class ServeGymEnv(gym.Env):
         self._met_total += met
         self.context.observe_completion(request.output_tokens)
 
-    def _reward(self, clip: float = 10.0) -> float:
+    def _reward(self) -> float:
+        """What happened since the previous step, unclipped, so that the rewards of an episode sum to its
+        outcome (a clip at ±10 used to eat most of a Pools-v0 interval's and every drain's signal)."""
         if self.reward_kind == "goodput":
             value = float(sum(met for _, met in self._completed))
         elif self.reward_kind == "latency":
@@ -324,25 +383,29 @@ class ServeGymEnv(gym.Env):
         else:
             value = float(sum(met - self._reference.get(r.id, False) for r, met in self._completed))
         self._completed, self._area_time = [], 0.0
-        return float(np.clip(value, -clip, clip))
+        return value
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self.sim is None:
             raise RuntimeError("call reset() before step()")
         if self._pending is None:
             raise RuntimeError("the episode has ended; call reset()")
+        self._invalid_reason = None
         penalty = self._apply(self._pending, action)
         self._pending = None
         self._decisions += 1
         self._advance()
         terminated = self._pending is None
-        truncated = not terminated and self.horizon is not None and self._decisions >= self.horizon
+        truncated = not terminated and (
+            (self.horizon is not None and self._decisions >= self.horizon)
+            or (self.horizon_s is not None and self.sim.env.now - self._agent_start >= self.horizon_s)
+        )
         observation = (
             self._observe(self._pending) if not terminated else np.zeros(self.observation_space.shape, np.float32)
         )
         if truncated and self.drain:
             self._drain()
-        reward = self._reward(clip=math.inf if truncated and self.drain else 10.0) - penalty
+        reward = self._reward() - penalty
         info = self._info()
         if terminated:
             info["summary"] = self.summary()
@@ -355,6 +418,10 @@ class ServeGymEnv(gym.Env):
         if answer is None:
             answer, penalty = self._fallback(decision), 1.0
             self._invalid += 1
+            self._invalid_reason = (
+                f"action {action!r} is masked for this {decision.kind} decision: the fallback "
+                f"{answer!r} was taken and the step's reward reduced by 1"
+            )
         if decision.kind is DecisionKind.ROUTE:
             self.context.observe_route(decision.request, answer, decision.view)
             self._placed.add(decision.request.id)
@@ -373,6 +440,7 @@ class ServeGymEnv(gym.Env):
             "completed": self.sim.completed,
             "slo_met": self._met_total,
             "invalid_actions": self._invalid,
+            "invalid_reason": self._invalid_reason,
             "clipped_features": self._clipped,
         }
 
@@ -383,21 +451,49 @@ class ServeGymEnv(gym.Env):
         return vector
 
 
-def action_index(action: Any, what: str) -> int:
-    """A discrete action as an int: an integer, or an integer-valued number or one-element array. NaN,
-    None, strings and fractional values are refused with a message naming them (not truncated)."""
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def action_index(action: Any, env: str, space: gym.spaces.Discrete) -> int:
+    """A discrete action as an int: an integer, or an integer-valued number or one-element array, inside
+    ``space``. Anything else (NaN, inf, None, a string, 2.7, a value outside the space, an array of several
+    values) is a programming error of the caller, not a decision: one ``ValueError`` naming the environment,
+    its action space and the value, never a truncation (2.7 is not action 2)."""
     value = action
     if isinstance(value, np.ndarray):
         if value.size != 1:
-            raise ValueError(f"{what}: expected one discrete action, got an array of shape {value.shape}")
+            raise ValueError(f"{env}: expected one discrete action of {space}, got {action!r} (shape {value.shape})")
         value = value.reshape(-1)[0]
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{what}: the action must be an integer, got {action!r}")
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if not math.isfinite(value) or float(value) != int(value):
-        raise ValueError(f"{what}: the action must be an integer, got {action!r}")
-    return int(value)
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if not integral and (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or float(value) != int(value)
+    ):
+        raise ValueError(f"{env}: the action must be an integer of {space}, got {action!r}")
+    index = int(value)
+    if not space.contains(index):
+        raise ValueError(f"{env}: the action {action!r} is outside the action space {space}")
+    return index
+
+
+def continuous_action(action: Any, env: str, space: gym.spaces.Box) -> np.ndarray:
+    """A continuous action as a float array of ``space``'s shape, inside its bounds; NaN, inf, None, strings,
+    other shapes and values outside the bounds raise one ``ValueError`` naming the environment, the space
+    and the value (SB3 clips its Gaussian actions to the bounds before ``step``, so none of these is an
+    agent's decision)."""
+    raw = np.asarray(action, dtype=object if action is None else None)
+    if raw.dtype.kind not in "fiu" or raw.size != int(np.prod(space.shape)):
+        raise ValueError(f"{env}: the action must be a number array of {space}, got {action!r}")
+    value = raw.astype(np.float64)
+    value = value.reshape(space.shape)
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{env}: the action must be finite, got {action!r} for {space}")
+    if np.any(value < space.low) or np.any(value > space.high):
+        raise ValueError(f"{env}: the action {action!r} is outside the action space {space}")
+    return value
 
 
 class _EpisodeLedger(Observer):

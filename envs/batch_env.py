@@ -5,7 +5,9 @@ with ``continuous=True`` a ``Box([-1, 1])`` mapped log-linearly onto [min, max] 
 batch former turns the budget into a batch as vLLM does (decodes first and never starved, then prefill
 chunks, then FCFS admission), with the configured batch policy's chunk cap, prefill order, admission and
 preemption rules. Observation: the contract's features of the whole cluster (no request: request features
-are zero) followed by a one-hot of the deciding engine. An invalid index gets the last listed budget.
+are zero) followed by a one-hot of the deciding engine. Every action of the space is valid; a value that is
+not one (NaN, None, 2.7, an index or a continuous value outside the space) raises a ``ValueError`` naming
+the environment, the space and the value.
 """
 
 from __future__ import annotations
@@ -15,14 +17,39 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import ServeGymEnv, action_index
+from envs.base import ServeGymEnv, action_index, continuous_action
+from envs.features import FeatureContext, FeatureSpec
 from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request, SloClass
-from envs.sim.view import RequestInfo
+from envs.sim.view import ClusterView, RequestInfo
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048, 4096, 8192)
 NO_REQUEST = RequestInfo(-1, 0.0, 0, SloClass("none"))
+
+
+def batch_observation(
+    spec: FeatureSpec, view: ClusterView, engine: int, context: FeatureContext
+) -> tuple[np.ndarray, int]:
+    """Batch-v0's observation of engine ``engine``'s step (the cluster's features, no request, then a
+    one-hot of the engine) and how many values were clipped; a learned batcher computes the same."""
+    identity = np.zeros(spec.max_instances, np.float32)
+    identity[engine] = 1.0
+    features, clipped = spec.vector(view, NO_REQUEST, context)
+    return np.concatenate([features, identity]), clipped
+
+
+def continuous_budget(x: float, budgets: tuple[int, ...]) -> int:
+    """The token budget of a continuous action in [-1, 1]: log-linear over [min, max] of ``budgets``."""
+    low, high = np.log(min(budgets)), np.log(max(budgets))
+    return round(np.exp(low + (x + 1.0) / 2.0 * (high - low)))
+
+
+def action_meaning(budgets: tuple[int, ...], continuous: bool) -> str:
+    """What a Batch-v0 action means, as manifests record it."""
+    if continuous:
+        return f"token budget of the engine's step: x in [-1, 1] log-linear over [{min(budgets)}, {max(budgets)}]"
+    return f"token budget of the engine's step: index into budgets {list(budgets)}"
 
 
 class BatchEnv(ServeGymEnv):
@@ -49,22 +76,27 @@ class BatchEnv(ServeGymEnv):
             pool_policy=self._inline_pools,
         )
 
+    def action_manifest(self) -> dict[str, Any]:
+        """What an action means, as a saved policy's manifest records it (a learned batcher reads the budgets)."""
+        return {
+            "action": action_meaning(self.budgets, self.continuous),
+            "budgets": list(self.budgets),
+            "continuous": self.continuous,
+        }
+
     def _observe(self, decision: Decision) -> np.ndarray:
-        identity = np.zeros(self.max_instances, np.float32)
-        identity[decision.engine.index] = 1.0
-        return np.concatenate([self._features(decision.view, NO_REQUEST), identity])
+        observation, clipped = batch_observation(self.spec_features, decision.view, decision.engine.index, self.context)
+        self._clipped += clipped
+        return observation
 
     def _mask(self, decision: Decision | None) -> np.ndarray:
         return np.ones(len(self.budgets), dtype=bool)
 
     def budget_of(self, action: Any) -> int:
+        """The token budget an action asks for; a value that is no action of the space raises ValueError."""
         if self.continuous:
-            x = (float(np.clip(np.asarray(action, dtype=float).reshape(-1)[0], -1.0, 1.0)) + 1.0) / 2.0
-            low, high = np.log(min(self.budgets)), np.log(max(self.budgets))
-            return round(np.exp(low + x * (high - low)))
-        return self.budgets[action_index(action, "Batch-v0")]
+            return continuous_budget(float(continuous_action(action, "Batch-v0", self.action_space)[0]), self.budgets)
+        return self.budgets[action_index(action, "Batch-v0", self.action_space)]
 
-    def _answer_of(self, decision: Decision, action: Any) -> int | None:
-        if not self.continuous and not 0 <= action_index(action, "Batch-v0") < len(self.budgets):
-            return None
-        return self.budget_of(action)
+    def _answer_of(self, decision: Decision, action: Any) -> int:
+        return self.budget_of(action)  # every budget of the space is allowed: nothing to mask

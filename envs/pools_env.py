@@ -2,8 +2,9 @@
 
 Action: ``Discrete(1 + 2·max_instances)`` — 0 keeps the pools, ``1 + i`` flips instance i to decode,
 ``1 + max_instances + i`` flips it to prefill. ``action_masks()`` marks flips that are impossible (absent
-instance, already in that role, draining, or leaving a pool empty); an invalid action keeps the pools,
-costs 1 of reward and is counted in ``info["invalid_actions"]``. Flips are stateless (Arrow) or drains,
+instance, already in that role, draining, or leaving a pool empty); a masked action keeps the pools,
+costs 1 of reward and is counted in ``info["invalid_actions"]``; a value that is no action of the space
+(NaN, 1.5, 99) raises a ``ValueError`` naming it. Flips are stateless (Arrow) or drains,
 as the cluster configures.
 """
 
@@ -41,6 +42,31 @@ DEFAULT_PD_CLUSTER = {
 }
 
 
+ACTION_MEANING = "0: keep the pools; 1 + i: flip instance i to decode; 1 + max_instances + i: flip it to prefill"
+
+
+def flip_of(action: int, max_instances: int) -> list[tuple[int, Role]]:
+    """The flips a Pools-v0 action asks for: none, or one instance to decode or to prefill."""
+    if action == 0:
+        return []
+    n = max_instances
+    return [(action - 1, Role.DECODE)] if action <= n else [(action - 1 - n, Role.PREFILL)]
+
+
+def flip_mask(roles: list[Role] | tuple[Role, ...], max_instances: int) -> np.ndarray:
+    """The Pools-v0 actions allowed for instances in ``roles``: keeping, and every flip of a prefill or
+    decode instance that leaves no pool empty (a learned pool policy masks the same way)."""
+    n = max_instances
+    mask = np.zeros(1 + 2 * n, dtype=bool)
+    mask[0] = True
+    roles = list(roles)
+    for i, role in enumerate(roles):
+        for offset, target in ((1, Role.DECODE), (1 + n, Role.PREFILL)):
+            if role in (Role.PREFILL, Role.DECODE) and role is not target and flip_allowed(roles, i, target):
+                mask[offset + i] = True
+    return mask
+
+
 class PoolsEnv(ServeGymEnv):
     decision_kinds = (DecisionKind.POOLS,)
 
@@ -61,15 +87,16 @@ class PoolsEnv(ServeGymEnv):
             pool_policy=self._agent(),
         )
 
+    def action_manifest(self) -> dict[str, Any]:
+        """What an action means, as a saved policy's manifest records it."""
+        return {"action": ACTION_MEANING}
+
     def _observe(self, decision: Decision) -> np.ndarray:
         return self._features(decision.view, NO_REQUEST)
 
     def flip_of(self, action: int) -> list[tuple[int, Role]]:
         """The flips an action asks for: none, or one instance to decode or to prefill."""
-        n = self.max_instances
-        if action == 0:
-            return []
-        return [(action - 1, Role.DECODE)] if action <= n else [(action - 1 - n, Role.PREFILL)]
+        return flip_of(action, self.max_instances)
 
     def action_of(self, flips: list[tuple[int, Role]]) -> int:
         """The action asking for ``flips`` (at most one flip, as a pool policy like Arrow returns)."""
@@ -81,20 +108,12 @@ class PoolsEnv(ServeGymEnv):
         return 1 + int(index) + (self.max_instances if Role(role) is Role.PREFILL else 0)
 
     def _mask(self, decision: Decision | None) -> np.ndarray:
-        n = self.max_instances
-        mask = np.zeros(1 + 2 * n, dtype=bool)
-        mask[0] = True
         if decision is None:
+            mask = np.zeros(1 + 2 * self.max_instances, dtype=bool)
+            mask[0] = True
             return mask
-        roles = list(decision.view.roles)
-        for i, role in enumerate(roles):
-            for offset, target in ((1, Role.DECODE), (1 + n, Role.PREFILL)):
-                if role in (Role.PREFILL, Role.DECODE) and role is not target and flip_allowed(roles, i, target):
-                    mask[offset + i] = True
-        return mask
+        return flip_mask(decision.view.roles, self.max_instances)
 
     def _answer_of(self, decision: Decision, action: Any) -> list[tuple[int, Role]] | None:
-        action = action_index(action, "Pools-v0")
-        if not 0 <= action < 1 + 2 * self.max_instances or not self._mask(decision)[action]:
-            return None
-        return self.flip_of(action)
+        action = action_index(action, "Pools-v0", self.action_space)
+        return self.flip_of(action) if self._mask(decision)[action] else None

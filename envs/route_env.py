@@ -3,8 +3,10 @@ clusters also the placement of a prefilled request's decode).
 
 Action: ``Discrete(max_instances)``, the engine. ``action_masks()`` marks absent slots and engines whose
 role cannot take the decision (decode-only engines for new requests, prefill-only ones for decodes). An
-invalid action from an unmasked algorithm is not a crash: the request goes to the valid engine with the
-fewest outstanding requests, the step's reward is reduced by 1, and ``info["invalid_actions"]`` counts it.
+masked action from an unmasked algorithm is not a crash: the request goes to the valid engine with the
+fewest outstanding requests, the step's reward is reduced by 1, and ``info["invalid_actions"]`` counts it
+(``info["invalid_reason"]`` says why). A value that is no action of the space (NaN, None, a string, 2.7,
+an index outside it) raises a ``ValueError`` naming the environment, the space and the value.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from envs.base import ServeGymEnv, action_index
 from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request
+
+ACTION_MEANING = "engine index in [0, max_instances): the engine to send the request to"
 
 
 class RouteEnv(ServeGymEnv):
@@ -37,6 +41,10 @@ class RouteEnv(ServeGymEnv):
             pool_policy=self._inline_pools,
         )
 
+    def action_manifest(self) -> dict[str, Any]:
+        """What an action means, as a saved policy's manifest records it."""
+        return {"action": ACTION_MEANING}
+
     def _observe(self, decision: Decision) -> np.ndarray:
         return self._features(decision.view, decision.request, decode_phase=decision.kind is DecisionKind.ROUTE_DECODE)
 
@@ -50,7 +58,5 @@ class RouteEnv(ServeGymEnv):
         return mask
 
     def _answer_of(self, decision: Decision, action: Any) -> int | None:
-        choice = action_index(action, "Route-v0")
-        if not 0 <= choice < self.max_instances or not self._mask(decision)[choice]:
-            return None
-        return choice
+        choice = action_index(action, "Route-v0", self.action_space)
+        return choice if self._mask(decision)[choice] else None

@@ -27,6 +27,7 @@ from agents.harness import (
     run_tasks,
     saved_policy_spec,
     summarise,
+    warn_if_one_window,
 )
 from agents.reporting import plot_attainment_vs_load, plot_cdfs, print_head_to_head, print_tables
 from agents.user_errors import exit_on_user_error
@@ -46,6 +47,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     workloads = named_configs("workload", list(cfg.workloads), _plain(cfg.get("workload_overrides")))
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
     seeds, loads = [int(s) for s in cfg.seeds], [float(x) for x in cfg.loads]
+    warn_if_one_window(workloads, seeds)
     tasks = [Task(p, w, s, x) for w in workloads for x in loads for p in policies for s in seeds]
     rows = run_tasks(
         tasks, policies, workloads, cluster, jobs=int(cfg.jobs), keep_records=True, progress=bool(cfg.progress)

@@ -1,19 +1,24 @@
-"""Train a router with stable-baselines3 on the default scenario, then compare it with the baselines.
+"""Train a router, batcher or pool policy with stable-baselines3, then compare it with its kind's baselines.
 
     python experiments/train.py              # clone PRISM, then MaskablePPO for 20k steps; wandb offline
+    python experiments/train.py env=batch    # Batch-v0 token budgets (PPO) vs vLLM, Sarathi, LENS, LARRY
+    python experiments/train.py env=pools    # Pools-v0 flips on pd_h100 (MaskablePPO) vs static, Arrow, planner
     python experiments/train.py agent=ppo imitation.expert=null total_timesteps=50000 logger=tensorboard
+    python experiments/train.py resume=outputs/train/RUN total_timesteps=10000   # continue a run's policy
     python experiments/train.py -m seed=0,1,2 agent=ppo,maskable_ppo   # a sweep (joblib, 2 jobs)
     python experiments/train.py -m hydra/launcher=slurm ...   |   -m hydra/sweeper=optuna_search
 
-The recipe (docs/training.md): behaviour cloning of an expert router (``imitation``), then RL on
-counterfactual windows of ``servegym/Route-v0`` across loads, keeping the best validated policy.
+The recipe (docs/training.md): for routing, behaviour cloning of an expert router (``imitation``), then RL
+on counterfactual windows of ``servegym/Route-v0`` across loads, keeping the best validated policy. The
+environment group (``conf/env/{route,batch,pools}.yaml``) holds the environment's arguments and, under
+``compare``, what the policy is validated and compared with; batching and pools go through the same path.
 
 The run directory holds the policy files and config of ``agents/run_dir.py`` (``model.zip``,
 ``vecnormalize.pkl``, ``normalization.json``, ``manifest.json``, ``config.yaml``), checkpoints,
 ``evaluations.csv`` (periodic, against the reference heuristic), ``best/`` (the policy with the best
 periodic evaluation, the clone included: PPO can lose what it had), ``comparison.csv`` and
 ``head_to_head.csv`` (the final tables, for ``best/`` when periodic evaluation ran, else for the last
-policy). The function returns the learned router's mean SLO attainment (the objective of an Optuna search).
+policy). The function returns the learned policy's mean SLO attainment (the objective of an Optuna search).
 """
 
 from __future__ import annotations
@@ -28,35 +33,23 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import envs  # noqa: F401  (registers the ids in this process)
-from agents.configs import named_configs
+from agents.configs import ConfigError, is_trace, named_configs
 from agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise
 from agents.learned import algorithm_class
 from agents.reporting import print_head_to_head, print_tables
-from agents.run_dir import save_config, save_run
+from agents.run_dir import env_kwargs, save_config, save_run, windowed
 from agents.user_errors import exit_on_user_error
 from envs.sim.config import cluster_from
 
 
-def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    workload = OmegaConf.to_container(cfg.workload, resolve=True)
-    workload.update(OmegaConf.to_container(cfg.train_window, resolve=True))
-    return {
-        "cluster": OmegaConf.to_container(cfg.cluster, resolve=True),
-        "workload": workload,
-        "reward": cfg.env.reward,
-        "horizon": cfg.env.horizon,
-        "max_instances": cfg.env.max_instances,
-        "load_range": list(cfg.env.load_range) if cfg.env.get("load_range") else None,
-        "warmup": int(cfg.env.get("warmup", 0)),
-        "drain": bool(cfg.env.get("drain", False)),
-        "render_mode": None,
-    }
-
-
 def save_policy(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
-    """The run-directory files of the current policy (``agents.run_dir.save_run``)."""
+    """The run-directory files of the current policy (``agents.run_dir.save_run``), with the
+    environment's own statement of what an action means."""
     profiles = cluster_from(OmegaConf.to_container(cfg.cluster, resolve=True)).profiles
-    save_run(out_dir, model, vec_normalize, cfg.env.id, cfg.agent.algorithm, int(cfg.env.max_instances), profiles)
+    action = vec_normalize.env_method("action_manifest", indices=[0])[0]
+    save_run(
+        out_dir, model, vec_normalize, cfg.env.id, cfg.agent.algorithm, int(cfg.env.max_instances), profiles, action
+    )
 
 
 def compare(
@@ -68,17 +61,24 @@ def compare(
     jobs: int,
     rate_scale: float | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """The learned router and the named baselines on the same held-out windows: the summary table (paired
-    against the first baseline) and the per-run rows."""
+    """The learned policy and the named baselines on the same held-out windows: the summary table (paired
+    against the first baseline) and the per-run rows. ``rate_scale`` is a trace's replay speed; a
+    synthetic workload's rate is multiplied by ``rate_scale / env.compare.rate_scale`` instead (its own
+    rate at the final comparison's scale), so validation loads keep their ratio for every workload."""
     specs = named_configs("policy", policies)
     specs["learned"] = saved_policy_spec(run_dir)
-    workload = OmegaConf.to_container(cfg.workload, resolve=True)
-    workload.update({"num_requests": num_requests, "random_window": True})
-    if rate_scale is not None:
+    workload = windowed(
+        OmegaConf.to_container(cfg.workload, resolve=True), {"num_requests": num_requests, "random_window": True}
+    )
+    load = 1.0
+    if rate_scale is not None and is_trace(workload):
         workload["rate_scale"] = rate_scale
+    elif rate_scale is not None:
+        load = rate_scale / float(cfg.env.compare.rate_scale)
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
-    name = f"{workload.get('name', 'workload')} x{workload.get('rate_scale', 1.0):g}"
-    tasks = [Task(p, name, s, 1.0) for p in specs for s in seeds]
+    scale = workload["rate_scale"] if is_trace(workload) else load
+    name = f"{workload.get('name', 'workload')} x{scale:g}"
+    tasks = [Task(p, name, s, load) for p in specs for s in seeds]
     rows = run_tasks(tasks, specs, {name: workload}, cluster, jobs=jobs, progress=False)
     return summarise(rows, reference=policies[0] if policies else None), rows
 
@@ -88,6 +88,10 @@ def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float
     from agents.imitation import collect_demonstrations, pretrain
 
     imitation = cfg.imitation
+    if not cfg.env.id.endswith("Route-v0"):
+        raise ConfigError(
+            f"imitation clones routers; {cfg.env.id} is not a routing environment (imitation.expert=null)"
+        )
     expert = named_configs("policy", [imitation.expert])[imitation.expert]["router"]
     demos = collect_demonstrations(
         f"envs:{cfg.env.id}", env_kwargs(cfg), expert, int(imitation.episodes), int(cfg.seed) + 1_000_000
@@ -108,12 +112,12 @@ def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float
     )
     if imitation.freeze_normalizer:
         vec_normalize.training = False  # keep the input scale the clone was fitted on
-    if logger is not None:
-        logger.log({f"imitation/{k}": v for k, v in figures.items()}, step=0)
+    log_figures(logger, {f"imitation/{k}": v for k, v in figures.items()}, step=0)
     return figures
 
 
-def make_logger(cfg: DictConfig, out_dir: Path):
+def make_wandb(cfg: DictConfig, out_dir: Path):
+    """The wandb run (offline unless configured; WANDB_MODE wins), or None for other loggers."""
     if cfg.logger.kind != "wandb":
         return None
     import wandb
@@ -129,37 +133,99 @@ def make_logger(cfg: DictConfig, out_dir: Path):
     )
 
 
+def make_logger(cfg: DictConfig, out_dir: Path, wandb_run: Any):
+    """One SB3 logger for everything a run reports — SB3's own losses, entropy, explained variance and
+    episode returns (``rollout/ep_rew_mean``, from the Monitor wrapper) as well as imitation, validation
+    and final figures — written to tensorboard (``logger=tensorboard``, the ``tensorboard`` extra) or wandb."""
+    from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat
+
+    class WandbOutputFormat(KVWriter):
+        """SB3's key-values as wandb scalars, at SB3's step."""
+
+        def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
+            scalars = {k: float(v) for k, v in key_values.items() if isinstance(v, int | float | np.number)}
+            wandb_run.log(scalars, step=int(step))
+
+        def close(self) -> None:
+            """The wandb run is finished by ``run`` after the last figures."""
+
+    formats: list[Any] = []
+    if cfg.logger.kind == "tensorboard":
+        try:
+            formats.append(TensorBoardOutputFormat(str(out_dir / "tensorboard")))
+        except ImportError:
+            raise ConfigError(
+                "logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
+            ) from None
+    if wandb_run is not None:
+        formats.append(WandbOutputFormat())
+    return Logger(folder=str(out_dir), output_formats=formats)
+
+
+def log_figures(logger, figures: dict[str, float], step: int) -> None:
+    for key, value in figures.items():
+        logger.record(key, float(value))
+    logger.dump(step)
+
+
+def resume_paths(path: Path) -> tuple[Path, Path]:
+    """The model and the SB3 normaliser to resume from: a run directory (or its ``best/``) or one of its
+    checkpoints (``checkpoints/model_N_steps.zip``, whose normaliser lies beside it)."""
+    if path.is_file() and path.suffix == ".zip":
+        norm = path.with_name(path.name.replace("model_", "model_vecnormalize_", 1)).with_suffix(".pkl")
+        model = path
+    else:
+        model, norm = path / "model.zip", path / "vecnormalize.pkl"
+    for needed in (model, norm):
+        if not needed.exists():
+            raise FileNotFoundError(f"resume={path}: no {needed.name} (a run directory or a checkpoint .zip)")
+    return model, norm
+
+
 def run(cfg: DictConfig, out_dir: Path) -> float:
+    import torch
     from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
     from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
+    # joblib's workers run torch with OMP_NUM_THREADS=1 and a lone run with every core: reductions then differ
+    # in the last bits and the same seed trains other weights; one explicit count makes them agree
+    torch.set_num_threads(int(cfg.torch_threads))
     save_config(out_dir, cfg)
-    logger = make_logger(cfg, out_dir)
+    wandb_run = make_wandb(cfg, out_dir)
+    logger = make_logger(cfg, out_dir, wandb_run)
+    vec_classes = {"dummy": DummyVecEnv, "subproc": SubprocVecEnv}
+    if cfg.vec_env not in vec_classes:
+        raise ConfigError(f"vec_env must be one of {sorted(vec_classes)}, got {cfg.vec_env!r}")
     vec = make_vec_env(
         f"envs:{cfg.env.id}",
         n_envs=int(cfg.n_envs),
         seed=int(cfg.seed),
-        vec_env_cls=DummyVecEnv,
+        vec_env_cls=vec_classes[cfg.vec_env],
         env_kwargs=env_kwargs(cfg),
     )
-    vec = VecNormalize(vec, norm_obs=True, norm_reward=True, clip_obs=10.0)
     algorithm = algorithm_class(cfg.agent.algorithm)
-    extra = {"tensorboard_log": str(out_dir / "tensorboard")} if cfg.logger.kind == "tensorboard" else {}
-    policy = cfg.agent.policy
-    if "." in policy:  # a policy class by import path, e.g. agents.slot_policy.SlotPolicy
-        module, _, name = policy.rpartition(".")
-        policy = getattr(__import__(module, fromlist=[name]), name)
-    model = algorithm(
-        policy,
-        vec,
-        seed=int(cfg.seed),
-        verbose=0,
-        device="cpu",
-        **OmegaConf.to_container(cfg.agent.kwargs, resolve=True),
-        **extra,
-    )
-    if cfg.imitation.expert:
+    if cfg.get("resume"):
+        model_file, norm_file = resume_paths(Path(cfg.resume))
+        vec = VecNormalize.load(str(norm_file), vec)
+        model = algorithm.load(model_file, env=vec, device="cpu")
+        print(f"resumed from {model_file} at {model.num_timesteps} timesteps")
+    else:
+        vec = VecNormalize(vec, norm_obs=True, norm_reward=True, clip_obs=10.0)
+        policy = cfg.agent.policy
+        if "." in policy:  # a policy class by import path, e.g. agents.slot_policy.SlotPolicy
+            module, _, name = policy.rpartition(".")
+            policy = getattr(__import__(module, fromlist=[name]), name)
+        model = algorithm(
+            policy,
+            vec,
+            seed=int(cfg.seed),
+            verbose=0,
+            device="cpu",
+            **OmegaConf.to_container(cfg.agent.kwargs, resolve=True),
+        )
+    model.set_logger(logger)
+    if cfg.imitation.expert and not cfg.get("resume"):
         warm_start(model, vec, cfg, logger)
     evaluations: list[dict[str, Any]] = []
 
@@ -183,28 +249,28 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
             save_policy(self.model, self.model.get_env(), cfg, probe)
             validation = cfg.validation
             row: dict[str, Any] = {"timesteps": self.num_timesteps}
-            for scale in validation.rate_scales:
+            for scale in cfg.env.compare.validation_rate_scales:
                 first = not evaluations  # the reference's figures do not change: measure them once
                 table, _ = compare(
                     cfg,
                     probe,
                     list(validation.seeds),
                     int(validation.num_requests),
-                    [cfg.reference] if first else [],
+                    [cfg.env.compare.reference] if first else [],
                     int(validation.jobs),
                     scale,
                 )
                 table = table.set_index("policy")
                 row[f"learned_x{scale:g}"] = table.loc["learned", "slo_attainment"]
-                reference = f"{cfg.reference}_x{scale:g}"
-                row[reference] = table.loc[cfg.reference, "slo_attainment"] if first else evaluations[0][reference]
-            row["learned"] = float(np.mean([row[f"learned_x{s:g}"] for s in validation.rate_scales]))
+                name = cfg.env.compare.reference
+                reference = f"{name}_x{scale:g}"
+                row[reference] = table.loc[name, "slo_attainment"] if first else evaluations[0][reference]
+            row["learned"] = float(np.mean([row[f"learned_x{s:g}"] for s in cfg.env.compare.validation_rate_scales]))
             evaluations.append(row)
             print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "timesteps"))
             if row["learned"] > max((e["learned"] for e in evaluations[:-1]), default=-1.0):
                 shutil.copytree(probe, out_dir / "best", dirs_exist_ok=True)  # PPO can collapse later
-            if logger is not None:
-                logger.log({f"eval/{k}": v for k, v in row.items()}, step=self.num_timesteps)
+            log_figures(logger, {f"eval/{k}": v for k, v in row.items() if k != "timesteps"}, self.num_timesteps)
 
     callbacks = [PeriodicEvaluation()]
     if int(cfg.checkpoint_every):
@@ -217,7 +283,10 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
             )
         )
     model.learn(
-        total_timesteps=int(cfg.total_timesteps), callback=CallbackList(callbacks), progress_bar=bool(cfg.progress)
+        total_timesteps=int(cfg.total_timesteps),
+        callback=CallbackList(callbacks),
+        progress_bar=bool(cfg.progress),
+        reset_num_timesteps=not cfg.get("resume"),
     )
     save_policy(model, vec, cfg, out_dir)
     if evaluations:
@@ -225,30 +294,28 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
 
         pd.DataFrame(evaluations).to_csv(out_dir / "evaluations.csv", index=False)
     final = cfg.final_eval
+    baselines = list(cfg.env.compare.baselines)
     chosen = out_dir / "best" if (out_dir / "best").exists() else out_dir  # the best periodic policy, if any
     table, rows = compare(
         cfg,
         chosen,
         list(final.seeds),
         int(final.num_requests),
-        list(final.policies),
+        baselines,
         int(final.jobs),
-        float(final.rate_scale),
+        float(cfg.env.compare.rate_scale),
     )
     table.to_csv(out_dir / "comparison.csv", index=False)
     duel = head_to_head(rows, "learned")
     duel.to_csv(out_dir / "head_to_head.csv", index=False)
-    print_tables(table, next(iter(final.policies)) if final.policies else None)
+    print_tables(table, baselines[0] if baselines else None)
     print_head_to_head(duel)
     learned = float(table.set_index("policy").loc["learned", "slo_attainment"])
-    if logger is not None:
-        logger.log(
-            {
-                "final/learned_slo_attainment": learned,
-                **{f"final/{p}": float(v) for p, v in zip(table["policy"], table["slo_attainment"], strict=True)},
-            }
-        )
-        logger.finish()
+    finals = {f"final/{p}": float(v) for p, v in zip(table["policy"], table["slo_attainment"], strict=True)}
+    log_figures(logger, {"final/learned_slo_attainment": learned, **finals}, model.num_timesteps)
+    logger.close()
+    if wandb_run is not None:
+        wandb_run.finish()
     print(f"run: {out_dir}")
     return learned
 

@@ -189,10 +189,29 @@ def test_counterfactual_windows_pay_exactly_the_agents_effect():
 def test_warmup_and_drain_refuse_what_they_cannot_do():
     with pytest.raises(ValueError, match="consumed the whole workload"):
         gym.make("servegym/Route-v0", cluster=HETERO, workload=SMALL_WORKLOAD, warmup=10_000).reset(seed=0)
-    with pytest.raises(ValueError, match="needs a horizon"):
+    with pytest.raises(ValueError, match="needs a horizon or horizon_s"):
         gym.make("servegym/Route-v0", cluster=HETERO, drain=True)
-    with pytest.raises(ValueError, match="routes none"):
-        gym.make("servegym/Batch-v0", cluster=HETERO, horizon=5, drain=True)
+    with pytest.raises(ValueError, match="horizon_s must be a positive"):
+        gym.make("servegym/Batch-v0", cluster=HETERO, horizon_s=0.0)
+
+
+def test_batch_episodes_in_simulated_time_drain_every_request_in_the_system():
+    """warmup_s under vLLM's budget, horizon_s of agent budgets, then the drain: every request that had
+    arrived by the truncation has finished and been paid."""
+    env = gym.make(
+        "servegym/Batch-v0", cluster=HETERO, workload=SMALL_WORKLOAD, warmup_s=1.0, horizon_s=0.5, drain=True
+    )
+    env.reset(seed=0)
+    start = env.unwrapped.sim.env.now
+    assert start >= 1.0
+    truncated = False
+    while not truncated:
+        _, _, terminated, truncated, info = env.step(0)
+        assert not terminated
+    cut = start + 0.5
+    arrived = [r for r in env.unwrapped._requests if r.arrival_s <= cut]
+    assert arrived and all(r.state.value in ("finished", "rejected") for r in arrived)
+    assert info["sim_time"] >= cut
 
 
 def test_warm_up_decisions_of_every_kind_are_the_inline_heuristics():

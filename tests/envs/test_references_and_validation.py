@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import gymnasium as gym
-import numpy as np
 import pytest
 
 import envs  # noqa: F401  (registers the ids)
@@ -95,21 +94,6 @@ def test_pools_env_rewards_relative_to_the_configured_pool_policy():
 def test_impossible_configurations_are_refused_by_make(kwargs, error, message):
     with pytest.raises(error, match=message):
         gym.make("servegym/Route-v0", **kwargs)
-
-
-@pytest.mark.parametrize("action", [float("nan"), None, "2", 2.7, np.array([1, 2])])
-def test_a_non_integer_action_is_named(action):
-    env = gym.make("servegym/Route-v0")
-    env.reset(seed=0)
-    with pytest.raises(ValueError, match=r"the action must be an integer|one discrete action"):
-        env.step(action)
-
-
-def test_an_integer_valued_float_action_is_accepted():
-    env = gym.make("servegym/Route-v0")
-    env.reset(seed=0)
-    env.step(np.float64(1.0))
-    assert env.unwrapped.decision is not None
 
 
 def test_the_environment_benchmark_prints_its_figures():

@@ -35,7 +35,7 @@ def trained_run(tmp_path_factory):
                 "validation.jobs=1",
                 "final_eval.seeds=[1000]",
                 "final_eval.num_requests=200",
-                "final_eval.policies=[vllm_rr]",
+                "env.compare.baselines=[vllm_rr]",
                 "final_eval.jobs=1",
             ],
         )

@@ -6,11 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
 from agents.harness import Task, run_task, saved_policy_spec
-from agents.learned import ContractMismatch, LearnedRouter
+from agents.learned import ContractMismatch, LearnedRouter, SavedModel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,7 +75,7 @@ TINY = [
     "env.horizon=32",
     "final_eval.seeds=[1000]",
     "final_eval.num_requests=100",
-    "final_eval.policies=[vllm_rr]",
+    "env.compare.baselines=[vllm_rr]",
     "final_eval.jobs=1",
 ]
 
@@ -98,7 +99,7 @@ def test_readme_main_command_on_a_small_budget(tmp_path):
             *TINY,
             "imitation.expert=vllm_prism",
             "imitation.episodes=2",
-            "final_eval.policies=[vllm_rr,vllm_jsq]",
+            "env.compare.baselines=[vllm_rr,vllm_jsq]",
             "final_eval.seeds=[1000,1001]",
             f"hydra.run.dir={tmp_path}",
         ],
@@ -122,6 +123,18 @@ def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
         assert (tmp_path / job / "model.zip").exists() and (tmp_path / job / "comparison.csv").exists()
     algorithms = {json.loads((tmp_path / j / "manifest.json").read_text())["algorithm"] for j in ("0", "1", "2", "3")}
     assert algorithms == {"PPO", "MaskablePPO"}
+    # job 0 (seed 0, PPO) trained alone in this process's torch thread settings: the same weights
+    alone = tmp_path / "alone"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments/train.py"), *TINY, "seed=0", "agent=ppo", f"hydra.run.dir={alone}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": ""},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    swept, single = SavedModel(tmp_path / "0").model.policy.state_dict(), SavedModel(alone).model.policy.state_dict()
+    assert all(np.array_equal(swept[k].numpy(), single[k].numpy()) for k in swept)
 
 
 def test_an_optuna_search_maximises_the_returned_attainment(tmp_path):

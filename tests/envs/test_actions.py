@@ -1,0 +1,67 @@
+"""What an environment does with a value that is not an action of its space (one ValueError naming the
+environment, the space and the value) and with an action of the space that the mask forbids (the
+documented fallback, counted and explained in ``info``)."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs  # noqa: F401  (registers the ids)
+
+SMALL = {
+    "kind": "synthetic",
+    "num_requests": 40,
+    "arrivals": {"rate": 20.0},
+    "lengths": {"kind": "fixed", "prompt": 300, "output": 20},
+    "slo": [{"name": "chat", "ttft_s": 2.0, "tpot_s": 0.1}],
+}
+PD = {
+    "snapshot_interval_s": 0.1,
+    "monitor_interval_s": 0.5,
+    "groups": [
+        {"name": "p", "count": 2, "node": "n0", "engine": {"gpu": "H100-SXM", "role": "prefill"}},
+        {"name": "d", "count": 2, "node": "n0", "engine": {"gpu": "H100-SXM", "role": "decode"}},
+    ],
+}
+KINDS = {
+    "Route-v0": ("servegym/Route-v0", {}, r"Discrete\(8\)"),
+    "Batch-v0": ("servegym/Batch-v0", {}, r"Discrete\(7\)"),
+    "Batch-v0 continuous": ("servegym/Batch-v0", {"continuous": True}, r"Box\(-1\.0, 1\.0"),
+    "Pools-v0": ("servegym/Pools-v0", {"cluster": PD}, r"Discrete\(17\)"),
+}
+NOT_ACTIONS = [float("nan"), float("inf"), None, "1", 2.7, 1.5, 99, -2, True, np.array([1, 0]), np.array([np.nan])]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("action", NOT_ACTIONS, ids=repr)
+def test_a_value_that_is_no_action_of_the_space_is_one_named_value_error(kind, action):
+    env_id, kwargs, space = KINDS[kind]
+    env = gym.make(env_id, workload=SMALL, **kwargs)
+    env.reset(seed=0)
+    decisions_before = env.unwrapped._decisions
+    with pytest.raises(ValueError, match=rf"^{env_id.split('/')[1]}: .*{space}") as caught:
+        env.step(action)
+    assert repr(action)[:8] in str(caught.value) or str(action)[:8] in str(caught.value)  # the value is named
+    assert "convert" not in str(caught.value)  # not int()'s message
+    assert env.unwrapped._decisions == decisions_before and env.unwrapped.decision is not None  # nothing taken
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_integer_valued_numbers_are_actions(kind):
+    env_id, kwargs, _ = KINDS[kind]
+    env = gym.make(env_id, workload=SMALL, **kwargs)
+    env.reset(seed=0)
+    for action in (np.int64(0), 0.0, np.array([0.0])):
+        *_, info = env.step(action)
+        assert info["invalid_actions"] == 0
+
+
+def test_a_masked_action_takes_the_fallback_and_says_why():
+    env = gym.make("servegym/Pools-v0", cluster=PD, workload=SMALL)
+    env.reset(seed=0)
+    assert not env.unwrapped.action_masks()[1 + 2]  # instance 2 is a decode instance already
+    *_, info = env.step(1 + 2)
+    reason = info["invalid_reason"]
+    assert info["invalid_actions"] == 1 and "masked" in reason and "fallback []" in reason
+    *_, info = env.step(0)
+    assert info["invalid_actions"] == 1 and info["invalid_reason"] is None
