@@ -162,13 +162,11 @@ class LearnedRouter(FeatureRouter):
 
 
 def _cluster_view(engine: EngineView) -> ClusterView:
-    """The cluster's router view at this engine's step: what Batch-v0 observes. ``EngineView`` exposes no
-    cluster, so this reads the engine's host (the ``Cluster``) through the view's engine; a stand-alone
-    engine has none."""
-    host = engine._engine.host
-    if host is None:
+    """The cluster's router view at this engine's step: what Batch-v0 observes."""
+    view = engine.cluster_view()
+    if view is None:
         raise RuntimeError("a learned batcher decides from the cluster's features; this engine has no cluster")
-    return host.view()
+    return view
 
 
 class FeatureBatcher(BatchPolicy):

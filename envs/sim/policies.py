@@ -203,6 +203,13 @@ class EngineView:
     def role(self) -> Role:
         return self._engine.role
 
+    def cluster_view(self) -> ClusterView | None:
+        """The router's view of the whole cluster now (what a learned batcher observes, as Batch-v0 does);
+        None for an engine outside a cluster."""
+        host = self._engine.host
+        view = getattr(host, "view", None)
+        return view() if view is not None else None
+
     @property
     def num_decodes(self) -> int:
         """Running sequences past their prefill."""

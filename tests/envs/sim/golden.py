@@ -19,7 +19,7 @@ from agents.harness import Task, run_task
 GOLDEN = Path(__file__).parent / "data" / "golden_summaries.json"
 ROOT = Path(__file__).resolve().parents[3]
 WINDOW = {"num_requests": 1500, "random_window": True}
-PD_POLICIES = ("arrow", "planner_jsq", "vllm_lor_static_pools")
+PD_POLICIES = ("arrow", "arrow_pools_lor", "planner_jsq", "planner_lor", "vllm_lor_static_pools")
 KEYS = ("completed", "rejected", "flips", "slo_attainment", "goodput_rps", "ttft_p50_s", "ttft_p99_s",
         "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "preemption_rate", "prefix_hit_rate")  # fmt: skip
 
