@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -271,6 +272,7 @@ class ServeGymEnv(gym.Env):
         self._completed: list[tuple[Request, bool]] = []
         self._decisions = self._invalid = self._clipped = self._met_total = 0
         self._invalid_reason: str | None = None
+        self._warned_malformed = False
         self._area_time = 0.0
         self._warm_left, self._draining, self._placed = self.warmup, False, set()
         self._agent_start: float | None = None
@@ -412,16 +414,22 @@ class ServeGymEnv(gym.Env):
         return observation, reward, terminated, truncated, info
 
     def _apply(self, decision: Decision, action: Any) -> float:
-        """Answer ``decision`` with ``action``; an invalid action gets the fallback and a penalty of 1."""
-        answer = self._answer_of(decision, action)
+        """Answer ``decision`` with ``action``; an invalid action — masked here, or no action of the space at
+        all (NaN, None, 2.7, out of range) — gets the fallback and a penalty of 1, counted and explained in
+        ``info``; the first value that is no action at all also warns (it is usually a caller's bug)."""
+        try:
+            answer = self._answer_of(decision, action)
+            why = f"action {action!r} is masked for this {decision.kind} decision"
+        except InvalidAction as error:
+            answer, why = None, str(error)
+            if not self._warned_malformed:
+                self._warned_malformed = True
+                warnings.warn(f"{why}; taking the fallback (counted in info['invalid_actions'])", stacklevel=3)
         penalty = 0.0
         if answer is None:
             answer, penalty = self._fallback(decision), 1.0
             self._invalid += 1
-            self._invalid_reason = (
-                f"action {action!r} is masked for this {decision.kind} decision: the fallback "
-                f"{answer!r} was taken and the step's reward reduced by 1"
-            )
+            self._invalid_reason = f"{why}: the fallback {answer!r} was taken and the step's reward reduced by 1"
         if decision.kind is DecisionKind.ROUTE:
             self.context.observe_route(decision.request, answer, decision.view)
             self._placed.add(decision.request.id)
@@ -455,15 +463,20 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
+class InvalidAction(ValueError):
+    """A value that is no action of the environment's space; the message names the environment, the space
+    and the value. ``step`` answers it with the fallback and counts it (never a crash, never a truncation)."""
+
+
 def action_index(action: Any, env: str, space: gym.spaces.Discrete) -> int:
     """A discrete action as an int: an integer, or an integer-valued number or one-element array, inside
     ``space``. Anything else (NaN, inf, None, a string, 2.7, a value outside the space, an array of several
-    values) is a programming error of the caller, not a decision: one ``ValueError`` naming the environment,
-    its action space and the value, never a truncation (2.7 is not action 2)."""
+    values) raises :class:`InvalidAction` naming the environment, its action space and the value, never a
+    truncation (2.7 is not action 2)."""
     value = action
     if isinstance(value, np.ndarray):
         if value.size != 1:
-            raise ValueError(f"{env}: expected one discrete action of {space}, got {action!r} (shape {value.shape})")
+            raise InvalidAction(f"{env}: expected one discrete action of {space}, got {action!r} (shape {value.shape})")
         value = value.reshape(-1)[0]
     integral = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
     if not integral and (
@@ -472,27 +485,27 @@ def action_index(action: Any, env: str, space: gym.spaces.Discrete) -> int:
         or not math.isfinite(value)
         or float(value) != int(value)
     ):
-        raise ValueError(f"{env}: the action must be an integer of {space}, got {action!r}")
+        raise InvalidAction(f"{env}: the action must be an integer of {space}, got {action!r}")
     index = int(value)
     if not space.contains(index):
-        raise ValueError(f"{env}: the action {action!r} is outside the action space {space}")
+        raise InvalidAction(f"{env}: the action {action!r} is outside the action space {space}")
     return index
 
 
 def continuous_action(action: Any, env: str, space: gym.spaces.Box) -> np.ndarray:
     """A continuous action as a float array of ``space``'s shape, inside its bounds; NaN, inf, None, strings,
-    other shapes and values outside the bounds raise one ``ValueError`` naming the environment, the space
-    and the value (SB3 clips its Gaussian actions to the bounds before ``step``, so none of these is an
-    agent's decision)."""
+    other shapes and values outside the bounds raise :class:`InvalidAction` naming the environment, the
+    space and the value (SB3 clips its Gaussian actions to the bounds before ``step``, so none of these is
+    an agent's decision)."""
     raw = np.asarray(action, dtype=object if action is None else None)
     if raw.dtype.kind not in "fiu" or raw.size != int(np.prod(space.shape)):
-        raise ValueError(f"{env}: the action must be a number array of {space}, got {action!r}")
+        raise InvalidAction(f"{env}: the action must be a number array of {space}, got {action!r}")
     value = raw.astype(np.float64)
     value = value.reshape(space.shape)
     if not np.all(np.isfinite(value)):
-        raise ValueError(f"{env}: the action must be finite, got {action!r} for {space}")
+        raise InvalidAction(f"{env}: the action must be finite, got {action!r} for {space}")
     if np.any(value < space.low) or np.any(value > space.high):
-        raise ValueError(f"{env}: the action {action!r} is outside the action space {space}")
+        raise InvalidAction(f"{env}: the action {action!r} is outside the action space {space}")
     return value
 
 

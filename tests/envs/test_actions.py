@@ -1,6 +1,10 @@
-"""What an environment does with a value that is not an action of its space (one ValueError naming the
-environment, the space and the value) and with an action of the space that the mask forbids (the
-documented fallback, counted and explained in ``info``)."""
+"""What an environment does with a value that is not an action of its space (NaN, None, 2.7, out of range:
+never a crash, never a truncation — the documented fallback, counted in ``info["invalid_actions"]`` with a
+reason naming the environment, the space and the value, and one warning) and with an action of the space
+that the mask forbids (the fallback, counted and explained the same way)."""
+
+import re
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -34,16 +38,22 @@ NOT_ACTIONS = [float("nan"), float("inf"), None, "1", 2.7, 1.5, 99, -2, True, np
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("action", NOT_ACTIONS, ids=repr)
-def test_a_value_that_is_no_action_of_the_space_is_one_named_value_error(kind, action):
+def test_a_value_that_is_no_action_of_the_space_takes_the_fallback_counted_with_its_reason(kind, action):
     env_id, kwargs, space = KINDS[kind]
     env = gym.make(env_id, workload=SMALL, **kwargs)
     env.reset(seed=0)
     decisions_before = env.unwrapped._decisions
-    with pytest.raises(ValueError, match=rf"^{env_id.split('/')[1]}: .*{space}") as caught:
-        env.step(action)
-    assert repr(action)[:8] in str(caught.value) or str(action)[:8] in str(caught.value)  # the value is named
-    assert "convert" not in str(caught.value)  # not int()'s message
-    assert env.unwrapped._decisions == decisions_before and env.unwrapped.decision is not None  # nothing taken
+    with pytest.warns(UserWarning, match="fallback"):
+        *_, info = env.step(action)
+    reason = info["invalid_reason"]
+    assert info["invalid_actions"] == 1 and re.search(rf"^{env_id.split('/')[1]}: .*{space}", reason), reason
+    assert repr(action)[:8] in reason or str(action)[:8] in reason  # the value is named
+    assert "convert" not in reason and "fallback" in reason  # not int()'s message; what was done instead
+    assert env.unwrapped._decisions == decisions_before + 1  # the decision was answered (by the fallback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per environment, then only the count
+        *_, info = env.step(action)
+    assert info["invalid_actions"] == 2
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
