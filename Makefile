@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(PY) -m pip install -q -e ".[dev,export,sweep]"
+	$(PY) -m pip install -q -e ".[dev,export,sweep,tensorboard]"
 	touch $(STAMP)
 
 # The main job on the built-in default scenario (the Azure conversation trace on 4x H100 + 4x A100):

@@ -153,7 +153,7 @@ def make_logger(cfg: DictConfig, out_dir: Path, wandb_run: Any):
     if cfg.logger.kind == "tensorboard":
         try:
             formats.append(TensorBoardOutputFormat(str(out_dir / "tensorboard")))
-        except ImportError:
+        except (ImportError, AssertionError):  # SB3 asserts that tensorboard imports
             raise ConfigError(
                 "logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"
             ) from None
