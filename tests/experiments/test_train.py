@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -123,6 +124,13 @@ def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
         assert (tmp_path / job / "model.zip").exists() and (tmp_path / job / "comparison.csv").exists()
     algorithms = {json.loads((tmp_path / j / "manifest.json").read_text())["algorithm"] for j in ("0", "1", "2", "3")}
     assert algorithms == {"PPO", "MaskablePPO"}
+    # the sweep ends with one table of its jobs: overrides, best validation, final attainment, paired differences
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert list(summary["job"]) == [0, 1, 2, 3] and (summary["status"] == "finished").all()
+    assert summary["overrides"].str.contains("agent=maskable_ppo").sum() == 2
+    finals = [float(pd.read_csv(tmp_path / j / "comparison.csv").set_index("policy").loc["learned", "slo_attainment"])
+              for j in ("0", "1", "2", "3")]  # fmt: skip
+    assert list(summary["slo_attainment"]) == finals and "sweep summary" in result.stdout
     # job 0 (seed 0, PPO) trained alone in this process's torch thread settings: the same weights
     alone = tmp_path / "alone"
     result = subprocess.run(
