@@ -9,24 +9,12 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+from envkit import pd_cluster, synthetic
 
 import envs  # noqa: F401  (registers the ids)
 
-SMALL = {
-    "kind": "synthetic",
-    "num_requests": 40,
-    "arrivals": {"rate": 20.0},
-    "lengths": {"kind": "fixed", "prompt": 300, "output": 20},
-    "slo": [{"name": "chat", "ttft_s": 2.0, "tpot_s": 0.1}],
-}
-PD = {
-    "snapshot_interval_s": 0.1,
-    "monitor_interval_s": 0.5,
-    "groups": [
-        {"name": "p", "count": 2, "node": "n0", "engine": {"gpu": "H100-SXM", "role": "prefill"}},
-        {"name": "d", "count": 2, "node": "n0", "engine": {"gpu": "H100-SXM", "role": "decode"}},
-    ],
-}
+SMALL = synthetic(40, 20.0, {"kind": "fixed", "prompt": 300, "output": 20}, ttft_s=2.0, tpot_s=0.1)
+PD = pd_cluster()
 KINDS = {
     "Route-v0": ("servegym/Route-v0", {}, r"Discrete\(8\)"),
     "Batch-v0": ("servegym/Batch-v0", {}, r"Discrete\(7\)"),

@@ -6,6 +6,7 @@ import sys
 
 import gymnasium as gym
 import pytest
+from envkit import pd_cluster
 
 import envs  # noqa: F401  (registers the ids)
 from agents.pools import Arrow
@@ -13,14 +14,7 @@ from envs.sim.errors import ClusterConfigError
 from envs.sim.policies import DecisionKind, LeastOutstandingRequests
 from envs.sim.traces import TraceError
 
-PD_H100 = {
-    "snapshot_interval_s": 0.1,
-    "monitor_interval_s": 1.0,
-    "groups": [
-        {"name": "prefill", "count": 2, "node": "n0", "engine": {"gpu": "H100-SXM", "role": "prefill"}},
-        {"name": "decode", "count": 2, "node": "n0", "engine": {"gpu": "H100-SXM", "role": "decode"}},
-    ],
-}
+PD_H100 = pd_cluster(monitor_interval_s=1.0, names=("prefill", "decode"))
 BUSY = {
     "kind": "trace",
     "path": "azure_conv",

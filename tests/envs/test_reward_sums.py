@@ -5,26 +5,14 @@ agent's SLO-meeting requests minus the reference heuristics' on the same arrival
 import gymnasium as gym
 import numpy as np
 import pytest
+from envkit import pd_cluster, synthetic
 
 import envs  # noqa: F401  (registers the ids)
 from agents.harness import Task, run_task
 
-BUSY = {
-    "kind": "synthetic",
-    "num_requests": 150,
-    "arrivals": {"rate": 80.0},
-    "lengths": {"kind": "lognormal", "prompt": 1500, "output": 200},
-    "slo": [{"name": "chat", "ttft_s": 0.5, "tpot_s": 0.03}],
-}
+BUSY = synthetic(150, 80.0, {"kind": "lognormal", "prompt": 1500, "output": 200}, ttft_s=0.5, tpot_s=0.03)
 COLOCATED = {"groups": [{"count": 1, "engine": {"gpu": "H100-SXM"}}, {"count": 1, "engine": {"gpu": "A100-80GB"}}]}
-PD = {
-    "snapshot_interval_s": 0.1,
-    "monitor_interval_s": 0.5,
-    "groups": [
-        {"name": "p", "count": 2, "node": "n0", "engine": {"gpu": "H100-SXM", "role": "prefill"}},
-        {"name": "d", "count": 2, "node": "n0", "engine": {"gpu": "H100-SXM", "role": "decode"}},
-    ],
-}
+PD = pd_cluster()
 KINDS = {"servegym/Route-v0": COLOCATED, "servegym/Batch-v0": COLOCATED, "servegym/Pools-v0": PD}
 REFERENCE = {"router": {"_target_": "envs.sim.policies.LeastOutstandingRequests"}, "batch": None}
 
