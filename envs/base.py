@@ -19,7 +19,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from envs import render
 from envs.features import FeatureContext, FeatureSpec
+from envs.render import RENDER_MODES
 from envs.sim.cluster import Cluster, ClusterConfig, check_buildable
 from envs.sim.config import cluster_from, workload_from
 from envs.sim.metrics import SimResult
@@ -103,7 +105,7 @@ class ServeGymEnv(gym.Env):
             does not make).
     """
 
-    metadata = {"render_modes": []}  # noqa: RUF012 (Gymnasium's convention)
+    metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}  # noqa: RUF012 (Gymnasium's convention)
     decision_kinds: tuple[DecisionKind, ...] = ()
 
     def __init__(
@@ -168,6 +170,8 @@ class ServeGymEnv(gym.Env):
         self.max_instances, self.reward_kind, self.horizon = max_instances, reward, horizon
         self.spec_features = FeatureSpec(max_instances)
         self.inline_router, self.inline_batch, self.inline_pools = router, batch, pools
+        if render_mode is not None and render_mode not in RENDER_MODES:
+            raise ValueError(f"render_mode must be one of {list(RENDER_MODES)} or None, got {render_mode!r}")
         self.render_mode = render_mode
         self.sim: Cluster | None = None
         self._pending: Decision | None = None
@@ -255,6 +259,18 @@ class ServeGymEnv(gym.Env):
 
     def action_masks(self) -> np.ndarray:
         return self._mask(self._pending)
+
+    def render(self) -> str | np.ndarray | None:
+        """The state at the pending decision as the router sees it: a per-engine text table (``"ansi"``) or
+        a small plot of queues and KV usage (``"rgb_array"``); None without a render mode."""
+        if self.render_mode is None:
+            return None
+        if self.sim is None:
+            raise RuntimeError("call reset() before render()")
+        view = self._pending.view if self._pending is not None else self.sim.view()
+        if self.render_mode == "ansi":
+            return render.ansi(view, self._pending, self._decisions, self.action_masks())
+        return render.rgb_array(view, self._pending, self._decisions)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
@@ -450,6 +466,7 @@ class ServeGymEnv(gym.Env):
             "invalid_actions": self._invalid,
             "invalid_reason": self._invalid_reason,
             "clipped_features": self._clipped,
+            "action_mask": self.action_masks(),  # the same as action_masks(), for agents that read info
         }
 
     # -- helpers for subclasses ------------------------------------------------------------------------
