@@ -48,8 +48,13 @@ def _policy_graph(model: Any, mean: np.ndarray, var: np.ndarray, clip: float, ep
     import torch
     from torch import nn
 
+    continuous = not hasattr(model.action_space, "n")
+    low = torch.as_tensor(getattr(model.action_space, "low", np.zeros(1)), dtype=torch.float32)
+    high = torch.as_tensor(getattr(model.action_space, "high", np.zeros(1)), dtype=torch.float32)
+
     class PolicyGraph(nn.Module):
-        """Normalise → policy network → mask → arg-max, all in one traced module."""
+        """Normalise → policy network → mask → arg-max (discrete), or → the Gaussian's mean clipped to the
+        action bounds (continuous: SB3's deterministic action), all in one traced module."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -58,6 +63,9 @@ def _policy_graph(model: Any, mean: np.ndarray, var: np.ndarray, clip: float, ep
             self.register_buffer("scale", torch.as_tensor(np.sqrt(var + epsilon), dtype=torch.float32))
             self.clip = float(clip)
             self.q_values = not hasattr(model.policy, "action_net")
+            self.continuous = continuous
+            self.register_buffer("low", low)
+            self.register_buffer("high", high)
 
         def scores(self, x: torch.Tensor) -> torch.Tensor:
             if self.q_values:
@@ -67,6 +75,9 @@ def _policy_graph(model: Any, mean: np.ndarray, var: np.ndarray, clip: float, ep
 
         def forward(self, observation: torch.Tensor, action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = torch.clamp((observation - self.mean) / self.scale, -self.clip, self.clip)
+            if self.continuous:  # every budget is allowed (Batch-v0 masks nothing): the mask only keeps its shape
+                mean = self.scores(x) + 0.0 * action_mask[:, :1].float()
+                return torch.maximum(torch.minimum(mean, self.high), self.low), mean
             scores = torch.where(action_mask, self.scores(x), torch.full_like(self.mean[:1], MASKED))
             if not self.q_values:
                 scores = torch.log_softmax(scores, dim=1)
@@ -90,10 +101,13 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
     norm = run_dir.read_normalization(run)
     kind_of(manifest, str(run))  # an environment this code knows
     model = algorithm_class(manifest["algorithm"]).load(run_dir.model_path(run), device="cpu")
-    if not hasattr(model.action_space, "n"):
-        raise ExportError(f"{run}: only discrete-action policies export (action space {model.action_space})")
+    continuous = not hasattr(model.action_space, "n")
+    if continuous and "budgets" not in manifest:
+        raise ExportError(
+            f"{run}: continuous actions export for Batch-v0 budgets only (action space {model.action_space})"
+        )
     size = int(model.observation_space.shape[0])
-    slots = int(model.action_space.n)
+    slots = len(manifest["budgets"]) if continuous else int(model.action_space.n)  # the mask's width
     graph = _policy_graph(
         model, np.asarray(norm["mean"]), np.asarray(norm["var"]), float(norm["clip_obs"]), float(norm["epsilon"])
     )
@@ -127,19 +141,27 @@ def export_run(run: str | Path, out: str | Path | None = None) -> Path:
                     "action_mask": {"dtype": "bool", "shape": ["batch", slots], "meaning": "True: may choose"},
                 },
                 "outputs": {
-                    "action": {"dtype": "int64", "shape": ["batch"], "meaning": manifest["action"]},
+                    "action": {
+                        "dtype": "float32" if continuous else "int64",
+                        "shape": ["batch", 1] if continuous else ["batch"],
+                        "meaning": manifest["action"],
+                    },
                     "logits": {
                         "dtype": "float32",
-                        "shape": ["batch", slots],
-                        "meaning": "Q-values" if graph.q_values else "log-probabilities",
-                        "masked_value": MASKED,
+                        "shape": ["batch", 1 if continuous else slots],
+                        "meaning": "Gaussian mean before clipping"
+                        if continuous
+                        else "Q-values"
+                        if graph.q_values
+                        else "log-probabilities",
+                        "masked_value": None if continuous else MASKED,
                     },
                 },
                 "env_id": manifest["env_id"],
                 "env_version": manifest["env_version"],
                 "algorithm": manifest["algorithm"],
                 "action": manifest["action"],
-                **({"budgets": manifest["budgets"], "continuous": False} if "budgets" in manifest else {}),
+                **({"budgets": manifest["budgets"], "continuous": continuous} if "budgets" in manifest else {}),
                 "features": manifest["features"],
                 "feature_names": feature_names(manifest["features"]),
                 "normalization": norm,
@@ -232,7 +254,7 @@ class ExportedBatcher(FeatureBatcher):
         super().__init__(self.policy.manifest, str(path))
 
     def act(self, observation: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.policy(observation[None, :], mask[None, :])[0]
+        return self.policy(observation[None, :], mask[None, :])[0].reshape(-1)
 
 
 class ExportedPools(FeaturePools):
@@ -261,13 +283,22 @@ def parity(run: str | Path, export: str | Path, observations: np.ndarray, masks:
     policy = original.model.policy
     kwargs = {"action_masks": masks} if maskable else {}
     actions, _ = original.model.predict(normalised, deterministic=True, **kwargs)
+    exported_actions, exported_logits = onnx_policy(observations, masks)
+    if not hasattr(original.model.action_space, "n"):  # continuous: the deterministic action and the mean
+        with torch.no_grad():
+            mean = policy.get_distribution(torch.as_tensor(normalised)).distribution.mean.numpy()
+        difference = np.abs(np.asarray(actions, np.float64).reshape(exported_actions.shape) - exported_actions)
+        return {
+            "decisions": float(len(observations)),
+            "action_agreement": float(np.mean(difference <= 1e-5)),
+            "max_logit_difference": float(max(difference.max(), np.abs(mean - exported_logits).max())),
+        }
     with torch.no_grad():
         tensor = torch.as_tensor(normalised)
         if hasattr(policy, "q_net"):
             logits = policy.q_net(tensor).numpy()
         else:
             logits = policy.get_distribution(tensor, **kwargs).distribution.logits.numpy()
-    exported_actions, exported_logits = onnx_policy(observations, masks)
     return {
         "decisions": float(len(observations)),
         "action_agreement": float(np.mean(np.asarray(actions) == exported_actions)),

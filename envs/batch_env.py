@@ -6,8 +6,8 @@ batch former turns the budget into a batch as vLLM does (decodes first and never
 chunks, then FCFS admission), with the configured batch policy's chunk cap, prefill order, admission and
 preemption rules. Observation: the contract's features of the whole cluster (no request: request features
 are zero) followed by a one-hot of the deciding engine. Every action of the space is valid; a value that is
-not one (NaN, None, 2.7, an index or a continuous value outside the space) raises a ``ValueError`` naming
-the environment, the space and the value.
+not one (NaN, None, 2.7, an index or a continuous value outside the space) takes the fallback (the largest
+budget) with −1, counted in ``info`` with a reason naming the environment, the space and the value.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class BatchEnv(ServeGymEnv):
         return np.ones(len(self.budgets), dtype=bool)
 
     def budget_of(self, action: Any) -> int:
-        """The token budget an action asks for; a value that is no action of the space raises ValueError."""
+        """The token budget an action asks for; a value that is no action of the space raises
+        :class:`envs.base.InvalidAction` (``step`` answers it with the fallback)."""
         if self.continuous:
             return continuous_budget(float(continuous_action(action, "Batch-v0", self.action_space)[0]), self.budgets)
         return self.budgets[action_index(action, "Batch-v0", self.action_space)]

@@ -164,3 +164,24 @@ def test_a_run_resumes_from_its_checkpoint(kind_run, tmp_path):
     resumed = SavedModel(tmp_path)
     assert resumed.model.num_timesteps == 128  # 64 from the checkpoint, 64 more
     assert any(not np.array_equal(before[k].numpy(), v.numpy()) for k, v in resumed.model.policy.state_dict().items())
+
+
+def test_a_continuous_budget_policy_exports_and_batches_as_its_run(tmp_path):
+    """Batch-v0 with continuous budgets (PPO's Gaussian): the graph gives SB3's deterministic action, and
+    the export batches in the simulator exactly as the run it came from."""
+    cfg = _compose(*KINDS["batch"][:-1], "logger=none", "+env.continuous=true", "env.compare.baselines=[vllm_lor]")
+    out = tmp_path / "run"
+    train(cfg, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["continuous"] is True
+    export = export_run(out, tmp_path / "export")
+    observations, masks = recorded_observations(out, 64, seed=1)
+    report = parity(out, export, observations, masks)
+    assert report["action_agreement"] == 1.0 and report["max_logit_difference"] < 1e-4
+    exported = json.loads((export / "policy.json").read_text())
+    assert exported["continuous"] is True and exported["outputs"]["action"]["dtype"] == "float32"
+    rows = [
+        run_task(Task(name, "w", 2, 1.0), saved_policy_spec(path), SMALL, dict(cfg.cluster))
+        for name, path in (("run", out), ("export", export))
+    ]
+    assert rows[0]["slo_attainment"] == rows[1]["slo_attainment"] and rows[0]["ttft_p99_s"] == rows[1]["ttft_p99_s"]
