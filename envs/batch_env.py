@@ -1,13 +1,5 @@
-"""``servegym/Batch-v0``: one step = one engine's scheduling decision, a policy shared by all engines.
-
-Action: the step's token budget — ``Discrete(len(budgets))`` indexing ``budgets`` (default 128…8192), or
-with ``continuous=True`` a ``Box([-1, 1])`` mapped log-linearly onto [min, max] of ``budgets``. The engine's
-batch former turns the budget into a batch as vLLM does (decodes first and never starved, then prefill
-chunks, then FCFS admission), with the configured batch policy's chunk cap, prefill order, admission and
-preemption rules. Observation: the contract's features of the whole cluster (no request: request features
-are zero) followed by a one-hot of the deciding engine. Every action of the space is valid; a value that is
-not one (NaN, None, 2.7, an index or a continuous value outside the space) takes the fallback (the largest
-budget) with −1, counted in ``info`` with a reason naming the environment, the space and the value.
+"""``servegym/Batch-v0``: one step = one engine's scheduling decision, a policy shared by all engines. The spec
+sheet is :class:`BatchEnv`'s docstring.
 """
 
 from __future__ import annotations
@@ -18,7 +10,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.base import ServeGymEnv, action_index, continuous_action
-from envs.features import FeatureContext, FeatureSpec
+from envs.features import FeatureContext, FeatureSpec, observation_table
 from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request, SloClass
@@ -53,6 +45,48 @@ def action_meaning(budgets: tuple[int, ...], continuous: bool) -> str:
 
 
 class BatchEnv(ServeGymEnv):
+    """Choose each engine step's token budget in a simulated LLM-serving cluster (one policy for all engines).
+
+    ## Description
+    Before every step of every engine the simulator asks for that step's token budget; the engine's batch
+    former turns it into a batch as vLLM does (decodes first and never starved, then prefill chunks, then
+    FCFS admission), with the configured batch policy's chunk cap, prefill order, admission and preemption
+    rules. Requests are routed by the inline router (least outstanding by default).
+
+    ## Action space
+    ``Discrete(len(budgets))`` indexing ``budgets`` (default 128…8192), or with ``continuous=True`` a
+    ``Box([-1, 1])`` mapped log-linearly onto [min, max] of ``budgets``. Every action of the space is valid;
+    a value that is not one (NaN, None, 2.7, an index or a continuous value outside the space) takes the
+    fallback (the largest budget) with −1, counted in ``info["invalid_actions"]`` with a reason naming the
+    environment, the space and the value (the first one also warns).
+
+    ## Observation space
+    The observation contract of the whole cluster (request features zero: no request is being placed),
+    then a one-hot of the deciding engine:
+
+    {table}
+
+    ## Rewards
+    ``goodput`` (+1 per request finishing within its SLO), ``latency`` (−request-seconds / 10) or
+    ``relative`` (+1/−1 per request meeting/missing its SLO where the reference heuristics on the same
+    arrivals missed/met it); −1 per invalid action. Not clipped: a return is exactly that outcome.
+
+    ## Episode end
+    Terminated when the workload is exhausted and drained; truncated after ``horizon`` decisions or
+    ``horizon_s`` simulated seconds of agent control (with ``drain``, every request in the system is
+    simulated to the end first and paid in the last step).
+
+    ## Arguments
+    See :class:`envs.base.ServeGymEnv`: ``cluster``, ``workload``, ``max_instances``, ``reward``,
+    ``horizon``, ``horizon_s``, ``load_range``, ``warmup``, ``warmup_s``, ``windows``, ``drain``, ``router``
+    / ``batch`` / ``pools`` (the inline and reference heuristics), ``render_mode`` (``"ansi"``,
+    ``"rgb_array"``); ``budgets``, ``continuous``.
+
+    ## Version history
+    - v0, observation contract 3; episodes in simulated time (``horizon_s``, ``warmup_s``) and fixed
+      ``windows`` with cached reference runs since 2026-12-02.
+    """
+
     decision_kinds = (DecisionKind.BATCH,)
 
     def __init__(self, budgets: tuple[int, ...] = DEFAULT_BUDGETS, continuous: bool = False, **kwargs: Any) -> None:
@@ -101,3 +135,11 @@ class BatchEnv(ServeGymEnv):
 
     def _answer_of(self, decision: Decision, action: Any) -> int:
         return self.budget_of(action)  # every budget of the space is allowed: nothing to mask
+
+
+BatchEnv.__doc__ = BatchEnv.__doc__.replace(
+    "{table}",
+    observation_table((("engine_onehot[i]", "flag", "1 for the engine whose step is decided"),)).replace(
+        "\n", "\n    "
+    ),
+)

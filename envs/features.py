@@ -275,3 +275,15 @@ def feature_names(manifest: dict) -> list[str]:
     return [f"engine{i}.{n}" for i in range(int(manifest["max_instances"])) for n in engine] + [
         f"request.{n}" for n in request
     ]
+
+
+def observation_table(extra_rows: tuple[tuple[str, str, str], ...] = ()) -> str:
+    """The observation as a table (what the environments' spec sheets show): every engine feature per
+    slot, then the request features, each with its unit, scale and bounds; ``extra_rows`` (name, unit,
+    meaning) for what an environment appends."""
+    lines = ["| feature | unit | scale | bounds (scaled) | meaning |", "|---|---|---|---|---|"]
+    for prefix, features in (("engine[i].", ENGINE_FEATURES), ("request.", REQUEST_FEATURES)):
+        for f in features:
+            lines.append(f"| {prefix}{f.name} | {f.unit} | {f.scale:g} | [{f.low:g}, {f.high:g}] | {f.doc} |")
+    lines.extend(f"| {name} | {unit} | 1 | [0, 1] | {meaning} |" for name, unit, meaning in extra_rows)
+    return "\n".join(lines)

@@ -1,11 +1,5 @@
-"""``servegym/Pools-v0``: one step = one monitoring interval of a prefill/decode cluster.
-
-Action: ``Discrete(1 + 2·max_instances)`` — 0 keeps the pools, ``1 + i`` flips instance i to decode,
-``1 + max_instances + i`` flips it to prefill. ``action_masks()`` marks flips that are impossible (absent
-instance, already in that role, draining, or leaving a pool empty); a masked action keeps the pools,
-costs 1 of reward and is counted in ``info["invalid_actions"]``; a value that is no action of the space
-(NaN, 1.5, 99) raises a ``ValueError`` naming it. Flips are stateless (Arrow) or drains,
-as the cluster configures.
+"""``servegym/Pools-v0``: one step = one monitoring interval of a prefill/decode cluster. The spec sheet is
+:class:`PoolsEnv`'s docstring.
 """
 
 from __future__ import annotations
@@ -17,6 +11,7 @@ from gymnasium import spaces
 
 from envs.base import ServeGymEnv, action_index
 from envs.batch_env import NO_REQUEST
+from envs.features import observation_table
 from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request
@@ -68,6 +63,46 @@ def flip_mask(roles: list[Role] | tuple[Role, ...], max_instances: int) -> np.nd
 
 
 class PoolsEnv(ServeGymEnv):
+    """Resize the prefill and decode pools of a disaggregated LLM-serving cluster, one flip at a time.
+
+    ## Description
+    Every monitoring interval (``monitor_interval_s`` of the cluster) the agent may flip one instance's
+    role; requests are routed by the inline router and their decodes placed on the decode pool, with KV
+    transfers between them. Flips are stateless (Arrow) or drains, as the cluster configures.
+
+    ## Action space
+    ``Discrete(1 + 2·max_instances)``: 0 keeps the pools, ``1 + i`` flips instance i to decode,
+    ``1 + max_instances + i`` flips it to prefill. ``action_masks()`` (and ``info["action_mask"]``) marks
+    flips that are impossible (absent instance, already in that role, draining, or leaving a pool
+    empty). A masked action, or a value that is no action of the space (NaN, 1.5, 99), keeps the pools
+    with −1, counted in ``info["invalid_actions"]`` with the reason (the first malformed value warns).
+
+    ## Observation space
+    The observation contract of the cluster (request features zero):
+
+    {table}
+
+    ## Rewards
+    ``goodput`` (+1 per request finishing within its SLO), ``latency`` (−request-seconds / 10) or
+    ``relative`` (+1/−1 per request meeting/missing its SLO where the reference heuristics on the same
+    arrivals missed/met it); −1 per invalid action. Not clipped: a return is exactly that outcome.
+
+    ## Episode end
+    Terminated when the workload is exhausted and drained; truncated after ``horizon`` decisions or
+    ``horizon_s`` simulated seconds of agent control (with ``drain``, every request in the system is
+    simulated to the end first and paid in the last step).
+
+    ## Arguments
+    See :class:`envs.base.ServeGymEnv`: ``cluster``, ``workload``, ``max_instances``, ``reward``,
+    ``horizon``, ``horizon_s``, ``load_range``, ``warmup``, ``warmup_s``, ``windows``, ``drain``, ``router``
+    / ``batch`` / ``pools`` (the inline and reference heuristics), ``render_mode`` (``"ansi"``,
+    ``"rgb_array"``).
+
+    ## Version history
+    - v0, observation contract 3 (the decode instances' step time is the router's EWMA of relayed
+      inter-token gaps); episodes in simulated time and fixed ``windows`` since 2026-12-02.
+    """
+
     decision_kinds = (DecisionKind.POOLS,)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -117,3 +152,6 @@ class PoolsEnv(ServeGymEnv):
     def _answer_of(self, decision: Decision, action: Any) -> list[tuple[int, Role]] | None:
         action = action_index(action, "Pools-v0", self.action_space)
         return self.flip_of(action) if self._mask(decision)[action] else None
+
+
+PoolsEnv.__doc__ = PoolsEnv.__doc__.replace("{table}", observation_table().replace("\n", "\n    "))

@@ -1,12 +1,5 @@
 """``servegym/Route-v0``: one step = one routing decision (an arriving request, or in prefill/decode
-clusters also the placement of a prefilled request's decode).
-
-Action: ``Discrete(max_instances)``, the engine. ``action_masks()`` marks absent slots and engines whose
-role cannot take the decision (decode-only engines for new requests, prefill-only ones for decodes). An
-masked action from an unmasked algorithm is not a crash: the request goes to the valid engine with the
-fewest outstanding requests, the step's reward is reduced by 1, and ``info["invalid_actions"]`` counts it
-(``info["invalid_reason"]`` says why). A value that is no action of the space (NaN, None, a string, 2.7,
-an index outside it) raises a ``ValueError`` naming the environment, the space and the value.
+clusters also the placement of a prefilled request's decode). The spec sheet is :class:`RouteEnv`'s docstring.
 """
 
 from __future__ import annotations
@@ -17,6 +10,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.base import ServeGymEnv, action_index
+from envs.features import observation_table
 from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request
@@ -25,6 +19,48 @@ ACTION_MEANING = "engine index in [0, max_instances): the engine to send the req
 
 
 class RouteEnv(ServeGymEnv):
+    """Route each arriving request to an engine of a simulated LLM-serving cluster.
+
+    ## Description
+    The simulator runs until a request arrives (or, with prefill/decode pools, a prefill finishes and its
+    decode must be placed); the agent answers with an engine; the simulator runs on. Engines batch as the
+    configured batch policy does (vLLM's by default), so the agent's only lever is placement.
+
+    ## Action space
+    ``Discrete(max_instances)``: the engine. ``action_masks()`` (and ``info["action_mask"]``) marks absent
+    slots and engines whose role cannot take the decision (decode-only engines for new requests,
+    prefill-only ones for decodes). A masked action, or a value that is no action of the space (NaN,
+    None, a string, 2.7, an index outside it), is not a crash: the request goes to the valid engine with
+    the fewest outstanding requests, the step's reward is reduced by 1, ``info["invalid_actions"]`` counts
+    it and ``info["invalid_reason"]`` says why (the first malformed value also warns).
+
+    ## Observation space
+    ``Box`` of ``len(ENGINE_FEATURES) × max_instances + len(REQUEST_FEATURES)`` float32, the observation
+    contract of :mod:`envs.features` (raw / scale, clipped to the bounds; padding slots zero):
+
+    {table}
+
+    ## Rewards
+    ``goodput`` (+1 per request finishing within its SLO), ``latency`` (−request-seconds / 10) or
+    ``relative`` (+1/−1 per request meeting/missing its SLO where the reference heuristic on the same
+    arrivals missed/met it); −1 per invalid action. Not clipped: a return is exactly that outcome.
+
+    ## Episode end
+    Terminated when the workload is exhausted and drained; truncated after ``horizon`` decisions or
+    ``horizon_s`` simulated seconds of agent control (with ``drain``, the requests the agent placed are
+    simulated to the end first and paid in the last step).
+
+    ## Arguments
+    See :class:`envs.base.ServeGymEnv`: ``cluster``, ``workload``, ``max_instances``, ``reward``,
+    ``horizon``, ``horizon_s``, ``load_range``, ``warmup``, ``warmup_s``, ``windows``, ``drain``, ``router``
+    / ``batch`` / ``pools`` (the inline and reference heuristics), ``render_mode`` (``"ansi"``,
+    ``"rgb_array"``).
+
+    ## Version history
+    - v0, observation contract 3 (router-side live tap fields); contract 2 added the requests sent since
+      the gauges' scrape; contract 1 the first feature set.
+    """
+
     decision_kinds = (DecisionKind.ROUTE, DecisionKind.ROUTE_DECODE)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -60,3 +96,6 @@ class RouteEnv(ServeGymEnv):
     def _answer_of(self, decision: Decision, action: Any) -> int | None:
         choice = action_index(action, "Route-v0", self.action_space)
         return choice if self._mask(decision)[choice] else None
+
+
+RouteEnv.__doc__ = RouteEnv.__doc__.replace("{table}", observation_table().replace("\n", "\n    "))
