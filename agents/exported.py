@@ -246,8 +246,8 @@ class ExportedRouter(FeatureRouter):
         return int(action[0])
 
 
-class ExportedBatcher(FeatureBatcher):
-    """Forms batches with an exported Batch-v0 policy in onnxruntime (``path:`` the export directory)."""
+class _ExportActs:
+    """What an export adds to a feature batcher or pool policy: its manifest and graph, acting."""
 
     def __init__(self, path: str | Path) -> None:
         self.policy = OnnxPolicy(path)
@@ -257,15 +257,12 @@ class ExportedBatcher(FeatureBatcher):
         return self.policy(observation[None, :], mask[None, :])[0].reshape(-1)
 
 
-class ExportedPools(FeaturePools):
+class ExportedBatcher(_ExportActs, FeatureBatcher):
+    """Forms batches with an exported Batch-v0 policy in onnxruntime (``path:`` the export directory)."""
+
+
+class ExportedPools(_ExportActs, FeaturePools):
     """Flips pool roles with an exported Pools-v0 policy in onnxruntime (``path:`` the export directory)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.policy = OnnxPolicy(path)
-        super().__init__(self.policy.manifest, str(path))
-
-    def act(self, observation: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.policy(observation[None, :], mask[None, :])[0]
 
 
 def parity(run: str | Path, export: str | Path, observations: np.ndarray, masks: np.ndarray) -> dict[str, float]:

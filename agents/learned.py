@@ -227,23 +227,20 @@ class FeaturePools(PoolPolicy):
         self.context.observe_completion(request.output_tokens)
 
 
-class LearnedBatcher(FeatureBatcher):
+class _SavedRunActs:
+    """What a training run adds to a feature batcher or pool policy: its manifest and model, acting."""
+
+    def __init__(self, run: str | Path, deterministic: bool = True) -> None:
+        super().__init__(run_dir.read_manifest(run), str(run))
+        self.saved = SavedModel(run, deterministic)
+
+    def act(self, observation: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.saved.act(observation, mask)
+
+
+class LearnedBatcher(_SavedRunActs, FeatureBatcher):
     """Forms batches with a saved stable-baselines3 policy (a Batch-v0 training run directory)."""
 
-    def __init__(self, run: str | Path, deterministic: bool = True) -> None:
-        super().__init__(run_dir.read_manifest(run), str(run))
-        self.saved = SavedModel(run, deterministic)
 
-    def act(self, observation: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.saved.act(observation, mask)
-
-
-class LearnedPools(FeaturePools):
+class LearnedPools(_SavedRunActs, FeaturePools):
     """Flips pool roles with a saved stable-baselines3 policy (a Pools-v0 training run directory)."""
-
-    def __init__(self, run: str | Path, deterministic: bool = True) -> None:
-        super().__init__(run_dir.read_manifest(run), str(run))
-        self.saved = SavedModel(run, deterministic)
-
-    def act(self, observation: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.saved.act(observation, mask)

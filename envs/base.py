@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 from envs import render
-from envs.features import FeatureContext, FeatureSpec
+from envs.features import FeatureContext, FeatureSpec, observation_table
 from envs.render import RENDER_MODES
 from envs.sim.cluster import Cluster, ClusterConfig, check_buildable
 from envs.sim.config import cluster_from, workload_from
@@ -571,3 +571,31 @@ class _Agent(RoutingPolicy, BatchPolicy, PoolPolicy):
 
     def choose_victim(self, engine: EngineView) -> Request:
         return self._batch.choose_victim(engine)
+
+
+_SPEC_SHEET_COMMON = """## Rewards
+``goodput`` (+1 per request finishing within its SLO), ``latency`` (−request-seconds / 10) or
+``relative`` (+1/−1 per request meeting/missing its SLO where the reference heuristics on the same
+arrivals missed/met it); −1 per invalid action. Not clipped: a return is exactly that outcome.
+
+## Episode end
+Terminated when the workload is exhausted and drained; truncated after ``horizon`` decisions or
+``horizon_s`` simulated seconds of agent control (with ``drain``, {drained} simulated to the end
+first and paid in the last step).
+
+## Arguments
+See :class:`envs.base.ServeGymEnv`: ``cluster``, ``workload``, ``max_instances``, ``reward``,
+``horizon``, ``horizon_s``, ``load_range``, ``warmup``, ``warmup_s``, ``windows``, ``drain``, ``router``
+/ ``batch`` / ``pools`` (the inline and reference heuristics), ``render_mode`` (``"ansi"``,
+``"rgb_array"``){arguments}."""
+
+
+def fill_spec_sheet(
+    env_class: type, drained: str, arguments: str = "", extra_rows: tuple[tuple[str, str, str], ...] = ()
+) -> None:
+    """Complete an environment's spec-sheet docstring: its ``{table}`` (the contract's observation table,
+    plus ``extra_rows``) and ``{common}`` (rewards, episode end — ``drained`` says what a drain finishes —
+    and the arguments every environment takes, plus its own ``arguments``)."""
+    common = _SPEC_SHEET_COMMON.format(drained=drained, arguments=f"; {arguments}" if arguments else "")
+    env_class.__doc__ = env_class.__doc__.replace("{table}", observation_table(extra_rows).replace("\n", "\n    "))
+    env_class.__doc__ = env_class.__doc__.replace("{common}", common.replace("\n", "\n    "))

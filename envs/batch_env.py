@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import ServeGymEnv, action_index, continuous_action
-from envs.features import FeatureContext, FeatureSpec, observation_table
+from envs.base import ServeGymEnv, action_index, continuous_action, fill_spec_sheet
+from envs.features import FeatureContext, FeatureSpec
 from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request, SloClass
@@ -66,21 +66,7 @@ class BatchEnv(ServeGymEnv):
 
     {table}
 
-    ## Rewards
-    ``goodput`` (+1 per request finishing within its SLO), ``latency`` (−request-seconds / 10) or
-    ``relative`` (+1/−1 per request meeting/missing its SLO where the reference heuristics on the same
-    arrivals missed/met it); −1 per invalid action. Not clipped: a return is exactly that outcome.
-
-    ## Episode end
-    Terminated when the workload is exhausted and drained; truncated after ``horizon`` decisions or
-    ``horizon_s`` simulated seconds of agent control (with ``drain``, every request in the system is
-    simulated to the end first and paid in the last step).
-
-    ## Arguments
-    See :class:`envs.base.ServeGymEnv`: ``cluster``, ``workload``, ``max_instances``, ``reward``,
-    ``horizon``, ``horizon_s``, ``load_range``, ``warmup``, ``warmup_s``, ``windows``, ``drain``, ``router``
-    / ``batch`` / ``pools`` (the inline and reference heuristics), ``render_mode`` (``"ansi"``,
-    ``"rgb_array"``); ``budgets``, ``continuous``.
+    {common}
 
     ## Version history
     - v0, observation contract 3; episodes in simulated time (``horizon_s``, ``warmup_s``) and fixed
@@ -137,9 +123,9 @@ class BatchEnv(ServeGymEnv):
         return self.budget_of(action)  # every budget of the space is allowed: nothing to mask
 
 
-BatchEnv.__doc__ = BatchEnv.__doc__.replace(
-    "{table}",
-    observation_table((("engine_onehot[i]", "flag", "1 for the engine whose step is decided"),)).replace(
-        "\n", "\n    "
-    ),
+fill_spec_sheet(
+    BatchEnv,
+    drained="every request in the system is",
+    arguments="``budgets``, ``continuous``",
+    extra_rows=(("engine_onehot[i]", "flag", "1 for the engine whose step is decided"),),
 )

@@ -9,9 +9,8 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import ServeGymEnv, action_index
+from envs.base import ServeGymEnv, action_index, fill_spec_sheet
 from envs.batch_env import NO_REQUEST
-from envs.features import observation_table
 from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request
@@ -82,21 +81,7 @@ class PoolsEnv(ServeGymEnv):
 
     {table}
 
-    ## Rewards
-    ``goodput`` (+1 per request finishing within its SLO), ``latency`` (−request-seconds / 10) or
-    ``relative`` (+1/−1 per request meeting/missing its SLO where the reference heuristics on the same
-    arrivals missed/met it); −1 per invalid action. Not clipped: a return is exactly that outcome.
-
-    ## Episode end
-    Terminated when the workload is exhausted and drained; truncated after ``horizon`` decisions or
-    ``horizon_s`` simulated seconds of agent control (with ``drain``, every request in the system is
-    simulated to the end first and paid in the last step).
-
-    ## Arguments
-    See :class:`envs.base.ServeGymEnv`: ``cluster``, ``workload``, ``max_instances``, ``reward``,
-    ``horizon``, ``horizon_s``, ``load_range``, ``warmup``, ``warmup_s``, ``windows``, ``drain``, ``router``
-    / ``batch`` / ``pools`` (the inline and reference heuristics), ``render_mode`` (``"ansi"``,
-    ``"rgb_array"``).
+    {common}
 
     ## Version history
     - v0, observation contract 3 (the decode instances' step time is the router's EWMA of relayed
@@ -154,4 +139,4 @@ class PoolsEnv(ServeGymEnv):
         return self.flip_of(action) if self._mask(decision)[action] else None
 
 
-PoolsEnv.__doc__ = PoolsEnv.__doc__.replace("{table}", observation_table().replace("\n", "\n    "))
+fill_spec_sheet(PoolsEnv, drained="every request in the system is")

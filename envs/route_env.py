@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from envs.base import ServeGymEnv, action_index
-from envs.features import observation_table
+from envs.base import ServeGymEnv, action_index, fill_spec_sheet
 from envs.sim.cluster import Cluster
 from envs.sim.policies import Decision, DecisionKind
 from envs.sim.request import Request
@@ -40,21 +39,7 @@ class RouteEnv(ServeGymEnv):
 
     {table}
 
-    ## Rewards
-    ``goodput`` (+1 per request finishing within its SLO), ``latency`` (−request-seconds / 10) or
-    ``relative`` (+1/−1 per request meeting/missing its SLO where the reference heuristic on the same
-    arrivals missed/met it); −1 per invalid action. Not clipped: a return is exactly that outcome.
-
-    ## Episode end
-    Terminated when the workload is exhausted and drained; truncated after ``horizon`` decisions or
-    ``horizon_s`` simulated seconds of agent control (with ``drain``, the requests the agent placed are
-    simulated to the end first and paid in the last step).
-
-    ## Arguments
-    See :class:`envs.base.ServeGymEnv`: ``cluster``, ``workload``, ``max_instances``, ``reward``,
-    ``horizon``, ``horizon_s``, ``load_range``, ``warmup``, ``warmup_s``, ``windows``, ``drain``, ``router``
-    / ``batch`` / ``pools`` (the inline and reference heuristics), ``render_mode`` (``"ansi"``,
-    ``"rgb_array"``).
+    {common}
 
     ## Version history
     - v0, observation contract 3 (router-side live tap fields); contract 2 added the requests sent since
@@ -98,4 +83,4 @@ class RouteEnv(ServeGymEnv):
         return choice if self._mask(decision)[choice] else None
 
 
-RouteEnv.__doc__ = RouteEnv.__doc__.replace("{table}", observation_table().replace("\n", "\n    "))
+fill_spec_sheet(RouteEnv, drained="the requests the agent placed are")

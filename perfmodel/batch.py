@@ -132,22 +132,6 @@ class StepBatchArray:
     def prefill_tokens(self) -> np.ndarray:
         return self.num_tokens - self.num_decodes
 
-    @classmethod
-    def from_columns(cls, table: np.ndarray) -> StepBatchArray:
-        """From a float64 table of shape (6, n), one row per field in declaration order, without the
-        checks of the constructor (a hot path: the router's features predict several steps per engine)."""
-        out = object.__new__(cls)
-        for name, column in zip(_FIELD_NAMES, table, strict=True):
-            object.__setattr__(out, name, column)
-        return out
-
-    def take(self, rows: np.ndarray) -> StepBatchArray:
-        """The batches at ``rows`` (an index array), as another array."""
-        return StepBatchArray.from_columns([getattr(self, name)[rows] for name in _FIELD_NAMES])
-
     def __getitem__(self, index: int) -> StepBatch:
         n, s, d, pairs, kv, decode_kv = (getattr(self, f.name)[index] for f in fields(self))
         return StepBatch(int(n), int(s), int(d), float(pairs), int(kv), int(decode_kv))
-
-
-_FIELD_NAMES = tuple(f.name for f in fields(StepBatchArray))

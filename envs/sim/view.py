@@ -145,11 +145,6 @@ class LocalCorrection:
             self._since[engine] = entry
         return entry
 
-    def sent(self, view: ClusterView, engine: int) -> tuple[int, int]:
-        """Requests and prompt tokens sent to ``engine`` since its snapshot in ``view``."""
-        _, count, tokens = self._entry(view, engine)
-        return count, tokens
-
     def requests(self, view: ClusterView, engine: int) -> int:
         return self._entry(view, engine)[1]
 
