@@ -33,23 +33,23 @@ simulate: $(STAMP)
 # Simulated vs live: a cluster's engine twins behind the router, each policy in turn, the same workload
 # window in the simulator; prints both side by side (docs/serving.md). Arguments in ARGS="...".
 serve-parity: $(STAMP)
-	$(PY) -m serving.parity $(ARGS)
+	$(PY) -m servegym.serving.parity $(ARGS)
 
 # Held-out accuracy of the performance model on real GPU measurements.
 report: $(STAMP)
-	$(PY) -m perfmodel report --plot outputs/perfmodel_report.png --csv outputs/perfmodel_report.csv
+	$(PY) -m servegym.perfmodel report --plot outputs/perfmodel_report.png --csv outputs/perfmodel_report.csv
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check perfmodel envs agents experiments tests
-	$(PY) -m ruff format --check perfmodel envs agents experiments tests
+	$(PY) -m ruff check servegym perfmodel envs agents serving experiments tests
+	$(PY) -m ruff format --check servegym perfmodel envs agents serving experiments tests
 
 bench: $(STAMP)
-	$(PY) -m perfmodel bench
-	$(PY) -m envs.sim.bench
-	$(PY) -m envs.bench
+	$(PY) -m servegym.perfmodel bench
+	$(PY) -m servegym.envs.sim.bench
+	$(PY) -m servegym.envs.bench
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

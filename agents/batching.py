@@ -1,8 +1,8 @@
 """Engine-level batching policies: SynergySched's LENS and Kossmann et al.'s LARRY.
 
-vLLM's default and Sarathi live in the simulator (:mod:`envs.sim.policies`); these subclass the same
-:class:`envs.sim.policies.BatchPolicy` and read engines through its read-only
-:class:`envs.sim.policies.EngineView`. One policy object serves every engine of a cluster and keeps
+vLLM's default and Sarathi live in the simulator (:mod:`servegym.envs.sim.policies`); these subclass the same
+:class:`servegym.envs.sim.policies.BatchPolicy` and read engines through its read-only
+:class:`servegym.envs.sim.policies.EngineView`. One policy object serves every engine of a cluster and keeps
 per-engine state keyed by the engine's index; both learn from the cluster's notifications (they are
 observers the cluster subscribes).
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from envs.sim.policies import BatchPolicy, EngineView
-from envs.sim.request import Request
-from envs.sim.view import RequestInfo
-from perfmodel.batch import StepBatch
-from perfmodel.capacity import token_budget
-from perfmodel.online import OnlineRefit
+from servegym.envs.sim.policies import BatchPolicy, EngineView
+from servegym.envs.sim.request import Request
+from servegym.envs.sim.view import RequestInfo
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.capacity import token_budget
+from servegym.perfmodel.online import OnlineRefit
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """A trained policy of any discrete decision kind as a self-contained ONNX graph plus a JSON manifest, and
 the simulator policies that run it: :class:`ExportedRouter`, :class:`ExportedBatcher`, :class:`ExportedPools`.
 
-The graph maps the *raw* observation (``envs.features.FeatureSpec``'s contract as the run's environment
+The graph maps the *raw* observation (``servegym.envs.features.FeatureSpec``'s contract as the run's environment
 lays it out: features in their documented scales, before the training normaliser) and the action mask to
 the chosen action and the policy's masked log-probabilities, with a dynamic batch dimension::
 
@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from agents import run_dir
-from agents.learned import FeatureBatcher, FeaturePools, FeatureRouter, SavedModel, algorithm_class, kind_of
-from envs.features import feature_names
+from servegym.agents import run_dir
+from servegym.agents.learned import FeatureBatcher, FeaturePools, FeatureRouter, SavedModel, algorithm_class, kind_of
+from servegym.envs.features import feature_names
 
 MASKED = -1e8  # sb3-contrib's value for masked logits
 GRAPH, MANIFEST = "policy.onnx", "policy.json"
@@ -88,7 +87,7 @@ def _policy_graph(model: Any, mean: np.ndarray, var: np.ndarray, clip: float, ep
 
 
 def export_run(run: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``policy.onnx`` and ``policy.json`` for the training run in ``run`` (``agents.run_dir``; into
+    """Write ``policy.onnx`` and ``policy.json`` for the training run in ``run`` (``servegym.agents.run_dir``; into
     ``out``, default ``run/export``); returns the output directory. Reads the run's model with
     stable-baselines3 (a pickle: export only runs you trust)."""
     import torch
@@ -233,7 +232,7 @@ class OnnxPolicy:
 
 
 class ExportedRouter(FeatureRouter):
-    """Routes with an exported policy in onnxruntime (``_target_: agents.exported.ExportedRouter``,
+    """Routes with an exported policy in onnxruntime (``_target_: servegym.agents.exported.ExportedRouter``,
     ``path:`` the export directory). Refuses a manifest whose feature contract differs from this code's,
     or an export of another decision kind."""
 

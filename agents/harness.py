@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import stats
-
-from agents import exported, run_dir
-from agents.configs import is_trace
-from envs.sim.cluster import Cluster
-from envs.sim.config import cluster_from, workload_from
-from envs.sim.workload import scale_load
+from servegym.agents import exported, run_dir
+from servegym.agents.configs import is_trace
+from servegym.envs.sim.cluster import Cluster
+from servegym.envs.sim.config import cluster_from, workload_from
+from servegym.envs.sim.workload import scale_load
 
 METRICS = (
     "slo_attainment",
@@ -70,12 +69,12 @@ def load_policy(spec: Mapping) -> PolicyBundle:
 
 
 SAVED_CLASSES = {  # (export, training run) classes per bundle slot
-    "router": ("agents.exported.ExportedRouter", "agents.learned.LearnedRouter"),
-    "batch": ("agents.exported.ExportedBatcher", "agents.learned.LearnedBatcher"),
-    "pools": ("agents.exported.ExportedPools", "agents.learned.LearnedPools"),
+    "router": ("servegym.agents.exported.ExportedRouter", "servegym.agents.learned.LearnedRouter"),
+    "batch": ("servegym.agents.exported.ExportedBatcher", "servegym.agents.learned.LearnedBatcher"),
+    "pools": ("servegym.agents.exported.ExportedPools", "servegym.agents.learned.LearnedPools"),
 }
-LOR = {"_target_": "envs.sim.policies.LeastOutstandingRequests"}
-VLLM = {"_target_": "envs.sim.policies.VllmPolicy"}
+LOR = {"_target_": "servegym.envs.sim.policies.LeastOutstandingRequests"}
+VLLM = {"_target_": "servegym.envs.sim.policies.VllmPolicy"}
 
 
 def saved_policy_spec(
@@ -90,8 +89,8 @@ def saved_policy_spec(
     environment says which slot it fills (Route-v0 → router, Batch-v0 → batch, Pools-v0 → pools); the
     other slots are ``router`` (least outstanding requests), ``batch`` (vLLM) and ``pools`` (static),
     the inline heuristics the environments train with. ``expect`` (a slot) refuses a policy of another
-    kind in one line (:class:`agents.learned.KindMismatch`)."""
-    from agents.learned import check_kind, kind_of
+    kind in one line (:class:`servegym.agents.learned.KindMismatch`)."""
+    from servegym.agents.learned import check_kind, kind_of
 
     path = Path(path)
     if exported.is_export(path):

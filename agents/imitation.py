@@ -21,9 +21,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-
-from agents.slot_policy import SlotFeatures
-from envs.sim.policies import DecisionKind, RoutingPolicy
+from servegym.agents.slot_policy import SlotFeatures
+from servegym.envs.sim.policies import DecisionKind, RoutingPolicy
 
 __all__ = ["Demonstrations", "collect_demonstrations", "pretrain"]
 

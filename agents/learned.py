@@ -2,7 +2,7 @@
 heuristics (``_target_`` + ``run``): :class:`LearnedRouter` (Route-v0 runs), :class:`LearnedBatcher`
 (Batch-v0) and :class:`LearnedPools` (Pools-v0).
 
-A training run directory (``agents.run_dir``) holds the stable-baselines3 model, the observation
+A training run directory (``servegym.agents.run_dir``) holds the stable-baselines3 model, the observation
 normaliser's statistics (plain JSON) and the manifest of the observation contract and environment the
 policy was trained on. Loading checks both: another contract (:class:`ContractMismatch`) or another
 decision kind (:class:`KindMismatch`: a batching policy given as a router) is refused in one line naming
@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from agents import run_dir
-from envs.batch_env import NO_REQUEST, batch_observation, continuous_budget
-from envs.features import FeatureContext, FeatureSpec
-from envs.pools_env import flip_mask, flip_of
-from envs.sim.policies import BatchPolicy, EngineView, PoolPolicy, RoutingPolicy, least_outstanding
-from envs.sim.request import Request
-from envs.sim.roles import Role
-from envs.sim.view import ClusterView, RequestInfo
+from servegym.agents import run_dir
+from servegym.envs.batch_env import NO_REQUEST, batch_observation, continuous_budget
+from servegym.envs.features import FeatureContext, FeatureSpec
+from servegym.envs.pools_env import flip_mask, flip_of
+from servegym.envs.sim.policies import BatchPolicy, EngineView, PoolPolicy, RoutingPolicy, least_outstanding
+from servegym.envs.sim.request import Request
+from servegym.envs.sim.roles import Role
+from servegym.envs.sim.view import ClusterView, RequestInfo
 
 ALGORITHMS = {
     "PPO": "stable_baselines3:PPO",
@@ -171,7 +170,7 @@ def _cluster_view(engine: EngineView) -> ClusterView:
 
 class FeatureBatcher(BatchPolicy):
     """A batch former whose every step's token budget comes from the observation contract, as Batch-v0
-    asks it: the cluster's features and the deciding engine (:func:`envs.batch_env.batch_observation`) →
+    asks it: the cluster's features and the deciding engine (:func:`servegym.envs.batch_env.batch_observation`) →
     :meth:`act` → a budget of the manifest's ``budgets`` (or log-linear between them for continuous
     actions). Everything else (chunks, prefill order, admission, preemption) is vLLM's, as in training."""
 

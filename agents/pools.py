@@ -1,18 +1,18 @@
 """Prefill/decode pool policies: Arrow's SLO-aware scheduler with elastic pools, and an SLA planner in
-the manner of NVIDIA Dynamo's. The static ratio is :class:`envs.sim.policies.StaticPools`.
+the manner of NVIDIA Dynamo's. The static ratio is :class:`servegym.envs.sim.policies.StaticPools`.
 """
 
 from __future__ import annotations
 
 import math
 
-from agents.routing.classic import argmin
-from envs.features import EngineModels
-from envs.sim.policies import PoolPolicy, RoutingPolicy
-from envs.sim.roles import Role
-from envs.sim.view import ClusterView, EngineInfo, RequestInfo
-from perfmodel.batch import StepBatch
-from perfmodel.capacity import predict_ttft
+from servegym.agents.routing.classic import argmin
+from servegym.envs.features import EngineModels
+from servegym.envs.sim.policies import PoolPolicy, RoutingPolicy
+from servegym.envs.sim.roles import Role
+from servegym.envs.sim.view import ClusterView, EngineInfo, RequestInfo
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.capacity import predict_ttft
 
 DECODE_CONTEXT_GUESS = 1024  # mean context per resident decode when a token count must become a batch
 

@@ -94,7 +94,7 @@ def print_summary(summary: Mapping[str, Any], title: str) -> None:
 
 
 def print_tables(table: pd.DataFrame, reference: str | None, columns: Sequence[Column] = TABLE_COLUMNS) -> None:
-    """``agents.harness.summarise``'s table, one terminal table per (workload, load): each metric's mean
+    """``servegym.agents.harness.summarise``'s table, one terminal table per (workload, load): each metric's mean
     ±95% CI and, against ``reference``, the ratio of attainments and their paired difference."""
     from rich.console import Console
     from rich.table import Table

@@ -9,7 +9,7 @@ without the config) contains:
 - ``manifest.json``: the observation contract, algorithm, env id and version, action meaning, git revision;
 - ``config.yaml`` and ``git_revision.txt``: the resolved hydra config and the code's commit.
 
-An *export* of a run (``policy.onnx`` + ``policy.json``) is another format, owned by ``agents.exported``.
+An *export* of a run (``policy.onnx`` + ``policy.json``) is another format, owned by ``servegym.agents.exported``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-from agents.configs import git_revision, is_trace
-from envs.features import FeatureSpec
-from envs.route_env import ACTION_MEANING as ROUTE_ACTION
+from servegym.agents.configs import git_revision, is_trace
+from servegym.envs.features import FeatureSpec
+from servegym.envs.route_env import ACTION_MEANING as ROUTE_ACTION
 
 MODEL = "model.zip"
 VECNORMALIZE = "vecnormalize.pkl"

@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 from gymnasium import spaces
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from servegym.envs.features import ENGINE_FEATURES, REQUEST_FEATURES
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
-
-from envs.features import ENGINE_FEATURES, REQUEST_FEATURES
 
 
 class SlotFeatures(BaseFeaturesExtractor):

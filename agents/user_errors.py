@@ -7,13 +7,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from agents.configs import ConfigError
-from agents.exported import ExportError
-from agents.learned import ContractMismatch
-from envs.sim.errors import ClusterConfigError, ServingRunError
-from envs.sim.traces import TraceError
-from envs.sim.workload import WorkloadError
-from perfmodel.errors import PerfModelError
+from servegym.agents.configs import ConfigError
+from servegym.agents.exported import ExportError
+from servegym.agents.learned import ContractMismatch
+from servegym.envs.sim.errors import ClusterConfigError, ServingRunError
+from servegym.envs.sim.traces import TraceError
+from servegym.envs.sim.workload import WorkloadError
+from servegym.perfmodel.errors import PerfModelError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,  # an unknown config or reproduction name

@@ -1,17 +1,9 @@
-"""ServeGym environments: routing, batching and pool decisions over the cluster simulator (``envs.sim``).
+"""ServeGym environments: routing, batching and pool decisions over the cluster simulator (``servegym.envs.sim``).
 
-Importing the package registers the ids idempotently; ``gym.make("envs:servegym/Route-v0")`` imports it
-first, which is what subprocess vector environments need.
+The Gymnasium ids are registered by ``import servegym`` (``servegym.registration``), which importing this
+subpackage has already done.
 """
 
-from gymnasium.envs.registration import register, registry
+from servegym.registration import ENV_IDS
 
-ENV_IDS = {
-    "servegym/Route-v0": "envs.route_env:RouteEnv",
-    "servegym/Batch-v0": "envs.batch_env:BatchEnv",
-    "servegym/Pools-v0": "envs.pools_env:PoolsEnv",
-}
-
-for _id, _entry in ENV_IDS.items():
-    if _id not in registry:
-        register(id=_id, entry_point=_entry)
+__all__ = ["ENV_IDS"]

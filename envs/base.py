@@ -18,14 +18,13 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-
-from envs import render
-from envs.features import FeatureContext, FeatureSpec, observation_table
-from envs.render import RENDER_MODES
-from envs.sim.cluster import Cluster, ClusterConfig, check_buildable
-from envs.sim.config import cluster_from, workload_from
-from envs.sim.metrics import SimResult
-from envs.sim.policies import (
+from servegym.envs import render
+from servegym.envs.features import FeatureContext, FeatureSpec, observation_table
+from servegym.envs.render import RENDER_MODES
+from servegym.envs.sim.cluster import Cluster, ClusterConfig, check_buildable
+from servegym.envs.sim.config import cluster_from, workload_from
+from servegym.envs.sim.metrics import SimResult
+from servegym.envs.sim.policies import (
     BatchPolicy,
     Decision,
     DecisionKind,
@@ -39,9 +38,9 @@ from envs.sim.policies import (
     check_policy,
     least_outstanding,
 )
-from envs.sim.request import Request, State
-from envs.sim.view import ClusterView, RequestInfo
-from envs.sim.workload import scale_load
+from servegym.envs.sim.request import Request, State
+from servegym.envs.sim.view import ClusterView, RequestInfo
+from servegym.envs.sim.workload import scale_load
 
 ROUTING_KINDS = (DecisionKind.ROUTE, DecisionKind.ROUTE_DECODE)
 REWARDS = ("goodput", "latency", "relative")
@@ -584,7 +583,7 @@ Terminated when the workload is exhausted and drained; truncated after ``horizon
 first and paid in the last step).
 
 ## Arguments
-See :class:`envs.base.ServeGymEnv`: ``cluster``, ``workload``, ``max_instances``, ``reward``,
+See :class:`servegym.envs.base.ServeGymEnv`: ``cluster``, ``workload``, ``max_instances``, ``reward``,
 ``horizon``, ``horizon_s``, ``load_range``, ``warmup``, ``warmup_s``, ``windows``, ``drain``, ``router``
 / ``batch`` / ``pools`` (the inline and reference heuristics), ``render_mode`` (``"ansi"``,
 ``"rgb_array"``){arguments}."""

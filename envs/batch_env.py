@@ -8,13 +8,12 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
-
-from envs.base import ServeGymEnv, action_index, continuous_action, fill_spec_sheet
-from envs.features import FeatureContext, FeatureSpec
-from envs.sim.cluster import Cluster
-from envs.sim.policies import Decision, DecisionKind
-from envs.sim.request import Request, SloClass
-from envs.sim.view import ClusterView, RequestInfo
+from servegym.envs.base import ServeGymEnv, action_index, continuous_action, fill_spec_sheet
+from servegym.envs.features import FeatureContext, FeatureSpec
+from servegym.envs.sim.cluster import Cluster
+from servegym.envs.sim.policies import Decision, DecisionKind
+from servegym.envs.sim.request import Request, SloClass
+from servegym.envs.sim.view import ClusterView, RequestInfo
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024, 2048, 4096, 8192)
 NO_REQUEST = RequestInfo(-1, 0.0, 0, SloClass("none"))
@@ -114,7 +113,7 @@ class BatchEnv(ServeGymEnv):
 
     def budget_of(self, action: Any) -> int:
         """The token budget an action asks for; a value that is no action of the space raises
-        :class:`envs.base.InvalidAction` (``step`` answers it with the fallback)."""
+        :class:`servegym.envs.base.InvalidAction` (``step`` answers it with the fallback)."""
         if self.continuous:
             return continuous_budget(float(continuous_action(action, "Batch-v0", self.action_space)[0]), self.budgets)
         return self.budgets[action_index(action, "Batch-v0", self.action_space)]

@@ -1,7 +1,7 @@
 """Speed benchmark of the environments: steps per second for each id (random masked actions), single and
 in an 8-way vector environment.
 
-    python -m envs.bench
+    python -m servegym.envs.bench
 
 Figures are printed, never asserted: they belong to the machine they ran on.
 """
@@ -13,8 +13,7 @@ import time
 
 import gymnasium as gym
 import numpy as np
-
-import envs
+import servegym.envs as envs
 
 WORKLOAD = {
     "kind": "trace",
@@ -46,7 +45,7 @@ def single(env_id: str, steps: int, workload: dict = WORKLOAD, **kwargs) -> floa
 
 
 def vector(env_id: str, steps: int, n: int = 8) -> float:
-    vec = gym.make_vec(f"envs:{env_id}", num_envs=n, vectorization_mode="sync", workload=WORKLOAD)
+    vec = gym.make_vec(f"servegym:{env_id}", num_envs=n, vectorization_mode="sync", workload=WORKLOAD)
     vec.reset(seed=0)
     rng = np.random.default_rng(0)
     started = time.perf_counter()

@@ -1,10 +1,10 @@
 """The observation contract: one named feature set for environments, heuristics, learned policies and the
 router service.
 
-Features are computed from a :class:`envs.sim.view.ClusterView` (what a router can see: engine metrics as
-vLLM exports them, possibly stale, what it knows from its own traffic — :mod:`envs.sim.router_tap` — and
+Features are computed from a :class:`servegym.envs.sim.view.ClusterView` (what a router can see: engine metrics as
+vLLM exports them, possibly stale, what it knows from its own traffic — :mod:`servegym.envs.sim.router_tap` — and
 static facts)
-and the :class:`envs.sim.view.RequestInfo` of the decision, with performance-model predictions. The
+and the :class:`servegym.envs.sim.view.RequestInfo` of the decision, with performance-model predictions. The
 simulator builds the view from its snapshots; a router in front of real engines builds the same view
 from scraped metrics, so a policy trained here runs unchanged there.
 
@@ -18,12 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, LocalCorrection, RequestInfo
-from perfmodel.batch import StepBatch
-from perfmodel.capacity import predict_ttft, ttft_steps
-from perfmodel.profile import registry_version
-from perfmodel.structural import StructuralModel, structural_model
+from servegym.envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, LocalCorrection, RequestInfo
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.capacity import predict_ttft, ttft_steps
+from servegym.perfmodel.profile import registry_version
+from servegym.perfmodel.structural import StructuralModel, structural_model
 
 # 2: prompts sent since the snapshot (PRISM's decision-lag correction) in the load features;
 # 3: pending prefill, decodes, their KV, step time and next step from the router tap (live, router-side,
@@ -76,7 +75,7 @@ REQUEST_FEATURES: tuple[Feature, ...] = (
 
 class EngineModels:
     """The performance-model side of every predictive router and of the features: each engine's
-    structural model (the one the simulator's engines share, :func:`perfmodel.structural.structural_model`)
+    structural model (the one the simulator's engines share, :func:`servegym.perfmodel.structural.structural_model`)
     and its prefill capacity."""
 
     def __init__(self) -> None:

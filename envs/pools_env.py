@@ -8,13 +8,12 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
-
-from envs.base import ServeGymEnv, action_index, fill_spec_sheet
-from envs.batch_env import NO_REQUEST
-from envs.sim.cluster import Cluster
-from envs.sim.policies import Decision, DecisionKind
-from envs.sim.request import Request
-from envs.sim.roles import Role, flip_allowed
+from servegym.envs.base import ServeGymEnv, action_index, fill_spec_sheet
+from servegym.envs.batch_env import NO_REQUEST
+from servegym.envs.sim.cluster import Cluster
+from servegym.envs.sim.policies import Decision, DecisionKind
+from servegym.envs.sim.request import Request
+from servegym.envs.sim.roles import Role, flip_allowed
 
 DEFAULT_PD_CLUSTER = {
     "snapshot_interval_s": 0.1,

@@ -5,9 +5,8 @@ same ``ClusterView`` the observation is computed from."""
 from __future__ import annotations
 
 import numpy as np
-
-from envs.sim.policies import Decision
-from envs.sim.view import ClusterView
+from servegym.envs.sim.policies import Decision
+from servegym.envs.sim.view import ClusterView
 
 RENDER_MODES = ("ansi", "rgb_array")
 

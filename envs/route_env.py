@@ -8,11 +8,10 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
-
-from envs.base import ServeGymEnv, action_index, fill_spec_sheet
-from envs.sim.cluster import Cluster
-from envs.sim.policies import Decision, DecisionKind
-from envs.sim.request import Request
+from servegym.envs.base import ServeGymEnv, action_index, fill_spec_sheet
+from servegym.envs.sim.cluster import Cluster
+from servegym.envs.sim.policies import Decision, DecisionKind
+from servegym.envs.sim.request import Request
 
 ACTION_MEANING = "engine index in [0, max_instances): the engine to send the request to"
 
@@ -35,7 +34,7 @@ class RouteEnv(ServeGymEnv):
 
     ## Observation space
     ``Box`` of ``len(ENGINE_FEATURES) × max_instances + len(REQUEST_FEATURES)`` float32, the observation
-    contract of :mod:`envs.features` (raw / scale, clipped to the bounds; padding slots zero):
+    contract of :mod:`servegym.envs.features` (raw / scale, clipped to the bounds; padding slots zero):
 
     {table}
 

@@ -19,13 +19,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-
-from agents.configs import ROOT
-from agents.user_errors import exit_on_user_error
-from envs.sim.errors import ServingRunError
-from envs.sim.serving_calibration import fit_serving, replay_all
-from envs.sim.serving_runs import read_runs
-from perfmodel.profile import register_profile
+from servegym.agents.configs import ROOT
+from servegym.agents.user_errors import exit_on_user_error
+from servegym.envs.sim.errors import ServingRunError
+from servegym.envs.sim.serving_calibration import fit_serving, replay_all
+from servegym.envs.sim.serving_runs import read_runs
+from servegym.perfmodel.profile import register_profile
 
 DEFAULT_RUNS = ROOT.parent / "shared" / "data" / "serving" / "blis_h100"
 SHOWN = ("ttft_mean", "tpot_mean", "e2e_mean", "e2e_p90")

@@ -18,9 +18,8 @@ from typing import Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-
-from agents.configs import ConfigError, named_configs
-from agents.harness import (
+from servegym.agents.configs import ConfigError, named_configs
+from servegym.agents.harness import (
     Task,
     head_to_head,
     max_sustainable_load,
@@ -29,8 +28,8 @@ from agents.harness import (
     summarise,
     warn_if_one_window,
 )
-from agents.reporting import plot_attainment_vs_load, plot_cdfs, print_head_to_head, print_tables
-from agents.user_errors import exit_on_user_error
+from servegym.agents.reporting import plot_attainment_vs_load, plot_cdfs, print_head_to_head, print_tables
+from servegym.agents.user_errors import exit_on_user_error
 
 
 def _plain(node) -> dict:

@@ -7,7 +7,7 @@ environment.
     python experiments/export.py run=outputs/train/2026-11-23_14-00-00/best out=router_policy
 
 The export loads the run's ``model.zip`` (a pickle: export only runs you trust); the exported files load
-without pickle (``agents.exported.ExportedRouter``, ``ExportedBatcher``, ``ExportedPools``). Exits non-zero
+without pickle (``servegym.agents.exported.ExportedRouter``, ``ExportedBatcher``, ``ExportedPools``). Exits non-zero
 if the parity check fails; a failed export or check removes the files it wrote.
 """
 
@@ -18,18 +18,16 @@ from pathlib import Path
 import hydra
 import numpy as np
 from omegaconf import DictConfig
-
-from agents.exported import GRAPH, MANIFEST, ExportError, export_run, parity
-from agents.run_dir import CONFIG, env_kwargs, read_config
-from agents.user_errors import exit_on_user_error
+from servegym.agents.exported import GRAPH, MANIFEST, ExportError, export_run, parity
+from servegym.agents.run_dir import CONFIG, env_kwargs, read_config
+from servegym.agents.user_errors import exit_on_user_error
 
 
 def recorded_observations(run: Path, decisions: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Raw observations and masks of ``decisions`` decisions of the run's own environment (its config, any
     decision kind), taken by seeded random allowed actions so that the states vary."""
     import gymnasium as gym
-
-    import envs  # noqa: F401  (registers the ids)
+    import servegym.envs as envs  # noqa: F401  (registers the ids)
 
     cfg = read_config(run)
     if cfg is None:

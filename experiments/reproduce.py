@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from agents.configs import ROOT, ConfigError
-from agents.harness import Task, max_sustainable_load, run_tasks, summarise
-from agents.reporting import markdown_table
-from agents.user_errors import exit_on_user_error
+from servegym.agents.configs import ROOT, ConfigError
+from servegym.agents.harness import Task, max_sustainable_load, run_tasks, summarise
+from servegym.agents.reporting import markdown_table
+from servegym.agents.user_errors import exit_on_user_error
 
 HETERO = {
     "snapshot_interval_s": 0.1,
@@ -31,16 +30,16 @@ HETERO = {
         {"name": "a100", "count": 4, "engine": {"gpu": "A100-80GB", "model": "Llama-3-8B", "noise_sigma": 0.03}},
     ],
 }
-VLLM = {"_target_": "envs.sim.policies.VllmPolicy"}
-RR = {"_target_": "envs.sim.policies.RoundRobin"}
+VLLM = {"_target_": "servegym.envs.sim.policies.VllmPolicy"}
+RR = {"_target_": "servegym.envs.sim.policies.RoundRobin"}
 
 
 def _lens(slo_tpot_s: float) -> dict:
-    return {"_target_": "agents.batching.Lens", "slo_tpot_s": slo_tpot_s}
+    return {"_target_": "servegym.agents.batching.Lens", "slo_tpot_s": slo_tpot_s}
 
 
 def _prism(slo_tpot_s: float) -> dict:
-    return {"_target_": "agents.routing.predictive.Prism", "slo_tpot_s": slo_tpot_s}
+    return {"_target_": "servegym.agents.routing.predictive.Prism", "slo_tpot_s": slo_tpot_s}
 
 
 COLUMNS = [
@@ -210,18 +209,18 @@ def arrow(out: Path, quick: bool, jobs: int) -> None:
             {"name": "decode", "count": 4, "node": "n0", "engine": {**engine, "role": "decode"}},
         ],
     }
-    arrow_router = {"_target_": "agents.pools.Arrow", "slo_ttft_s": 2.0, "slo_tpot_s": 0.1}
+    arrow_router = {"_target_": "servegym.agents.pools.Arrow", "slo_ttft_s": 2.0, "slo_tpot_s": 0.1}
     setups = {
         "colocated (8x both, LOR)": (
             colocated,
-            {"router": {"_target_": "envs.sim.policies.LeastOutstandingRequests"}, "batch": VLLM},
+            {"router": {"_target_": "servegym.envs.sim.policies.LeastOutstandingRequests"}, "batch": VLLM},
         ),
         "static PD 4P+4D (JSQ)": (
             pd_cluster,
             {
-                "router": {"_target_": "agents.routing.classic.JoinShortestQueue"},
+                "router": {"_target_": "servegym.agents.routing.classic.JoinShortestQueue"},
                 "batch": VLLM,
-                "pools": {"_target_": "envs.sim.policies.StaticPools"},
+                "pools": {"_target_": "servegym.envs.sim.policies.StaticPools"},
             },
         ),
         "Arrow elastic 4P+4D": (pd_cluster, {"router": arrow_router, "batch": VLLM, "pools": "router"}),
@@ -284,9 +283,9 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
         }
     }
     routers = {
-        "SAL (token-aware)": {"_target_": "agents.routing.classic.TokenAware"},
-        "JSQ": {"_target_": "agents.routing.classic.JoinShortestQueue"},
-        "least outstanding": {"_target_": "envs.sim.policies.LeastOutstandingRequests"},
+        "SAL (token-aware)": {"_target_": "servegym.agents.routing.classic.TokenAware"},
+        "JSQ": {"_target_": "servegym.agents.routing.classic.JoinShortestQueue"},
+        "least outstanding": {"_target_": "servegym.envs.sim.policies.LeastOutstandingRequests"},
         "round-robin": RR,
     }
     policies = {name: {"router": r, "batch": VLLM} for name, r in routers.items()}
@@ -305,9 +304,9 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
         "snapshot_interval_s": 0.1,
         "groups": [{"count": 4, "engine": {"gpu": "A100-40GB", "model": "Llama-2-7B", "noise_sigma": 0.03}}],
     }
-    batchers = {"LARRY": {"_target_": "agents.batching.Larry"}, "vLLM default": VLLM}
+    batchers = {"LARRY": {"_target_": "servegym.agents.batching.Larry"}, "vLLM default": VLLM}
     kv_policies = {
-        name: {"router": {"_target_": "envs.sim.policies.LeastOutstandingRequests"}, "batch": b}
+        name: {"router": {"_target_": "servegym.envs.sim.policies.LeastOutstandingRequests"}, "batch": b}
         for name, b in batchers.items()
     }
     kv_rows = _grid(kv_policies, kv_workload, kv_cluster, seeds, jobs)

@@ -17,14 +17,13 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-
-from agents.harness import load_policy
-from agents.reporting import print_summary
-from agents.user_errors import exit_on_user_error
-from envs.sim.cluster import Cluster
-from envs.sim.config import cluster_from, workload_from
-from envs.sim.plots import latency_cdfs
-from envs.sim.workload import offered_load
+from servegym.agents.harness import load_policy
+from servegym.agents.reporting import print_summary
+from servegym.agents.user_errors import exit_on_user_error
+from servegym.envs.sim.cluster import Cluster
+from servegym.envs.sim.config import cluster_from, workload_from
+from servegym.envs.sim.plots import latency_cdfs
+from servegym.envs.sim.workload import offered_load
 
 
 def _json_safe(value: Any) -> Any:

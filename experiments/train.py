@@ -30,20 +30,19 @@ from typing import Any
 
 import hydra
 import numpy as np
+import servegym.envs as envs  # noqa: F401  (registers the ids in this process)
 from omegaconf import DictConfig, OmegaConf
-
-import envs  # noqa: F401  (registers the ids in this process)
-from agents.configs import ConfigError, is_trace, named_configs
-from agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise
-from agents.learned import algorithm_class
-from agents.reporting import print_head_to_head, print_tables
-from agents.run_dir import env_kwargs, save_config, save_run, windowed
-from agents.user_errors import exit_on_user_error
-from envs.sim.config import cluster_from
+from servegym.agents.configs import ConfigError, is_trace, named_configs
+from servegym.agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise
+from servegym.agents.learned import algorithm_class
+from servegym.agents.reporting import print_head_to_head, print_tables
+from servegym.agents.run_dir import env_kwargs, save_config, save_run, windowed
+from servegym.agents.user_errors import exit_on_user_error
+from servegym.envs.sim.config import cluster_from
 
 
 def save_policy(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
-    """The run-directory files of the current policy (``agents.run_dir.save_run``), with the
+    """The run-directory files of the current policy (``servegym.agents.run_dir.save_run``), with the
     environment's own statement of what an action means."""
     profiles = cluster_from(OmegaConf.to_container(cfg.cluster, resolve=True)).profiles
     action = vec_normalize.env_method("action_manifest", indices=[0])[0]
@@ -85,7 +84,7 @@ def compare(
 
 def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float]:
     """Behaviour-clone the configured expert router into the policy (agents/imitation.py)."""
-    from agents.imitation import collect_demonstrations, pretrain
+    from servegym.agents.imitation import collect_demonstrations, pretrain
 
     imitation = cfg.imitation
     if not cfg.env.id.endswith("Route-v0"):
@@ -94,7 +93,7 @@ def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float
         )
     expert = named_configs("policy", [imitation.expert])[imitation.expert]["router"]
     demos = collect_demonstrations(
-        f"envs:{cfg.env.id}", env_kwargs(cfg), expert, int(imitation.episodes), int(cfg.seed) + 1_000_000
+        f"servegym:{cfg.env.id}", env_kwargs(cfg), expert, int(imitation.episodes), int(cfg.seed) + 1_000_000
     )
     figures = pretrain(
         model,
@@ -198,7 +197,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     if cfg.vec_env not in vec_classes:
         raise ConfigError(f"vec_env must be one of {sorted(vec_classes)}, got {cfg.vec_env!r}")
     vec = make_vec_env(
-        f"envs:{cfg.env.id}",
+        f"servegym:{cfg.env.id}",
         n_envs=int(cfg.n_envs),
         seed=int(cfg.seed),
         vec_env_cls=vec_classes[cfg.vec_env],

@@ -19,12 +19,11 @@ import datetime
 from pathlib import Path
 
 import pandas as pd
-
-from agents.configs import ROOT
-from agents.user_errors import exit_on_user_error
-from envs.sim.errors import ServingRunError
-from envs.sim.plots import fidelity_scatter
-from envs.sim.serving_runs import format_replay, read_runs, replay
+from servegym.agents.configs import ROOT
+from servegym.agents.user_errors import exit_on_user_error
+from servegym.envs.sim.errors import ServingRunError
+from servegym.envs.sim.plots import fidelity_scatter
+from servegym.envs.sim.serving_runs import format_replay, read_runs, replay
 
 DEFAULT_RUNS = ROOT.parent / "shared" / "data" / "serving"  # the team's shared data beside the checkout
 

@@ -1,7 +1,7 @@
-"""``python -m perfmodel``: see :mod:`perfmodel.cli`."""
+"""``python -m servegym.perfmodel``: see :mod:`servegym.perfmodel.cli`."""
 
 import sys
 
-from perfmodel.cli import main
+from servegym.perfmodel.cli import main
 
 sys.exit(main())

@@ -12,8 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
-
-from perfmodel.errors import PerfModelError
+from servegym.perfmodel.errors import PerfModelError
 
 
 class BatchError(PerfModelError):

@@ -1,6 +1,6 @@
 """Speed benchmark of the step-latency model: one prediction (µs) and vectorised throughput (predictions/s).
 
-Run with ``python -m perfmodel bench``. Figures are printed, never asserted: they belong to the machine.
+Run with ``python -m servegym.perfmodel bench``. Figures are printed, never asserted: they belong to the machine.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-
-from perfmodel.batch import StepBatchArray
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import StepBatchArray
+from servegym.perfmodel.structural import StructuralModel
 
 CASES = (("H100-SXM", "Llama-3-8B", 1), ("A100-80GB", "Llama-2-70B", 4), ("H100-SXM", "Mixtral-8x7B", 2))
 

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import least_squares
-
-from perfmodel.batch import StepBatchArray
-from perfmodel.catalog import get_model
-from perfmodel.profile import Coefficients, Profile, default_profile
-from perfmodel.steplog import StepRecord
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import StepBatchArray
+from servegym.perfmodel.catalog import get_model
+from servegym.perfmodel.profile import Coefficients, Profile, default_profile
+from servegym.perfmodel.steplog import StepRecord
+from servegym.perfmodel.structural import StructuralModel
 
 # name: (lower, upper) bounds. Per GPU: efficiencies and fixed kernel costs; shared: the serving stack's CPU.
 GPU_COEFFICIENTS = {

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from perfmodel.batch import StepBatch
-from perfmodel.catalog import DTYPE_BYTES, CatalogError
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.catalog import DTYPE_BYTES, CatalogError
+from servegym.perfmodel.structural import StructuralModel
 
 GIB = 1024**3
 RUNTIME_RESERVE_BYTES = 1.0 * GIB  # CUDA context, NCCL buffers and CUDA graphs, per GPU (vLLM-like)

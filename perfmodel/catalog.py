@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from perfmodel.errors import PerfModelError
+from servegym.perfmodel.errors import PerfModelError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 

@@ -1,4 +1,4 @@
-"""Command line of the performance model: ``python -m perfmodel {predict,calibrate,report,...}``.
+"""Command line of the performance model: ``python -m servegym.perfmodel {predict,calibrate,report,...}``.
 
 Bad input exits with status 2 and one line on stderr that names the file, line and problem.
 """
@@ -12,17 +12,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from perfmodel.catalog import DATA_DIR, get_gpu, get_model, register_catalog
-from perfmodel.errors import PerfModelError
-from perfmodel.profile import load_profile
+from servegym.perfmodel.catalog import DATA_DIR, get_gpu, get_model, register_catalog
+from servegym.perfmodel.errors import PerfModelError
+from servegym.perfmodel.profile import load_profile
 
 VIDUR_PROFILE_PATH = DATA_DIR / "profiles" / "vidur.json"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Echo each step-log line with ``latency_ms`` (predicted) added."""
-    from perfmodel.steplog import read_steps
-    from perfmodel.structural import StructuralModel
+    from servegym.perfmodel.steplog import read_steps
+    from servegym.perfmodel.structural import StructuralModel
 
     profile = load_profile(args.profile)
     models: dict[tuple, StructuralModel] = {}
@@ -40,8 +40,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from perfmodel.calibrate import calibrate, holdout_errors, split_by_tp
-    from perfmodel.steplog import read_steps
+    from servegym.perfmodel.calibrate import calibrate, holdout_errors, split_by_tp
+    from servegym.perfmodel.steplog import read_steps
 
     base = load_profile(args.base)
     records = list(read_steps(args.measured, need_latency=True))
@@ -76,8 +76,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import pandas as pd
     from rich.console import Console
     from rich.table import Table
-
-    from perfmodel.report import (
+    from servegym.perfmodel.report import (
         CPU_STEP_LOG,
         SPLITS,
         accuracy,
@@ -139,7 +138,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_vidur(args: argparse.Namespace) -> int:
-    from perfmodel.vidur_fit import fit_vidur_profile
+    from servegym.perfmodel.vidur_fit import fit_vidur_profile
 
     profile = fit_vidur_profile()
     profile.save(args.out)
@@ -150,8 +149,7 @@ def cmd_fit_vidur(args: argparse.Namespace) -> int:
 def cmd_microbench(args: argparse.Namespace) -> int:
     import torch
     import yaml
-
-    from perfmodel import microbench
+    from servegym.perfmodel import microbench
 
     model = get_model(args.model)
     if args.device.startswith("cuda"):
@@ -181,7 +179,7 @@ def cmd_microbench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from perfmodel.bench import run_benchmarks
+    from servegym.perfmodel.bench import run_benchmarks
 
     for line in run_benchmarks(repeats=args.repeats):
         print(line)
@@ -189,7 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m perfmodel", description="ServeGym's step-latency model")
+    parser = argparse.ArgumentParser(prog="python -m servegym.perfmodel", description="ServeGym's step-latency model")
     parser.add_argument(
         "--catalog",
         action="append",

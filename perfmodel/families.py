@@ -18,10 +18,9 @@ from typing import Self
 
 import numpy as np
 from scipy.optimize import least_squares, nnls
-
-from perfmodel.batch import StepBatch, StepBatchArray
-from perfmodel.profile import Coefficients
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import StepBatch, StepBatchArray
+from servegym.perfmodel.profile import Coefficients
+from servegym.perfmodel.structural import StructuralModel
 
 
 def ideal_coefficients() -> Coefficients:

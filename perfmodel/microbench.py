@@ -8,7 +8,7 @@ layer up to a memory budget, then reused, so weight reads come from device memor
 It runs on CUDA (events, synchronised) and on CPU (for tests). The engine's own CPU overhead is not
 in these figures; calibrating on them fits the overhead of this harness instead.
 
-Its output feeds ``python -m perfmodel calibrate``. On CPU it also measures a "datasheet" for the
+Its output feeds ``python -m servegym.perfmodel calibrate``. On CPU it also measures a "datasheet" for the
 host (peak BF16 matmul FLOP/s, copy bandwidth) as a catalog entry, since no table lists one.
 """
 
@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from perfmodel.catalog import ModelSpec, gpu_names
+from servegym.perfmodel.catalog import ModelSpec, gpu_names
 
 CUDA_NAMES = (  # substring of torch.cuda.get_device_name() -> catalog name, most specific first
     ("H100 PCIe", "H100-PCIe"),

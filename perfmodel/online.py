@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections import deque
 
 import numpy as np
-
-from perfmodel.batch import StepBatch
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.structural import StructuralModel
 
 WEIGHT_NAMES = ("step_overhead_ms", "seq_overhead_ms", "linear_scale", "attention_scale", "communication_scale")
 

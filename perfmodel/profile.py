@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from perfmodel.catalog import DATA_DIR, CatalogError, GpuSpec, get_gpu
+from servegym.perfmodel.catalog import DATA_DIR, CatalogError, GpuSpec, get_gpu
 
 ELEMENTWISE_KINDS = ("norm", "rope", "act", "add", "emb")
 

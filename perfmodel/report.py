@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from perfmodel.batch import StepBatchArray
-from perfmodel.families import ArrowModel, RooflineModel, SaturationModel
-from perfmodel.profile import Profile
-from perfmodel.vidur_fit import LAYER_OPS, MEASUREMENTS, fit_gpu_ops, load_ops, long_form, predict_ops
+from servegym.perfmodel.batch import StepBatchArray
+from servegym.perfmodel.families import ArrowModel, RooflineModel, SaturationModel
+from servegym.perfmodel.profile import Profile
+from servegym.perfmodel.vidur_fit import LAYER_OPS, MEASUREMENTS, fit_gpu_ops, load_ops, long_form, predict_ops
 
 SPLITS = ("tokens", "model", "tp", "gpu")
 FAMILIES = ("structural", "roofline", "saturation", "arrow")
@@ -223,10 +222,10 @@ def step_accuracy(path: Path = CPU_STEP_LOG) -> pd.DataFrame:
     The log's device entry (``<log>.catalog.yaml``, written by the microbenchmark) is registered first.
     Subsets: prefill-heavy steps (more prefill tokens than decodes) and decode-heavy ones.
     """
-    from perfmodel.calibrate import calibrate
-    from perfmodel.catalog import register_catalog
-    from perfmodel.steplog import read_steps
-    from perfmodel.structural import StructuralModel
+    from servegym.perfmodel.calibrate import calibrate
+    from servegym.perfmodel.catalog import register_catalog
+    from servegym.perfmodel.steplog import read_steps
+    from servegym.perfmodel.structural import StructuralModel
 
     catalog = path.with_suffix(".catalog.yaml")
     if catalog.exists():

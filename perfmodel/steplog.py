@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perfmodel.batch import BatchError, StepBatch
-from perfmodel.catalog import CatalogError, check_dtype, get_gpu, get_model
-from perfmodel.errors import PerfModelError
+from servegym.perfmodel.batch import BatchError, StepBatch
+from servegym.perfmodel.catalog import CatalogError, check_dtype, get_gpu, get_model
+from servegym.perfmodel.errors import PerfModelError
 
 
 class StepLogError(PerfModelError):

@@ -4,7 +4,7 @@ A step runs every layer's GEMMs (QKV, O, MLP up and down, MoE experts), elementw
 RoPE, activation, residual add), attention over the KV cache, and with tensor parallelism two
 all-reduces per layer; then the LM head for the sequences that sample, plus CPU overhead per step and
 per sequence. Each term is a roofline of FLOPs and bytes against the GPU's datasheet peaks, scaled by
-fitted efficiencies (:class:`perfmodel.profile.Coefficients`). The host launches every kernel of an eager
+fitted efficiencies (:class:`servegym.perfmodel.profile.Coefficients`). The host launches every kernel of an eager
 step; when the kernels are shorter than their launches (small shards at high TP, small batches) the GPU
 waits on the host, so a step takes a smooth maximum of GPU time and host launch time, not their sum. A
 decode-only step that replays a captured CUDA graph launches once. The formulas use only arithmetic
@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from perfmodel.batch import StepBatch, StepBatchArray
-from perfmodel.catalog import DTYPE_BYTES, CatalogError, GpuSpec, ModelSpec, check_dtype, get_gpu, get_model
-from perfmodel.profile import Coefficients, Profile, default_profile, load_profile, registry_version
+from servegym.perfmodel.batch import StepBatch, StepBatchArray
+from servegym.perfmodel.catalog import DTYPE_BYTES, CatalogError, GpuSpec, ModelSpec, check_dtype, get_gpu, get_model
+from servegym.perfmodel.profile import Coefficients, Profile, default_profile, load_profile, registry_version
 
 VIDUR_OPS = (
     "emb",

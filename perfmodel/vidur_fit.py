@@ -7,7 +7,7 @@ of those operators from its FLOPs and bytes, so the GPU's efficiencies are fitte
 log time (relative error) over all models and TP degrees at once. Vidur's attention profiles are not in
 these files; three of its measured decode-attention times (:data:`VIDUR_DECODE_ATTENTION`) fix the share
 of HBM bandwidth paged decode attention reaches, which every GPU takes as its prior. The CPU overhead is
-not in Vidur's data at all: serving calibration fits it (:mod:`envs.sim.serving_calibration`).
+not in Vidur's data at all: serving calibration fits it (:mod:`servegym.envs.sim.serving_calibration`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
-
-from perfmodel.catalog import DATA_DIR
-from perfmodel.profile import Coefficients, Profile
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.catalog import DATA_DIR
+from servegym.perfmodel.profile import Coefficients, Profile
+from servegym.perfmodel.structural import StructuralModel
 
 MEASUREMENTS = DATA_DIR / "measurements"
 GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj")
@@ -115,7 +114,7 @@ def fit_gpu_ops(ops: pd.DataFrame, gpu: str, base: Coefficients | None = None) -
 
 def fit_allreduce(collectives: pd.DataFrame, gpu: str, base: Coefficients) -> Coefficients:
     """Fit the all-reduce latency and link efficiency of ``gpu`` (ring: ``2(n-1)/n`` of the message per GPU)."""
-    from perfmodel.catalog import get_gpu
+    from servegym.perfmodel.catalog import get_gpu
 
     mine = collectives[collectives["gpu"] == gpu]
     if mine.empty:
@@ -141,7 +140,7 @@ def fit_decode_attention(base: Coefficients, gpu: str = "A100-80GB", model: str 
 
     A decode reads every KV entry of its context once, so per layer the time is ``launch + kv_bytes /
     (eff * bandwidth)``: two parameters, three measurements (least squares on log time)."""
-    from perfmodel.batch import StepBatch
+    from servegym.perfmodel.batch import StepBatch
 
     batches = [StepBatch.decode(b, b * ctx) for b, ctx, _ in VIDUR_DECODE_ATTENTION]
     measured = np.log([ms for _, _, ms in VIDUR_DECODE_ATTENTION])
@@ -170,7 +169,7 @@ def fit_vidur_profile(
         name="vidur",
         provenance={
             "source": "microsoft/vidur profiling data (MIT License), compute/*/mlp.csv and network/*/all_reduce.csv",
-            "fitted_by": "python -m perfmodel fit-vidur",
+            "fitted_by": "python -m servegym.perfmodel fit-vidur",
             "fitted_terms": "GEMM and elementwise efficiencies per GPU; all-reduce latency and link efficiency; "
             "decode attention's share of HBM bandwidth and fixed cost (A100-80GB, the prior of every GPU)",
             "attention_source": VIDUR_ATTENTION_SOURCE,

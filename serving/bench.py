@@ -1,7 +1,7 @@
 """Benchmarks of the router service (printed figures, not tests).
 
-    python -m serving.bench                      # router overhead, then decision latency per policy kind
-    python -m serving.bench --soak-s 600 --rate 50   # a steady-rate soak through the router
+    python -m servegym.serving.bench                      # router overhead, then decision latency per policy kind
+    python -m servegym.serving.bench --soak-s 600 --rate 50   # a steady-rate soak through the router
 
 - **Overhead**: a twin (its simulated time 1000x the wall clock, so generation costs next to nothing) and
   a router in front of it, each in its own process; the client, in a third, streams small completions
@@ -28,13 +28,12 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-
-from envs.features import FeatureSpec
-from envs.sim.request import SloClass
-from envs.sim.view import RequestInfo
-from serving.router import Router
-from serving.router_config import load_routing_policy, router_config
-from serving.scrape import EngineMetrics
+from servegym.envs.features import FeatureSpec
+from servegym.envs.sim.request import SloClass
+from servegym.envs.sim.view import RequestInfo
+from servegym.serving.router import Router
+from servegym.serving.router_config import load_routing_policy, router_config
+from servegym.serving.scrape import EngineMetrics
 
 MODEL = "Llama-3-8B"
 FAST_TWIN = 0.001  # wall seconds per simulated second: the twin answers almost at once
@@ -47,11 +46,10 @@ def tiny_export(slots: int, out: str | Path) -> Path:
     tests need without training. Returns the export directory (the run is its parent)."""
     import gymnasium as gym
     from gymnasium import spaces
+    from servegym.agents import run_dir
+    from servegym.agents.exported import export_run
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
-
-    from agents import run_dir
-    from agents.exported import export_run
 
     spec = FeatureSpec(slots)
 
@@ -78,8 +76,8 @@ def tiny_export(slots: int, out: str | Path) -> Path:
 # -- servers in their own processes -------------------------------------------------------------------------
 def _serve(kind: str, argument: Any, ready: Any, stop: Any) -> None:
     """Child process: a twin (``argument``: its time scale) or a router (``argument``: the twin's URL)."""
-    from serving.router import start_router
-    from serving.twin import start_twin
+    from servegym.serving.router import start_router
+    from servegym.serving.twin import start_twin
 
     async def main() -> None:
         if kind == "twin":
@@ -298,7 +296,7 @@ def soak(duration_s: float, rate: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m servegym.serving.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=500, help="c=1 requests per path")
     parser.add_argument("--duration-s", type=float, default=5.0, help="c=32 seconds per path")
     parser.add_argument("--decisions", type=int, default=2000)

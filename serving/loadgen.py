@@ -1,11 +1,11 @@
 """Open-loop load generator: replay any workload the simulator takes against an OpenAI-compatible URL.
 
-    python -m serving.loadgen --target http://127.0.0.1:8000 --workload conf/workload/poisson.yaml \
+    python -m servegym.serving.loadgen --target http://127.0.0.1:8000 --workload conf/workload/poisson.yaml \
         --requests 200 [--rate-scale 1 --seed 0 --time-limit-s 60 --time-scale 1]
 
 Arrivals, prompt and output lengths and SLO classes come from the simulator's workload generators
-(``envs.sim.config.workload_from``). Every request streams with ``ignore_eos`` and ``max_tokens`` = its
-output length, its prompt built to its length under the shared token rule (:mod:`serving.tokens`), so
+(``servegym.envs.sim.config.workload_from``). Every request streams with ``ignore_eos`` and ``max_tokens`` = its
+output length, its prompt built to its length under the shared token rule (:mod:`servegym.serving.tokens`), so
 the engine does the work the simulator would. Per request it records TTFT, inter-token gaps and E2E,
 divided by ``--time-scale`` (the twins' scale: results in simulated seconds), and prints the summary
 table ``experiments/simulate.py`` prints. Bounded in count and time; loopback targets only.
@@ -27,13 +27,12 @@ from urllib.parse import urlparse
 import aiohttp
 import pandas as pd
 import yaml
-
-from agents.reporting import print_summary
-from envs.sim.config import workload_from
-from envs.sim.metrics import RECORD_COLUMNS, summarize
-from envs.sim.request import Request
-from envs.sim.workload import WorkloadError, scale_load
-from serving.tokens import hashed_prompt, make_prompt
+from servegym.agents.reporting import print_summary
+from servegym.envs.sim.config import workload_from
+from servegym.envs.sim.metrics import RECORD_COLUMNS, summarize
+from servegym.envs.sim.request import Request
+from servegym.envs.sim.workload import WorkloadError, scale_load
+from servegym.serving.tokens import hashed_prompt, make_prompt
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -177,7 +176,7 @@ def per_backend(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.loadgen", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m servegym.serving.loadgen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True, help="router or twin URL (loopback)")
     parser.add_argument("--workload", required=True, help="a workload YAML (conf/workload/*.yaml)")
     parser.add_argument("--requests", type=int, default=100)

@@ -1,9 +1,9 @@
 """Simulated vs live: the same cluster, workload window, seed and policy in the simulator and in front of twins.
 
-    python -m serving.parity --cluster conf/cluster/h100x8.yaml --policy vllm_rr vllm_lor vllm_prism \
+    python -m servegym.serving.parity --cluster conf/cluster/h100x8.yaml --policy vllm_rr vllm_lor vllm_prism \
         --workload conf/workload/poisson.yaml --requests 200 --seed 0 --time-scale 4
 
-For each policy: the simulator runs the window (``envs.sim.cluster.Cluster`` built as
+For each policy: the simulator runs the window (``servegym.envs.sim.cluster.Cluster`` built as
 ``experiments/simulate.py`` builds it, vLLM batching), then one twin per engine of the cluster (the
 engine configs the simulator builds, the same seed and engine index, so the same profile and noise
 stream) serves it behind the router with that policy (scrape interval = the cluster's
@@ -34,19 +34,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from servegym.envs.sim.cluster import Cluster, ClusterConfig
+from servegym.envs.sim.config import cluster_from
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.policies import VllmPolicy
+from servegym.envs.sim.request import Request
+from servegym.envs.sim.workload import WorkloadError
+from servegym.serving.loadgen import replay, summary, workload_requests
+from servegym.serving.router import start_router
+from servegym.serving.router_config import RouterConfigError, load_routing_policy, policy_spec, router_config
+from servegym.serving.twin import TwinConfig, start_twin
 
-from envs.sim.cluster import Cluster, ClusterConfig
-from envs.sim.config import cluster_from
-from envs.sim.errors import ClusterConfigError
-from envs.sim.policies import VllmPolicy
-from envs.sim.request import Request
-from envs.sim.workload import WorkloadError
-from serving.loadgen import replay, summary, workload_requests
-from serving.router import start_router
-from serving.router_config import RouterConfigError, load_routing_policy, policy_spec, router_config
-from serving.twin import TwinConfig, start_twin
-
-VLLM_BATCH = "envs.sim.policies.VllmPolicy"
+VLLM_BATCH = "servegym.envs.sim.policies.VllmPolicy"
 MIN_SCRAPE_S = 0.01  # simulated scrape interval for a cluster whose router sees live state (interval 0)
 METRICS: tuple[tuple[str, str, float, str], ...] = (  # key, label, display scale, unit
     ("slo_attainment", "SLO attainment", 100.0, "%"),
@@ -286,7 +285,7 @@ def _cluster_mapping(value: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.parity", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m servegym.serving.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cluster", required=True, help="a conf/cluster YAML (or its name)")
     parser.add_argument("--policy", nargs="+", required=True, help="conf/policy names/YAMLs, runs or exports")
     parser.add_argument("--workload", required=True, help="a workload YAML (conf/workload/*.yaml)")

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-
-from serving.tokens import PromptError, count_messages, count_prompt
+from servegym.serving.tokens import PromptError, count_messages, count_prompt
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 DONE_FRAME = b"data: [DONE]\n\n"

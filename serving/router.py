@@ -1,14 +1,14 @@
 """The router service: any routing policy of the project in front of OpenAI-compatible engines.
 
-    python -m serving.router --config router.yaml [--port 8000] [--policy vllm_lor | RUN_DIR | EXPORT]
+    python -m servegym.serving.router --config router.yaml [--port 8000] [--policy vllm_lor | RUN_DIR | EXPORT]
 
 Each request is parsed only as far as routing needs (model, prompt tokens under the shared rule), the
-policy chooses from the simulator's :class:`envs.sim.view.ClusterView` (scraped snapshots plus the
+policy chooses from the simulator's :class:`servegym.envs.sim.view.ClusterView` (scraped snapshots plus the
 router's live bookkeeping), and the body goes to the chosen backend unchanged through one shared aiohttp
 session. The response is committed only once the backend's status and headers arrived, so a connect
 failure, a 5xx or a 429 fails over to the least-loaded remaining backend; a streamed body is relayed byte
 for byte. A backend that fails is marked down and re-probed through ``/health``. Every request ends once,
-as a relayed response or a counted error (:mod:`serving.router_metrics`).
+as a relayed response or a counted error (:mod:`servegym.serving.router_metrics`).
 """
 
 from __future__ import annotations
@@ -28,19 +28,26 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-
-from envs.features import EngineModels
-from envs.sim.policies import Observer, RoutingPolicy, least_outstanding, overrides
-from envs.sim.request import SloClass
-from envs.sim.roles import Role
-from envs.sim.router_tap import RouterTap
-from envs.sim.view import ClusterView, RequestInfo
-from serving.http_server import LOOPBACK, Server
-from serving.protocol import CHAT, COMPLETIONS, DONE_FRAME, ApiError, ParsedRequest, parse_request, unknown_model
-from serving.router_config import RouterConfig, RouterConfigError, load_router_config, load_routing_policy
-from serving.router_metrics import RouterMetrics
-from serving.scrape import Scraper, gauge_snapshot
-from serving.tokens import prefix_hashes, prompt_tokens_of
+from servegym.envs.features import EngineModels
+from servegym.envs.sim.policies import Observer, RoutingPolicy, least_outstanding, overrides
+from servegym.envs.sim.request import SloClass
+from servegym.envs.sim.roles import Role
+from servegym.envs.sim.router_tap import RouterTap
+from servegym.envs.sim.view import ClusterView, RequestInfo
+from servegym.serving.http_server import LOOPBACK, Server
+from servegym.serving.protocol import (
+    CHAT,
+    COMPLETIONS,
+    DONE_FRAME,
+    ApiError,
+    ParsedRequest,
+    parse_request,
+    unknown_model,
+)
+from servegym.serving.router_config import RouterConfig, RouterConfigError, load_router_config, load_routing_policy
+from servegym.serving.router_metrics import RouterMetrics
+from servegym.serving.scrape import Scraper, gauge_snapshot
+from servegym.serving.tokens import prefix_hashes, prompt_tokens_of
 
 _HOP_BY_HOP_NAMES = "Connection Keep-Alive Proxy-Authenticate Proxy-Authorization TE Trailer Transfer-Encoding Upgrade"
 HOP_BY_HOP = frozenset(h.lower() for h in [*_HOP_BY_HOP_NAMES.split(), "Host", "Content-Length"])
@@ -462,7 +469,7 @@ class RunningRouter:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.router", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m servegym.serving.router", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="router YAML: cluster, backends, time_scale, ...")
     parser.add_argument(
         "--policy",

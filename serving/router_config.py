@@ -15,14 +15,14 @@ What a request tells the router beyond its body (as the simulator's ``RequestInf
 class (``X-SLO-Class``), its session (``X-Session-Id``, else the body's OpenAI ``user`` field) and the
 prefix hashes of its prompt (computed by the router per the cluster's ``prefix_segment_tokens``).
 
-Each backend's static facts become the :class:`envs.sim.view.EngineInfo` the simulator builds for the
+Each backend's static facts become the :class:`servegym.envs.sim.view.EngineInfo` the simulator builds for the
 same engine (the simulator's own ``Cluster`` computes them, KV capacity included), so a simulated cluster
 is a served cluster.
 
 A saved router (a training run or an export) goes through the project's one loading path
 (:func:`agents.harness.saved_policy_spec`, then :func:`agents.harness.load_policy`), after its manifest is
 checked against the feature contract this router serves: a routing environment's policy, the contract's
-version and features (names, order, scales, bounds) as ``envs.features`` computes them, and enough engine
+version and features (names, order, scales, bounds) as ``servegym.envs.features`` computes them, and enough engine
 slots for the cluster. A mismatch refuses to start with the reason in one line.
 """
 
@@ -35,20 +35,19 @@ from typing import Any
 
 import yaml
 from hydra.errors import InstantiationException
-
-from agents import exported, run_dir
-from agents.configs import CONF
-from agents.harness import load_policy, saved_policy_spec
-from agents.learned import ContractMismatch, check_manifest
-from envs import ENV_IDS
-from envs.features import FeatureSpec
-from envs.sim.config import cluster_from
-from envs.sim.errors import ClusterConfigError
-from envs.sim.policies import RoutingPolicy, check_policy
-from envs.sim.request import SloClass
-from envs.sim.view import EngineInfo
-from envs.sim.workload import SloMix, WorkloadError
-from perfmodel.errors import PerfModelError
+from servegym.agents import exported, run_dir
+from servegym.agents.configs import CONF
+from servegym.agents.harness import load_policy, saved_policy_spec
+from servegym.agents.learned import ContractMismatch, check_manifest
+from servegym.envs import ENV_IDS
+from servegym.envs.features import FeatureSpec
+from servegym.envs.sim.config import cluster_from
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.policies import RoutingPolicy, check_policy
+from servegym.envs.sim.request import SloClass
+from servegym.envs.sim.view import EngineInfo
+from servegym.envs.sim.workload import SloMix, WorkloadError
+from servegym.perfmodel.errors import PerfModelError
 
 KEYS = {"cluster", "backends", "time_scale", "scrape_interval_s", "stale_s", "policy", "probe_interval_s", "slo"}
 
@@ -142,7 +141,7 @@ def load_router_config(path: str | Path) -> RouterConfig:
     return router_config(_load_yaml(Path(path)))
 
 
-ROUTING_ENTRY_POINT = "envs.route_env:RouteEnv"
+ROUTING_ENTRY_POINT = "servegym.envs.route_env:RouteEnv"
 
 
 def saved_policy_path(policy: str | Path) -> Path | None:

@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
-
-from envs.sim.view import EngineInfo, EngineSnapshot
+from servegym.envs.sim.view import EngineInfo, EngineSnapshot
 
 RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 KV_CURRENT, KV_DEPRECATED = "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"
@@ -39,7 +38,7 @@ class EngineMetrics:
 
 def gauge_snapshot(info: EngineInfo, scraped: EngineMetrics | None, scraped_at_s: float) -> EngineSnapshot:
     """A backend's scraped gauges as the view's snapshot (zeros before the first scrape, cache blocks from
-    the static facts then); the router tap fills the rest (:meth:`envs.sim.router_tap.RouterTap.snapshots`)."""
+    the static facts then); the router tap fills the rest (:meth:`servegym.envs.sim.router_tap.RouterTap.snapshots`)."""
     scraped = scraped or EngineMetrics()
     block_size = scraped.block_size or 16
     return EngineSnapshot(

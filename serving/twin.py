@@ -1,6 +1,6 @@
-"""An engine twin: an OpenAI-compatible server whose timing is one simulated ``envs.sim`` engine.
+"""An engine twin: an OpenAI-compatible server whose timing is one simulated ``servegym.envs.sim`` engine.
 
-    python -m serving.twin --port 8001 --gpu H100-SXM --model Llama-3-8B --time-scale 1 --seed 0
+    python -m servegym.serving.twin --port 8001 --gpu H100-SXM --model Llama-3-8B --time-scale 1 --seed 0
 
 Tokens stream when the simulated engine (same scheduler, KV cache, preemption and performance model as
 the environments) produces them, against the wall clock slowed by ``--time-scale`` (simulated time =
@@ -24,12 +24,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from aiohttp import web
-
-from envs.sim.engine import EngineConfig
-from envs.sim.errors import ClusterConfigError
-from perfmodel.errors import PerfModelError
-from serving.http_server import LOOPBACK, Server
-from serving.protocol import (
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.perfmodel.errors import PerfModelError
+from servegym.serving.http_server import LOOPBACK, Server
+from servegym.serving.protocol import (
     CHAT,
     COMPLETIONS,
     DONE_FRAME,
@@ -40,9 +39,9 @@ from serving.protocol import (
     sse,
     unknown_model,
 )
-from serving.tokens import output_tokens, prefix_hashes, prompt_tokens_of
-from serving.twin_metrics import METRIC_NAMES, TwinMetrics
-from serving.wall_clock_engine import EngineRejected, TokenStream, WallClockEngine
+from servegym.serving.tokens import output_tokens, prefix_hashes, prompt_tokens_of
+from servegym.serving.twin_metrics import METRIC_NAMES, TwinMetrics
+from servegym.serving.wall_clock_engine import EngineRejected, TokenStream, WallClockEngine
 
 TWIN_HEADER = "X-ServeGym-Twin"
 
@@ -407,7 +406,7 @@ class RunningTwin:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serving.twin", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m servegym.serving.twin", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default=LOOPBACK)
     parser.add_argument("--port", type=int, default=8001)
     defaults = TwinConfig()

@@ -10,8 +10,7 @@ from __future__ import annotations
 import itertools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-
-from envs.sim.engine import Engine
+from servegym.envs.sim.engine import Engine
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
 METRIC_NAMES = ("current", "deprecated", "both")

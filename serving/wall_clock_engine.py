@@ -1,4 +1,4 @@
-"""One simulated engine of ``envs.sim`` driven against the wall clock: the twin's timing.
+"""One simulated engine of ``servegym.envs.sim`` driven against the wall clock: the twin's timing.
 
 Simulated time is ``(wall − t0) / time_scale``. The simpy environment is advanced to "now" whenever
 someone looks (a request arrives, ``/metrics`` is read) and, in between, by a driver task that sleeps
@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
-
-from envs.sim.engine import Engine, EngineConfig
-from envs.sim.policies import VllmPolicy
-from envs.sim.request import Request, State
+from servegym.envs.sim.engine import Engine, EngineConfig
+from servegym.envs.sim.policies import VllmPolicy
+from servegym.envs.sim.request import Request, State
 
 MIN_SLEEP_S = 0.0005  # the driver's shortest sleep: tokens are released at most this late (wall)
 
@@ -52,7 +51,7 @@ class TokenStream:
 
 
 class WallClockEngine:
-    """An :class:`envs.sim.engine.Engine` whose simulated clock follows the wall clock."""
+    """An :class:`servegym.envs.sim.engine.Engine` whose simulated clock follows the wall clock."""
 
     def __init__(self, config: EngineConfig, index: int = 0, time_scale: float = 1.0, seed: int = 0) -> None:
         if not time_scale > 0:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from agents.routing.classic import LeastResidentDecode, argmin
-from envs.sim.view import ClusterView, RequestInfo
+from servegym.agents.routing.classic import LeastResidentDecode, argmin
+from servegym.envs.sim.view import ClusterView, RequestInfo
 
 SEGMENT_TOKENS = 512
 

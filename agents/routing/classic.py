@@ -9,10 +9,9 @@ Decode placement in prefill/decode clusters: least resident decode tokens (:clas
 from __future__ import annotations
 
 import numpy as np
-
-from agents.routing.estimates import OutputEstimate
-from envs.sim.policies import LeastOutstandingRequests, RoundRobin, RoutingPolicy
-from envs.sim.view import ClusterView, LocalCorrection, RequestInfo
+from servegym.agents.routing.estimates import OutputEstimate
+from servegym.envs.sim.policies import LeastOutstandingRequests, RoundRobin, RoutingPolicy
+from servegym.envs.sim.view import ClusterView, LocalCorrection, RequestInfo
 
 __all__ = [
     "JoinShortestQueue",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from envs.sim.view import RequestInfo
+from servegym.envs.sim.view import RequestInfo
 
 
 class OutputEstimate:

@@ -1,7 +1,7 @@
 """Predictive routers built on the performance model: SynergySched's PRISM and Block-style prediction.
 
 Both read what the router knows beyond vLLM's exporter from its own traffic (pending prefill tokens,
-resident decodes, the next step's tokens and predicted latency: :mod:`envs.sim.router_tap`, where
+resident decodes, the next step's tokens and predicted latency: :mod:`servegym.envs.sim.router_tap`, where
 SynergySched has engines push them) and each engine's static facts, from which they build the same
 structural model the engines are calibrated with.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-from agents.routing.classic import LeastResidentDecode, argmin
-from agents.routing.estimates import OutputEstimate
-from envs.features import EngineModels
-from envs.sim.view import ClusterView, RequestInfo
+from servegym.agents.routing.classic import LeastResidentDecode, argmin
+from servegym.agents.routing.estimates import OutputEstimate
+from servegym.envs.features import EngineModels
+from servegym.envs.sim.view import ClusterView, RequestInfo
 
 
 class Prism(LeastResidentDecode):

@@ -1,11 +1,11 @@
 """Speed benchmark of the simulator: simulated requests and engine steps per wall second, peak memory.
 
-    python -m envs.sim.bench                      # the default scenario (~80% load) and a 64-instance cluster
-    python -m envs.sim.bench --soak 1000000       # a million requests streamed through the default cluster
+    python -m servegym.envs.sim.bench                      # the default scenario (~80% load) and a 64-instance cluster
+    python -m servegym.envs.sim.bench --soak 1000000       # a million requests streamed through the default cluster
 
 The soak streams windows of the Azure conversation trace back to back (only one window in memory),
 keeps no finished request (``keep_requests=False``) and aggregates outcomes in a
-:class:`envs.sim.metrics.StreamingSummary`; it prints the resident memory every tenth of the run, which
+:class:`servegym.envs.sim.metrics.StreamingSummary`; it prints the resident memory every tenth of the run, which
 stays flat when nothing grows with the number of requests simulated.
 
 Figures are printed, never asserted: they belong to the machine they ran on.
@@ -17,12 +17,12 @@ import argparse
 import resource
 import time
 
-from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
-from envs.sim.engine import EngineConfig
-from envs.sim.metrics import StreamingSummary
-from envs.sim.policies import LeastOutstandingRequests, Observer
-from envs.sim.request import Request
-from envs.sim.workload import SloMix, TraceWorkload, stream
+from servegym.envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.metrics import StreamingSummary
+from servegym.envs.sim.policies import LeastOutstandingRequests, Observer
+from servegym.envs.sim.request import Request
+from servegym.envs.sim.workload import SloMix, TraceWorkload, stream
 
 SCENARIOS = {
     # name: (groups, rate_scale on the Azure conversation trace)

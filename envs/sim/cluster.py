@@ -1,8 +1,8 @@
 """The cluster: engines built from instance groups, the arrival process, the router and its view.
 
 The simulator never imports agents: the routing, batching and pool policies arrive as objects of the
-base classes of :mod:`envs.sim.policies`, and anyone else follows the run as an
-:class:`envs.sim.policies.Observer` registered with :meth:`Cluster.subscribe`.
+base classes of :mod:`servegym.envs.sim.policies`, and anyone else follows the run as an
+:class:`servegym.envs.sim.policies.Observer` registered with :meth:`Cluster.subscribe`.
 
 Prefill/decode disaggregation: engines of role ``prefill`` compute prompts and hand each request over
 to a decode-capable engine (role ``decode`` or ``both``) chosen by the router's ``route_decode`` (least
@@ -22,17 +22,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
-
-from envs.sim.engine import Engine, EngineConfig
-from envs.sim.errors import ClusterConfigError
-from envs.sim.metrics import SimResult
-from envs.sim.policies import BatchPolicy, Observer, PoolPolicy, RoutingPolicy, VllmPolicy, check_policy, overrides
-from envs.sim.request import Request, State
-from envs.sim.roles import SERVING_ROLES, TAKES_NEW, Role, flip_allowed
-from envs.sim.router_tap import RouterTap
-from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
-from perfmodel.errors import PerfModelError
-from perfmodel.structural import StructuralModel
+from servegym.envs.sim.engine import Engine, EngineConfig
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.metrics import SimResult
+from servegym.envs.sim.policies import (
+    BatchPolicy,
+    Observer,
+    PoolPolicy,
+    RoutingPolicy,
+    VllmPolicy,
+    check_policy,
+    overrides,
+)
+from servegym.envs.sim.request import Request, State
+from servegym.envs.sim.roles import SERVING_ROLES, TAKES_NEW, Role, flip_allowed
+from servegym.envs.sim.router_tap import RouterTap
+from servegym.envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
+from servegym.perfmodel.errors import PerfModelError
+from servegym.perfmodel.structural import StructuralModel
 
 __all__ = ["Cluster", "ClusterConfig", "InstanceGroup", "KvLink", "check_buildable"]
 

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from envs.sim.cluster import DEFAULT_LINKS, ClusterConfig, InstanceGroup, KvLink
-from envs.sim.engine import EngineConfig
-from envs.sim.errors import ClusterConfigError
-from envs.sim.workload import (
+from servegym.envs.sim.cluster import DEFAULT_LINKS, ClusterConfig, InstanceGroup, KvLink
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.workload import (
     ConcatWorkload,
     LengthSampler,
     RateSchedule,

@@ -28,17 +28,16 @@ from typing import Protocol
 
 import numpy as np
 import simpy
-
-from envs.sim.errors import ClusterConfigError
-from envs.sim.policies import BatchPolicy, EngineView, check_policy, overrides
-from envs.sim.prefix_cache import PrefixCache
-from envs.sim.request import Request, State
-from envs.sim.roles import SERVING_ROLES, Role
-from envs.sim.view import EngineInfo
-from perfmodel.batch import StepBatch
-from perfmodel.capacity import KvCapacity, kv_capacity
-from perfmodel.catalog import get_gpu, get_model
-from perfmodel.structural import StructuralModel, structural_model
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.policies import BatchPolicy, EngineView, check_policy, overrides
+from servegym.envs.sim.prefix_cache import PrefixCache
+from servegym.envs.sim.request import Request, State
+from servegym.envs.sim.roles import SERVING_ROLES, Role
+from servegym.envs.sim.view import EngineInfo
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.capacity import KvCapacity, kv_capacity
+from servegym.perfmodel.catalog import get_gpu, get_model
+from servegym.perfmodel.structural import StructuralModel, structural_model
 
 
 class EngineHost(Protocol):

@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-
-from envs.sim.policies import Observer
-from envs.sim.request import Request, State
+from servegym.envs.sim.policies import Observer
+from servegym.envs.sim.request import Request, State
 
 if TYPE_CHECKING:
-    from envs.sim.engine import Engine
+    from servegym.envs.sim.engine import Engine
 
 RECORD_COLUMNS = (
     "id",

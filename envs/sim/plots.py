@@ -42,7 +42,7 @@ FIDELITY_MARKERS = {"ttft": "o", "tpot": "s", "e2e": "^"}
 def fidelity_scatter(table: pd.DataFrame, path: Path, title: str = "") -> None:
     """Measured vs simulated latency, log-log: one marker per (run, stage, metric), filled for the mean and
     hollow for the P90, shape by metric, colour by run; the diagonal is perfect fidelity, the dotted lines
-    a factor of two either way. ``table`` has the columns of :func:`envs.sim.serving_runs.replay`."""
+    a factor of two either way. ``table`` has the columns of :func:`servegym.envs.sim.serving_runs.replay`."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -32,16 +32,15 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import simpy
-
-from envs.sim.errors import ClusterConfigError
-from envs.sim.roles import Role
-from envs.sim.view import ClusterView, RequestInfo
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.roles import Role
+from servegym.envs.sim.view import ClusterView, RequestInfo
 
 if TYPE_CHECKING:
-    from envs.sim.engine import Engine, EngineConfig
-    from envs.sim.request import Request
-    from perfmodel.batch import StepBatch
-    from perfmodel.structural import StructuralModel
+    from servegym.envs.sim.engine import Engine, EngineConfig
+    from servegym.envs.sim.request import Request
+    from servegym.perfmodel.batch import StepBatch
+    from servegym.perfmodel.structural import StructuralModel
 
 
 def least_outstanding(view: ClusterView, candidates: Sequence[int]) -> int:

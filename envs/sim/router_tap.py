@@ -19,17 +19,16 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
-
-from envs.sim.view import EngineInfo, EngineSnapshot
-from perfmodel.batch import StepBatch
-from perfmodel.structural import StructuralModel
+from servegym.envs.sim.view import EngineInfo, EngineSnapshot
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.structural import StructuralModel
 
 EWMA_WEIGHT = 0.1  # per relayed token gap
 _KEEP = 1.0 - EWMA_WEIGHT
 
 
 class ModelSource(Protocol):
-    """Gives an engine's structural performance model (``envs.features.EngineModels`` does)."""
+    """Gives an engine's structural performance model (``servegym.envs.features.EngineModels`` does)."""
 
     def __call__(self, info: EngineInfo) -> StructuralModel: ...
 

@@ -1,7 +1,7 @@
 """Fit performance-model coefficients so that *simulated serving* matches *measured serving*.
 
-Each candidate coefficient vector becomes an in-memory profile (``perfmodel.profile.register_profile``)
-under which every measured run is replayed (:func:`envs.sim.serving_runs.replay`); the residuals are the
+Each candidate coefficient vector becomes an in-memory profile (``servegym.perfmodel.profile.register_profile``)
+under which every measured run is replayed (:func:`servegym.envs.sim.serving_runs.replay`); the residuals are the
 log-ratios simulated/measured of each stage's TTFT, TPOT and E2E means and P90s, and scipy's bounded
 least squares moves the coefficients. Software-stack terms (per-step CPU overhead, the serving stack's
 per-request latency, the all-reduce latency) are shared by every GPU, model and TP degree; hardware terms
@@ -19,17 +19,16 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares
-
-from envs.sim.serving_runs import METRICS, STATS, ServingRun, replay
-from perfmodel.catalog import get_gpu
-from perfmodel.profile import Coefficients, Profile, load_profile, register_profile
+from servegym.envs.sim.serving_runs import METRICS, STATS, ServingRun, replay
+from servegym.perfmodel.catalog import get_gpu
+from servegym.perfmodel.profile import Coefficients, Profile, load_profile, register_profile
 
 CANDIDATE = "serving-candidate"
 
 
 @dataclass(frozen=True)
 class Term:
-    """One fitted coefficient: its name in :class:`perfmodel.profile.Coefficients`, bounds, and whose it is
+    """One fitted coefficient: its name in :class:`servegym.perfmodel.profile.Coefficients`, bounds, and whose it is
     (``gpu`` for a hardware term, None for a software-stack term shared by all)."""
 
     name: str

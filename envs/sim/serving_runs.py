@@ -8,7 +8,7 @@ played one after another (each an arrival process, prompt and output lengths, an
 :func:`replay` plays the same stages through one simulated engine under a chosen performance profile and
 compares the stage's simulated TTFT, TPOT and E2E (mean and P90, over the requests that arrived in it)
 with the measured ones — the table a calibration loop minimises (it registers candidate coefficients
-with :func:`perfmodel.profile.register_profile` and replays under their name).
+with :func:`servegym.perfmodel.profile.register_profile` and replays under their name).
 
 Three formats, read by :func:`read_runs` (which also finds them in a folder):
 
@@ -24,9 +24,9 @@ Three formats, read by :func:`read_runs` (which also finds them in a folder):
   is in ``docs/calibration.md``.
 
 Shared prefixes (a system prompt per group of users, then a question) map onto the simulator's prefix
-hashes with one segment per KV block (:func:`envs.sim.workload.shared_prefix_hashes`), so prefix caching
+hashes with one segment per KV block (:func:`servegym.envs.sim.workload.shared_prefix_hashes`), so prefix caching
 reuses exactly the system prompt's full blocks, as vLLM's block hashes do. Malformed input raises
-:class:`envs.sim.errors.ServingRunError` naming the file and the field.
+:class:`servegym.envs.sim.errors.ServingRunError` naming the file and the field.
 """
 
 from __future__ import annotations
@@ -43,14 +43,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-
-from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
-from envs.sim.engine import EngineConfig
-from envs.sim.errors import ServingRunError
-from envs.sim.policies import LeastOutstandingRequests
-from envs.sim.request import Request, State
-from envs.sim.workload import RateSchedule, shared_prefix_hashes
-from perfmodel.catalog import CatalogError, get_gpu, get_model, gpu_names
+from servegym.envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.errors import ServingRunError
+from servegym.envs.sim.policies import LeastOutstandingRequests
+from servegym.envs.sim.request import Request, State
+from servegym.envs.sim.workload import RateSchedule, shared_prefix_hashes
+from servegym.perfmodel.catalog import CatalogError, get_gpu, get_model, gpu_names
 
 FORMAT = "servegym.serving_run/1"
 ARRIVALS = ("even", "poisson", "exact")  # evenly spaced (a client's constant load), Poisson, or as recorded

@@ -4,7 +4,7 @@ Snapshots carry vLLM's Prometheus names (``vllm:num_requests_running`` → ``num
 With a refresh interval Δ > 0 a policy deciding at time t sees the gauges scraped at ⌊t/Δ⌋·Δ, as a
 router scraping every Δ does; Δ = 0 gives the live state. What the router knows from its own traffic
 (requests and prompt tokens sent and not finished, pending prefill, decodes and their KV, the relayed
-inter-token time: :mod:`envs.sim.router_tap`) is always current, in the simulator as in the router
+inter-token time: :mod:`servegym.envs.sim.router_tap`) is always current, in the simulator as in the router
 service. A request's true output length is hidden unless the cluster runs in oracle mode.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from envs.sim.request import SloClass
-from envs.sim.roles import TAKES_DECODE, TAKES_NEW, Role
-from perfmodel.batch import StepBatch
+from servegym.envs.sim.request import SloClass
+from servegym.envs.sim.roles import TAKES_DECODE, TAKES_NEW, Role
+from servegym.perfmodel.batch import StepBatch
 
 
 @dataclass(slots=True)  # not frozen: construction is 8x cheaper, and it is on every step and decision

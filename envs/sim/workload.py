@@ -16,9 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-
-from envs.sim.request import Request, SloClass
-from envs.sim.traces import TRACE_DIR, Trace, TraceError, read_trace
+from servegym.envs.sim.request import Request, SloClass
+from servegym.envs.sim.traces import TRACE_DIR, Trace, TraceError, read_trace
 
 LENGTH_SAMPLES = {"arxiv": TRACE_DIR / "arxiv_summarization_lengths.csv.gz"}
 STREAMS = {"arrivals": 0, "lengths": 1, "slo": 2, "sessions": 3}

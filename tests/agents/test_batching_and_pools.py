@@ -3,17 +3,16 @@
 from types import SimpleNamespace
 
 import pytest
+from servegym.agents.batching import Larry, Lens
+from servegym.agents.pools import Arrow, SlaPlanner
+from servegym.envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.policies import LeastOutstandingRequests
+from servegym.envs.sim.request import Request, SloClass
+from servegym.envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.structural import StructuralModel
 from viewkit import info, request, snap, view
-
-from agents.batching import Larry, Lens
-from agents.pools import Arrow, SlaPlanner
-from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
-from envs.sim.engine import EngineConfig
-from envs.sim.policies import LeastOutstandingRequests
-from envs.sim.request import Request, SloClass
-from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
-from perfmodel.batch import StepBatch
-from perfmodel.structural import StructuralModel
 
 
 def fake_engine(n_dec=0, ctx_sum=0, waiting=0, index=0):

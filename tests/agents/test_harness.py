@@ -5,9 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from agents.configs import named_configs
-from agents.harness import (
+from servegym.agents.configs import named_configs
+from servegym.agents.harness import (
     Task,
     confidence_interval,
     max_sustainable_load,

@@ -3,17 +3,16 @@ than chance on a loaded heterogeneous cluster."""
 
 import numpy as np
 import pytest
+import servegym.envs as envs  # noqa: F401  (registers the ids)
 from sb3_contrib import MaskablePPO
+from servegym.agents.imitation import collect_demonstrations, pretrain
+from servegym.agents.learned import FeatureRouter
+from servegym.agents.routing.classic import RandomRouter
+from servegym.agents.slot_policy import SlotPolicy
+from servegym.envs.sim.cluster import Cluster
+from servegym.envs.sim.config import cluster_from, workload_from
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
-
-import envs  # noqa: F401  (registers the ids)
-from agents.imitation import collect_demonstrations, pretrain
-from agents.learned import FeatureRouter
-from agents.routing.classic import RandomRouter
-from agents.slot_policy import SlotPolicy
-from envs.sim.cluster import Cluster
-from envs.sim.config import cluster_from, workload_from
 
 CLUSTER = {
     "snapshot_interval_s": 0.1,
@@ -27,14 +26,14 @@ WORKLOAD = {
     "slo": [{"name": "chat", "ttft_s": 1.0, "tpot_s": 0.1}],
 }
 ENV = {"cluster": CLUSTER, "workload": WORKLOAD, "max_instances": 4, "horizon": 300, "render_mode": None}
-JSQ = {"_target_": "agents.routing.classic.JoinShortestQueue"}
+JSQ = {"_target_": "servegym.agents.routing.classic.JoinShortestQueue"}
 
 
 class _Cloned(FeatureRouter):
     """The cloned network as a router (what LearnedRouter does for a saved run)."""
 
     def __init__(self, model, normalizer) -> None:
-        from envs.features import FeatureSpec
+        from servegym.envs.features import FeatureSpec
 
         super().__init__(FeatureSpec(4).manifest(), "test")
         self.model, self.normalizer = model, normalizer
@@ -48,9 +47,9 @@ class _Cloned(FeatureRouter):
 
 @pytest.fixture(scope="module")
 def cloned():
-    demos = collect_demonstrations("envs:servegym/Route-v0", ENV, JSQ, episodes=6, seed=0)
+    demos = collect_demonstrations("servegym:servegym/Route-v0", ENV, JSQ, episodes=6, seed=0)
     vec = VecNormalize(
-        make_vec_env("envs:servegym/Route-v0", n_envs=1, seed=0, vec_env_cls=DummyVecEnv, env_kwargs=ENV)
+        make_vec_env("servegym:servegym/Route-v0", n_envs=1, seed=0, vec_env_cls=DummyVecEnv, env_kwargs=ENV)
     )
     model = MaskablePPO(SlotPolicy, vec, seed=0, device="cpu", n_steps=64, batch_size=64)
     figures = pretrain(model, vec, demos, epochs=15, batch_size=128, seed=0)

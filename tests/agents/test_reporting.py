@@ -3,9 +3,8 @@
 import math
 
 import pandas as pd
-
-from agents.harness import METRICS, summarise
-from agents.reporting import SUMMARY_ROWS, cell, markdown_table, print_summary, print_tables
+from servegym.agents.harness import METRICS, summarise
+from servegym.agents.reporting import SUMMARY_ROWS, cell, markdown_table, print_summary, print_tables
 
 
 def test_a_cell_is_the_mean_and_its_half_width_in_one_format():

@@ -1,10 +1,8 @@
 """Each router's decision rule pinned on small hand-built states."""
 
 import pytest
-from viewkit import info, request, snap, view
-
-from agents.routing.cache_aware import PrefixAware, WeightedScorer
-from agents.routing.classic import (
+from servegym.agents.routing.cache_aware import PrefixAware, WeightedScorer
+from servegym.agents.routing.classic import (
     JoinShortestQueue,
     LeastKvUsage,
     LeastResidentDecode,
@@ -12,7 +10,8 @@ from agents.routing.classic import (
     RandomRouter,
     TokenAware,
 )
-from agents.routing.predictive import BlockPredictive, Prism
+from servegym.agents.routing.predictive import BlockPredictive, Prism
+from viewkit import info, request, snap, view
 
 
 def test_jsq_counts_snapshot_queues_plus_what_it_sent_since():

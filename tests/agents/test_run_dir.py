@@ -3,10 +3,9 @@
 import json
 
 import pytest
-
-from agents import run_dir
-from agents.harness import saved_policy_spec
-from envs.features import FeatureSpec
+from servegym.agents import run_dir
+from servegym.agents.harness import saved_policy_spec
+from servegym.envs.features import FeatureSpec
 
 
 def test_a_saved_run_reads_back(tmp_path):
@@ -41,15 +40,20 @@ def test_a_path_is_an_export_a_run_or_named_as_neither(tmp_path):
     (export / "policy.json").write_text('{"env_id": "servegym/Route-v0"}')
     run.mkdir()
     (run / "manifest.json").write_text('{"env_id": "servegym/Route-v0"}')
-    assert saved_policy_spec(export)["router"] == {"_target_": "agents.exported.ExportedRouter", "path": str(export)}
-    assert saved_policy_spec(export / "policy.json")["router"]["_target_"] == "agents.exported.ExportedRouter"
-    assert saved_policy_spec(run)["router"] == {"_target_": "agents.learned.LearnedRouter", "run": str(run)}
+    assert saved_policy_spec(export)["router"] == {
+        "_target_": "servegym.agents.exported.ExportedRouter",
+        "path": str(export),
+    }
+    assert saved_policy_spec(export / "policy.json")["router"]["_target_"] == "servegym.agents.exported.ExportedRouter"
+    assert saved_policy_spec(run)["router"] == {"_target_": "servegym.agents.learned.LearnedRouter", "run": str(run)}
     assert run_dir.missing_policy_file(run) == "model.zip"
     (run / "manifest.json").write_text('{"env_id": "servegym/Batch-v0"}')  # the manifest's kind picks the slot
     spec = saved_policy_spec(run)
-    assert spec["batch"]["_target_"] == "agents.learned.LearnedBatcher" and "Least" in spec["router"]["_target_"]
+    assert (
+        spec["batch"]["_target_"] == "servegym.agents.learned.LearnedBatcher" and "Least" in spec["router"]["_target_"]
+    )
     (run / "manifest.json").write_text('{"env_id": "servegym/Pools-v0"}')
-    assert saved_policy_spec(run)["pools"] == {"_target_": "agents.learned.LearnedPools", "run": str(run)}
+    assert saved_policy_spec(run)["pools"] == {"_target_": "servegym.agents.learned.LearnedPools", "run": str(run)}
     with pytest.raises(FileNotFoundError, match=r"neither an exported policy \(policy.json\) nor a training run"):
         saved_policy_spec(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match=r"no manifest\.json"):

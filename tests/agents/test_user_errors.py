@@ -1,9 +1,8 @@
 """Bad input is reported in one line with exit status 2; other errors keep their traceback."""
 
 import pytest
-
-from agents.configs import ConfigError, git_revision, named_configs
-from agents.user_errors import USER_ERRORS, exit_on_user_error
+from servegym.agents.configs import ConfigError, git_revision, named_configs
+from servegym.agents.user_errors import USER_ERRORS, exit_on_user_error
 
 
 @pytest.mark.parametrize("error", USER_ERRORS, ids=lambda e: e.__name__)

@@ -1,8 +1,8 @@
 """Hand-made router views for policy tests: snapshots and engine facts built by keyword."""
 
-from envs.sim.request import SloClass
-from envs.sim.roles import Role
-from envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
+from servegym.envs.sim.request import SloClass
+from servegym.envs.sim.roles import Role
+from servegym.envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, RequestInfo
 
 
 def info(i, gpu="H100-SXM", model="Llama-3-8B", budget=8192, kv_tokens=400_000):

@@ -9,9 +9,8 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+import servegym.envs as envs  # noqa: F401  (registers the ids)
 from envkit import pd_cluster, synthetic
-
-import envs  # noqa: F401  (registers the ids)
 
 SMALL = synthetic(40, 20.0, {"kind": "fixed", "prompt": 300, "output": 20}, ttft_s=2.0, tpot_s=0.1)
 PD = pd_cluster()

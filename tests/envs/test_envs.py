@@ -6,15 +6,14 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+import servegym.envs as envs  # noqa: F401  (registers the ids)
 from gymnasium.utils.env_checker import check_env as gym_check_env
+from servegym.agents.routing.predictive import Prism
+from servegym.envs.sim.cluster import Cluster
+from servegym.envs.sim.config import cluster_from, workload_from
+from servegym.envs.sim.policies import DecisionKind, LeastOutstandingRequests, RoundRobin
+from servegym.envs.sim.roles import Role
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
-
-import envs  # noqa: F401  (registers the ids)
-from agents.routing.predictive import Prism
-from envs.sim.cluster import Cluster
-from envs.sim.config import cluster_from, workload_from
-from envs.sim.policies import DecisionKind, LeastOutstandingRequests, RoundRobin
-from envs.sim.roles import Role
 
 SMALL_WORKLOAD = {
     "kind": "synthetic",
@@ -100,7 +99,7 @@ def test_batch_env_with_vllms_budget_equals_inline_vllm():
 
 
 def test_pools_env_keeping_the_pools_equals_inline_static_pools():
-    from envs.sim.policies import StaticPools
+    from servegym.envs.sim.policies import StaticPools
 
     env = gym.make("servegym/Pools-v0", cluster=PD, workload=SMALL_WORKLOAD)
     env.reset(seed=0, options={"workload_seed": 3, "sim_seed": 7})
@@ -305,7 +304,7 @@ def test_module_qualified_ids_work_in_subprocess_vector_envs():
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
     vec = make_vec_env(
-        "envs:servegym/Route-v0",
+        "servegym:servegym/Route-v0",
         n_envs=2,
         vec_env_cls=SubprocVecEnv,
         env_kwargs={"cluster": HETERO, "workload": SMALL_WORKLOAD, "horizon": 20},

@@ -1,11 +1,10 @@
 """The vectorised predictions of the features and the router tap equal the scalar performance model."""
 
 import pytest
-
-from envs.features import EngineModels
-from envs.sim.router_tap import next_step_tokens, predicted_step_ms
-from envs.sim.view import EngineInfo, EngineSnapshot
-from perfmodel.batch import StepBatch
+from servegym.envs.features import EngineModels
+from servegym.envs.sim.router_tap import next_step_tokens, predicted_step_ms
+from servegym.envs.sim.view import EngineInfo, EngineSnapshot
+from servegym.perfmodel.batch import StepBatch
 
 INFOS = [
     EngineInfo(0, "H100-SXM", "Llama-3-8B", 1, 8192, 256, 400_000),

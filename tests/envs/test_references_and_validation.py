@@ -6,13 +6,12 @@ import sys
 
 import gymnasium as gym
 import pytest
+import servegym.envs as envs  # noqa: F401  (registers the ids)
 from envkit import pd_cluster
-
-import envs  # noqa: F401  (registers the ids)
-from agents.pools import Arrow
-from envs.sim.errors import ClusterConfigError
-from envs.sim.policies import DecisionKind, LeastOutstandingRequests
-from envs.sim.traces import TraceError
+from servegym.agents.pools import Arrow
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.policies import DecisionKind, LeastOutstandingRequests
+from servegym.envs.sim.traces import TraceError
 
 PD_H100 = pd_cluster(monitor_interval_s=1.0, names=("prefill", "decode"))
 BUSY = {
@@ -91,9 +90,9 @@ def test_impossible_configurations_are_refused_by_make(kwargs, error, message):
 
 
 def test_the_environment_benchmark_prints_its_figures():
-    """Regression: ``python -m envs.bench`` printed nothing and exited 0 (no __main__ block)."""
+    """Regression: ``python -m servegym.envs.bench`` printed nothing and exited 0 (no __main__ block)."""
     done = subprocess.run(
-        [sys.executable, "-m", "envs.bench", "--steps", "40"], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "servegym.envs.bench", "--steps", "40"], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
     for env_id in ("Route-v0", "Batch-v0", "Pools-v0"):

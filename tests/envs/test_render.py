@@ -4,10 +4,9 @@ every environment, and info["action_mask"] beside action_masks()."""
 import gymnasium as gym
 import numpy as np
 import pytest
+import servegym.envs as envs  # noqa: F401  (registers the ids)
 from envkit import pd_cluster, synthetic
 from gymnasium.utils.env_checker import check_env
-
-import envs  # noqa: F401  (registers the ids)
 
 SMALL = synthetic(200, 30.0, {"kind": "fixed", "prompt": 400, "output": 30}, ttft_s=2.0, tpot_s=0.1)
 KINDS = {

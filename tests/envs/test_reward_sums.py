@@ -5,16 +5,15 @@ agent's SLO-meeting requests minus the reference heuristics' on the same arrival
 import gymnasium as gym
 import numpy as np
 import pytest
+import servegym.envs as envs  # noqa: F401  (registers the ids)
 from envkit import pd_cluster, synthetic
-
-import envs  # noqa: F401  (registers the ids)
-from agents.harness import Task, run_task
+from servegym.agents.harness import Task, run_task
 
 BUSY = synthetic(150, 80.0, {"kind": "lognormal", "prompt": 1500, "output": 200}, ttft_s=0.5, tpot_s=0.03)
 COLOCATED = {"groups": [{"count": 1, "engine": {"gpu": "H100-SXM"}}, {"count": 1, "engine": {"gpu": "A100-80GB"}}]}
 PD = pd_cluster()
 KINDS = {"servegym/Route-v0": COLOCATED, "servegym/Batch-v0": COLOCATED, "servegym/Pools-v0": PD}
-REFERENCE = {"router": {"_target_": "envs.sim.policies.LeastOutstandingRequests"}, "batch": None}
+REFERENCE = {"router": {"_target_": "servegym.envs.sim.policies.LeastOutstandingRequests"}, "batch": None}
 
 
 def _random_episode(env, seed: int) -> tuple[float, dict]:

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-
-from experiments.train import run
+from servegym.experiments.train import run
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-
-from experiments.evaluate import run
+from servegym.experiments.evaluate import run
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from agents.exported import ExportedRouter, ExportError, OnnxPolicy, export_run, parity
-from agents.harness import Task, run_task, saved_policy_spec
-from agents.learned import ContractMismatch
-from experiments.evaluate import run as evaluate
-from experiments.export import recorded_observations
+from servegym.agents.exported import ExportedRouter, ExportError, OnnxPolicy, export_run, parity
+from servegym.agents.harness import Task, run_task, saved_policy_spec
+from servegym.agents.learned import ContractMismatch
+from servegym.experiments.evaluate import run as evaluate
+from servegym.experiments.export import recorded_observations
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,17 +9,16 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
+import servegym.envs as envs  # noqa: F401  (registers the ids)
 from hydra import compose, initialize_config_dir
-
-import envs  # noqa: F401  (registers the ids)
-from agents.exported import export_run, parity
-from agents.harness import Task, load_policy, run_task, saved_policy_spec
-from agents.learned import KindMismatch, LearnedBatcher, LearnedPools, LearnedRouter, SavedModel
-from envs.sim.cluster import Cluster
-from envs.sim.config import cluster_from, workload_from
-from experiments.export import recorded_observations
-from experiments.export import run as export_command
-from experiments.train import run as train
+from servegym.agents.exported import export_run, parity
+from servegym.agents.harness import Task, load_policy, run_task, saved_policy_spec
+from servegym.agents.learned import KindMismatch, LearnedBatcher, LearnedPools, LearnedRouter, SavedModel
+from servegym.envs.sim.cluster import Cluster
+from servegym.envs.sim.config import cluster_from, workload_from
+from servegym.experiments.export import recorded_observations
+from servegym.experiments.export import run as export_command
+from servegym.experiments.train import run as train
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [

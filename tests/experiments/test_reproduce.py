@@ -1,6 +1,6 @@
 """The reproduction command end to end, in its quick mode."""
 
-from experiments.reproduce import main
+from servegym.experiments.reproduce import main
 
 
 def test_sal_larry_reproduction_writes_its_tables(tmp_path):

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
-
-from experiments.simulate import run
+from servegym.experiments.simulate import run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,8 +31,8 @@ SUMMARY_KEYS = {
 
 
 def _cli(tmp_path, *overrides, timeout, module=False):
-    """Run simulate.py (or ``python -m experiments.simulate``) in a subprocess, its run directory in ``tmp_path``."""
-    entry = ["-m", "experiments.simulate"] if module else [str(ROOT / "experiments" / "simulate.py")]
+    """Run simulate.py (or as a module) in a subprocess, its run directory in ``tmp_path``."""
+    entry = ["-m", "servegym.experiments.simulate"] if module else [str(ROOT / "experiments" / "simulate.py")]
     return subprocess.run(
         [sys.executable, *entry, *overrides, f"hydra.run.dir={tmp_path}"],
         capture_output=True,
@@ -101,7 +100,7 @@ def test_readme_main_command_on_a_small_window(tmp_path):
 
 def test_a_policy_whose_pools_are_its_router_runs(tmp_path):
     """conf/policy/arrow.yaml says ``pools: router``: simulate loads policies through
-    ``agents.harness.load_policy`` (it used to instantiate the string and fail)."""
+    ``servegym.agents.harness.load_policy`` (it used to instantiate the string and fail)."""
     summary = run(_compose("cluster=pd_h100", "policy=arrow", "workload.num_requests=300"), tmp_path)
     assert summary["scenario"]["policy"] == "arrow"
     assert summary["completed"] + summary["rejected"] == summary["num_requests"] == 300
@@ -115,7 +114,7 @@ def test_the_entry_point_also_runs_as_a_module(tmp_path):
 
 
 def test_a_groups_profile_is_used_and_recorded(tmp_path):
-    from perfmodel.profile import load_profile
+    from servegym.perfmodel.profile import load_profile
 
     profile = tmp_path / "copy_of_default.json"
     load_profile("default").save(profile)

@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-
-from agents.harness import Task, run_task, saved_policy_spec
-from agents.learned import ContractMismatch, LearnedRouter, SavedModel
+from servegym.agents.harness import Task, run_task, saved_policy_spec
+from servegym.agents.learned import ContractMismatch, LearnedRouter, SavedModel
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,7 @@ import json
 
 import pandas as pd
 import pytest
-
-from experiments.validate import main
+from servegym.experiments.validate import main
 
 RUN = {
     "format": "servegym.serving_run/1",

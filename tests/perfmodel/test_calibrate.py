@@ -3,13 +3,12 @@ import re
 
 import numpy as np
 import pytest
-
-from perfmodel.batch import StepBatch
-from perfmodel.calibrate import calibrate
-from perfmodel.cli import main
-from perfmodel.profile import Profile, default_profile
-from perfmodel.steplog import StepRecord
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.calibrate import calibrate
+from servegym.perfmodel.cli import main
+from servegym.perfmodel.profile import Profile, default_profile
+from servegym.perfmodel.steplog import StepRecord
+from servegym.perfmodel.structural import StructuralModel
 
 
 def _truth():

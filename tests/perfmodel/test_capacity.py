@@ -1,9 +1,8 @@
 import pytest
-
-from perfmodel.batch import StepBatch
-from perfmodel.capacity import kv_capacity, predict_tpot, predict_ttft, token_budget
-from perfmodel.catalog import CatalogError
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.capacity import kv_capacity, predict_tpot, predict_ttft, token_budget
+from servegym.perfmodel.catalog import CatalogError
+from servegym.perfmodel.structural import StructuralModel
 
 
 @pytest.fixture(scope="module")

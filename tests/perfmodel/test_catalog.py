@@ -1,8 +1,7 @@
 import json
 
 import pytest
-
-from perfmodel.catalog import CatalogError, get_gpu, get_model, model_from_hf_config, register_catalog
+from servegym.perfmodel.catalog import CatalogError, get_gpu, get_model, model_from_hf_config, register_catalog
 
 # Parameter counts and KV bytes per token derived from each model's config.json (shared model table).
 REFERENCE = {

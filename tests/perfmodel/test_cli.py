@@ -1,9 +1,8 @@
 import json
 
 import pytest
-
-from perfmodel.cli import main
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.cli import main
+from servegym.perfmodel.structural import StructuralModel
 
 
 def _write(path, lines):

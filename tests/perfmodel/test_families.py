@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-
-from perfmodel.batch import StepBatch, StepBatchArray
-from perfmodel.families import ArrowModel, RooflineModel, SaturationModel
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import StepBatch, StepBatchArray
+from servegym.perfmodel.families import ArrowModel, RooflineModel, SaturationModel
+from servegym.perfmodel.structural import StructuralModel
 
 
 def _batches(seed=0, count=300):

@@ -2,13 +2,12 @@ import json
 
 import numpy as np
 import pytest
-
-from perfmodel import microbench
-from perfmodel.calibrate import calibrate
-from perfmodel.catalog import ModelSpec, register_catalog
-from perfmodel.profile import default_profile
-from perfmodel.steplog import parse_line
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel import microbench
+from servegym.perfmodel.calibrate import calibrate
+from servegym.perfmodel.catalog import ModelSpec, register_catalog
+from servegym.perfmodel.profile import default_profile
+from servegym.perfmodel.steplog import parse_line
+from servegym.perfmodel.structural import StructuralModel
 
 TINY = ModelSpec(
     name="Tiny-GQA",
@@ -74,8 +73,8 @@ def test_cpu_microbenchmark_writes_a_log_that_calibrates(tmp_path):
 
 def test_shipped_cpu_log_predicts_held_out_steps():
     """Calibrated on the even steps of the shipped measured log, the model predicts the odd ones."""
-    from perfmodel.report import CPU_STEP_LOG
-    from perfmodel.steplog import read_steps
+    from servegym.perfmodel.report import CPU_STEP_LOG
+    from servegym.perfmodel.steplog import read_steps
 
     register_catalog(CPU_STEP_LOG.with_suffix(".catalog.yaml"))
     records = list(read_steps(CPU_STEP_LOG, need_latency=True))

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-
-from perfmodel.batch import StepBatch
-from perfmodel.online import OnlineRefit
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.online import OnlineRefit
+from servegym.perfmodel.structural import StructuralModel
 
 
 def _workload(rng, count):

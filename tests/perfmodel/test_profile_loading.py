@@ -1,11 +1,10 @@
 """Profiles by name, path or registration, and the one shared cache of structural models."""
 
 import pytest
-
-from perfmodel.batch import StepBatch
-from perfmodel.catalog import CatalogError
-from perfmodel.profile import Profile, load_profile, register_profile, shipped_profiles
-from perfmodel.structural import structural_model
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.catalog import CatalogError
+from servegym.perfmodel.profile import Profile, load_profile, register_profile, shipped_profiles
+from servegym.perfmodel.structural import structural_model
 
 PREFILL = StepBatch.prefill(4096)
 

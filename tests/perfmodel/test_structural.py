@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
-
-from perfmodel.batch import BatchError, StepBatch, StepBatchArray
-from perfmodel.catalog import CatalogError
-from perfmodel.structural import StructuralModel
+from servegym.perfmodel.batch import BatchError, StepBatch, StepBatchArray
+from servegym.perfmodel.catalog import CatalogError
+from servegym.perfmodel.structural import StructuralModel
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 import json
 
 import pytest
-
-from perfmodel.catalog import DATA_DIR
-from perfmodel.profile import default_profile, load_profile
-from perfmodel.vidur_fit import fit_vidur_profile, load_ops
+from servegym.perfmodel.catalog import DATA_DIR
+from servegym.perfmodel.profile import default_profile, load_profile
+from servegym.perfmodel.vidur_fit import fit_vidur_profile, load_ops
 
 
 def test_shipped_vidur_profile_is_reproduced_by_the_fit():

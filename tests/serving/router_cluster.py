@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
+from servegym.serving.router import RunningRouter, start_router
+from servegym.serving.router_config import router_config
+from servegym.serving.twin import RunningTwin, TwinConfig, start_twin
 from serving_helpers import FAST, MODEL, samples
-
-from serving.router import RunningRouter, start_router
-from serving.router_config import router_config
-from serving.twin import RunningTwin, TwinConfig, start_twin
 
 
 class ServedCluster:

@@ -7,9 +7,8 @@ import math
 import pytest
 import yaml
 from router_cluster import served_cluster
+from servegym.serving.loadgen import check_loopback, per_backend, replay, summary, workload_requests
 from serving_helpers import FAST, MODEL, run
-
-from serving.loadgen import check_loopback, per_backend, replay, summary, workload_requests
 
 
 def test_a_workload_replayed_through_the_router_completes_with_its_lengths(tmp_path, capsys):

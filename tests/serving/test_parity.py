@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
-from serving.loadgen import workload_requests
-from serving.parity import ParityError, compare, main, ranking
+from servegym.serving.loadgen import workload_requests
+from servegym.serving.parity import ParityError, compare, main, ranking
 
 CLUSTER = {
     "snapshot_interval_s": 0.1,

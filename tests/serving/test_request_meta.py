@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import aiohttp
 from router_cluster import served_cluster
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.policies import RoundRobin
+from servegym.envs.sim.request import SloClass
+from servegym.serving.tokens import hashed_prompt, prefix_hashes
+from servegym.serving.twin import TwinConfig, start_twin
 from serving_helpers import FAST, MODEL, run
-
-from envs.sim.engine import EngineConfig
-from envs.sim.policies import RoundRobin
-from envs.sim.request import SloClass
-from serving.tokens import hashed_prompt, prefix_hashes
-from serving.twin import TwinConfig, start_twin
 
 SLO = [{"name": "chat", "ttft_s": 2.0, "tpot_s": 0.1}, {"name": "batch", "e2e_s": 60.0}]
 

@@ -12,10 +12,9 @@ import aiohttp
 import openai
 import pytest
 from router_cluster import served_cluster
+from servegym.serving.router_config import RouterConfigError, router_config
+from servegym.serving.twin import TWIN_HEADER
 from serving_helpers import MODEL, read_events, run
-
-from serving.router_config import RouterConfigError, router_config
-from serving.twin import TWIN_HEADER
 
 SHORT = {"model": MODEL, "prompt": "hello world", "max_tokens": 3, "ignore_eos": True}
 

@@ -1,7 +1,7 @@
 """The router's view against the simulator's on recorded traffic: at every decision of a replayed window,
 the features the router computes from its own traffic (outstanding requests and prompt tokens, pending
 prefill, decodes and their KV, the next step and its predicted latency) equal what the observation contract
-computes — the simulator's router tap, :class:`envs.sim.router_tap.RouterTap` — from the twins' true token
+computes — the simulator's router tap, :class:`servegym.envs.sim.router_tap.RouterTap` — from the twins' true token
 streams at that instant, up to the requests and tokens still on the wire (the router counts a request from
 the moment it sends it and sees each token when it is relayed), and the scraped gauges are at most a few
 scrape intervals old."""
@@ -13,16 +13,15 @@ import contextlib
 
 import numpy as np
 import pytest
+from servegym.envs.features import ENGINE_FEATURES, EngineModels, FeatureContext, FeatureSpec
+from servegym.envs.sim.policies import RoundRobin
+from servegym.envs.sim.router_tap import RouterTap
+from servegym.envs.sim.view import ClusterView, EngineSnapshot, RequestInfo
+from servegym.serving.loadgen import replay
+from servegym.serving.router import start_router
+from servegym.serving.router_config import router_config
+from servegym.serving.twin import TwinConfig, start_twin
 from serving_helpers import run
-
-from envs.features import ENGINE_FEATURES, EngineModels, FeatureContext, FeatureSpec
-from envs.sim.policies import RoundRobin
-from envs.sim.router_tap import RouterTap
-from envs.sim.view import ClusterView, EngineSnapshot, RequestInfo
-from serving.loadgen import replay
-from serving.router import start_router
-from serving.router_config import router_config
-from serving.twin import TwinConfig, start_twin
 
 SCALE = 0.5  # wall seconds per simulated second: tokens spend ~1-2 ms (sim) on the wire
 ENGINES = 3
@@ -101,7 +100,7 @@ async def _recorded(requests) -> Recording:
 
 
 def _requests():
-    from envs.sim.request import Request
+    from servegym.envs.sim.request import Request
 
     rng = np.random.default_rng(3)
     arrivals = np.cumsum(rng.exponential(1 / 30.0, 48))  # 30 req/s on three engines: queues form and drain

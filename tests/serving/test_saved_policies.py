@@ -11,13 +11,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from router_cluster import served_cluster
+from servegym.agents.exported import ExportedRouter
+from servegym.agents.learned import LearnedRouter
+from servegym.serving.bench import tiny_export
+from servegym.serving.router import main as router_main
+from servegym.serving.router_config import RouterConfigError, load_routing_policy
 from serving_helpers import MODEL, run
-
-from agents.exported import ExportedRouter
-from agents.learned import LearnedRouter
-from serving.bench import tiny_export
-from serving.router import main as router_main
-from serving.router_config import RouterConfigError, load_routing_policy
 
 SLOTS = 8
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from servegym.serving.scrape import Scraper, parse_metrics
+from servegym.serving.twin import start_twin
 from serving_helpers import FAST, MODEL, run, samples
-
-from serving.scrape import Scraper, parse_metrics
-from serving.twin import start_twin
 
 
 async def _busy_page(names: str) -> str:

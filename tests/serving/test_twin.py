@@ -8,13 +8,12 @@ import aiohttp
 import numpy as np
 import pytest
 import simpy
+from servegym.envs.sim.engine import Engine
+from servegym.envs.sim.policies import VllmPolicy
+from servegym.envs.sim.request import Request
+from servegym.serving.tokens import make_prompt
+from servegym.serving.twin import TWIN_HEADER, TwinConfig, start_twin
 from serving_helpers import FAST, MODEL, read_events, run, samples
-
-from envs.sim.engine import Engine
-from envs.sim.policies import VllmPolicy
-from envs.sim.request import Request
-from serving.tokens import make_prompt
-from serving.twin import TWIN_HEADER, TwinConfig, start_twin
 
 
 async def _post(session, url, path, body):

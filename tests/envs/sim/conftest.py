@@ -1,8 +1,7 @@
 import pytest
-
-from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
-from envs.sim.engine import EngineConfig
-from envs.sim.policies import LeastOutstandingRequests
+from servegym.envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.policies import LeastOutstandingRequests
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import math
 import sys
 from pathlib import Path
 
-from agents.configs import named_configs
-from agents.harness import Task, run_task
+from servegym.agents.configs import named_configs
+from servegym.agents.harness import Task, run_task
 
 GOLDEN = Path(__file__).parent / "data" / "golden_summaries.json"
 ROOT = Path(__file__).resolve().parents[3]

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from envs.sim.serving_runs import Measured
+from servegym.envs.sim.serving_runs import Measured
 
 BLIS_EXPERIMENT = "20260101-000000-llama-2-7b-tp1-general"
 BLIS_HEADER = [

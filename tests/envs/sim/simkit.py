@@ -1,6 +1,6 @@
 """Helpers shared by the simulator tests."""
 
-from envs.sim.request import Request, SloClass
+from servegym.envs.sim.request import Request, SloClass
 
 
 def make_requests(specs):

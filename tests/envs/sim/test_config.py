@@ -1,10 +1,9 @@
 """Impossible cluster and workload configurations are named clearly (envs.sim.config and the cluster)."""
 
 import pytest
-
-from envs.sim.config import cluster_from, workload_from
-from envs.sim.errors import ClusterConfigError
-from envs.sim.workload import WorkloadError
+from servegym.envs.sim.config import cluster_from, workload_from
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.workload import WorkloadError
 
 
 @pytest.mark.parametrize(
@@ -22,8 +21,8 @@ def test_impossible_clusters_are_named(mapping, message):
 
 
 def test_unknown_gpu_is_named_with_its_group():
-    from envs.sim.cluster import Cluster
-    from envs.sim.policies import RoundRobin
+    from servegym.envs.sim.cluster import Cluster
+    from servegym.envs.sim.policies import RoundRobin
 
     with pytest.raises(ClusterConfigError, match="group big: unknown GPU 'H900'"):
         Cluster(cluster_from({"groups": [{"name": "big", "count": 1, "engine": {"gpu": "H900"}}]}), RoundRobin())

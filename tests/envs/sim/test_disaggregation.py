@@ -4,17 +4,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
+from servegym.envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
+from servegym.envs.sim.config import cluster_from
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.policies import LeastOutstandingRequests, PoolPolicy, RoundRobin, RoutingPolicy, VllmPolicy
+from servegym.envs.sim.request import State
+from servegym.envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.structural import StructuralModel
 from simkit import frontend_s, make_requests
-
-from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
-from envs.sim.config import cluster_from
-from envs.sim.engine import EngineConfig
-from envs.sim.errors import ClusterConfigError
-from envs.sim.policies import LeastOutstandingRequests, PoolPolicy, RoundRobin, RoutingPolicy, VllmPolicy
-from envs.sim.request import State
-from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
-from perfmodel.batch import StepBatch
-from perfmodel.structural import StructuralModel
 
 PREFILL, DECODE = EngineConfig(role="prefill"), EngineConfig(role="decode")
 

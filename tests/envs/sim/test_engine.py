@@ -4,15 +4,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from servegym.envs.sim.cluster import InstanceGroup
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.policies import VllmPolicy
+from servegym.envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.structural import StructuralModel
 from simkit import frontend_s, make_requests
-
-from envs.sim.cluster import InstanceGroup
-from envs.sim.engine import EngineConfig
-from envs.sim.errors import ClusterConfigError
-from envs.sim.policies import VllmPolicy
-from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
-from perfmodel.batch import StepBatch
-from perfmodel.structural import StructuralModel
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,8 @@ def test_decode_jumps_reproduce_step_by_step_simulation(run_cluster, utilization
 
 def test_observers_of_steps_see_every_step_with_its_batch_and_latency(run_cluster):
     """The feed an online refit consumes: one call per step, jumps included, latencies as simulated."""
-    from envs.sim.cluster import Cluster, ClusterConfig
-    from envs.sim.policies import LeastOutstandingRequests, Observer
+    from servegym.envs.sim.cluster import Cluster, ClusterConfig
+    from servegym.envs.sim.policies import LeastOutstandingRequests, Observer
 
     class Steps(Observer):
         def __init__(self):

@@ -2,17 +2,16 @@
 
 import gymnasium as gym
 import pytest
+import servegym.envs as envs  # noqa: F401
+from servegym.envs.features import EngineModels
+from servegym.envs.sim.cluster import Cluster
+from servegym.envs.sim.config import cluster_from
+from servegym.envs.sim.errors import ClusterConfigError
+from servegym.envs.sim.policies import LeastOutstandingRequests
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.profile import Profile, load_profile
+from servegym.perfmodel.structural import structural_model
 from simkit import make_requests
-
-import envs  # noqa: F401
-from envs.features import EngineModels
-from envs.sim.cluster import Cluster
-from envs.sim.config import cluster_from
-from envs.sim.errors import ClusterConfigError
-from envs.sim.policies import LeastOutstandingRequests
-from perfmodel.batch import StepBatch
-from perfmodel.profile import Profile, load_profile
-from perfmodel.structural import structural_model
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from servegym.envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.policies import LeastOutstandingRequests, RoundRobin, SarathiPolicy, VllmPolicy
+from servegym.envs.sim.request import State
+from servegym.envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
 from simkit import make_requests
-
-from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
-from envs.sim.engine import EngineConfig
-from envs.sim.policies import LeastOutstandingRequests, RoundRobin, SarathiPolicy, VllmPolicy
-from envs.sim.request import State
-from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
 
 ENGINES = [
     EngineConfig(gpu="H100-SXM", model="Llama-3-8B"),

@@ -4,16 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from servegym.envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.policies import LeastOutstandingRequests, RoundRobin, RoutingPolicy
+from servegym.envs.sim.prefix_cache import PrefixCache
+from servegym.envs.sim.request import Request, SloClass
+from servegym.envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload, TraceWorkload, session_hashes
+from servegym.perfmodel.batch import StepBatch
+from servegym.perfmodel.structural import StructuralModel
 from simkit import frontend_s
-
-from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
-from envs.sim.engine import EngineConfig
-from envs.sim.policies import LeastOutstandingRequests, RoundRobin, RoutingPolicy
-from envs.sim.prefix_cache import PrefixCache
-from envs.sim.request import Request, SloClass
-from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload, TraceWorkload, session_hashes
-from perfmodel.batch import StepBatch
-from perfmodel.structural import StructuralModel
 
 CACHED = EngineConfig(enable_prefix_caching=True)
 

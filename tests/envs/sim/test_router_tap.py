@@ -6,13 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
-from envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
-from envs.sim.engine import EngineConfig
-from envs.sim.policies import LeastOutstandingRequests, VllmPolicy
-from envs.sim.request import State
-from envs.sim.router_tap import RouterTap
-from envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
+from servegym.envs.sim.cluster import Cluster, ClusterConfig, InstanceGroup
+from servegym.envs.sim.engine import EngineConfig
+from servegym.envs.sim.policies import LeastOutstandingRequests, VllmPolicy
+from servegym.envs.sim.request import State
+from servegym.envs.sim.router_tap import RouterTap
+from servegym.envs.sim.workload import LengthSampler, RateSchedule, SyntheticWorkload
 
 RUNNING = (State.WAITING, State.PREFILL, State.DECODE)
 

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
+from servegym.envs.sim.serving_calibration import fit_serving, profile_with, residuals, terms_for
+from servegym.envs.sim.serving_runs import read_runs, replay
+from servegym.perfmodel.profile import load_profile, register_profile
 from servingkit import plain_run, self_measured
-
-from envs.sim.serving_calibration import fit_serving, profile_with, residuals, terms_for
-from envs.sim.serving_runs import read_runs, replay
-from perfmodel.profile import load_profile, register_profile
 
 TRUTH = {"step_overhead_ms": 0.4, "request_overhead_ms": 12.0, "attn_mem_eff": 0.8, "gemm_pad_tokens": 40.0}
 

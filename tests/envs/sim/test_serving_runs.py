@@ -5,6 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from servegym.envs.sim.errors import ServingRunError
+from servegym.envs.sim.serving_runs import read_runs, replay
+from servegym.envs.sim.workload import RateSchedule, shared_prefix_hashes
+from servegym.perfmodel.profile import Coefficients, Profile, register_profile
 from servingkit import (
     BLIS_EXPERIMENT,
     blis_folder,
@@ -15,11 +19,6 @@ from servingkit import (
     self_measured,
     write_csv,
 )
-
-from envs.sim.errors import ServingRunError
-from envs.sim.serving_runs import read_runs, replay
-from envs.sim.workload import RateSchedule, shared_prefix_hashes
-from perfmodel.profile import Coefficients, Profile, register_profile
 
 
 # -- readers -----------------------------------------------------------------------------------------------

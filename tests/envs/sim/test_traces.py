@@ -4,8 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from envs.sim.traces import TraceError, detect_format, read_trace
+from servegym.envs.sim.traces import TraceError, detect_format, read_trace
 
 DATA = Path(__file__).parent / "data"
 

@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from envs.sim.workload import (
+from servegym.envs.sim.workload import (
     LengthSampler,
     RateSchedule,
     SloMix,
@@ -87,8 +86,8 @@ def test_impossible_workloads_are_named(factory, message):
 
 
 def test_scaling_a_workload_scales_its_rate_everywhere():
-    from envs.sim.config import workload_from
-    from envs.sim.workload import scale_load
+    from servegym.envs.sim.config import workload_from
+    from servegym.envs.sim.workload import scale_load
 
     trace = workload_from({"kind": "trace", "path": "azure_conv", "rate_scale": 2.0, "num_requests": 50})
     assert scale_load(trace, 1.5).rate_scale == 3.0
