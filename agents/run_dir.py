@@ -55,17 +55,14 @@ def save_run(
     ``action_manifest()`` (what an action means, and for Batch-v0 its budgets); default: routing's."""
     model.save(out_dir / MODEL)
     vec_normalize.save(str(out_dir / VECNORMALIZE))
-    rms = vec_normalize.obs_rms
-    (out_dir / NORMALIZATION).write_text(
-        json.dumps(
-            {
-                "mean": rms.mean.tolist(),
-                "var": rms.var.tolist(),
-                "clip_obs": vec_normalize.clip_obs,
-                "epsilon": vec_normalize.epsilon,
-            }
-        )
-    )
+    if vec_normalize.norm_obs:
+        rms = vec_normalize.obs_rms
+        stats = {"mean": rms.mean.tolist(), "var": rms.var.tolist(), "clip_obs": vec_normalize.clip_obs}
+        stats.update(epsilon=vec_normalize.epsilon, norm_obs=True)
+    else:  # the policy reads the contract's scaled features as they are (the residual router): the identity
+        size = int(vec_normalize.observation_space.shape[0])
+        stats = {"mean": [0.0] * size, "var": [1.0] * size, "clip_obs": 1e6, "epsilon": 0.0, "norm_obs": False}
+    (out_dir / NORMALIZATION).write_text(json.dumps(stats))
     manifest = {
         "env_id": env_id,
         "env_version": env_id.rsplit("-v", 1)[-1],
@@ -117,7 +114,7 @@ def read_config(run: str | Path) -> DictConfig | None:
     return None
 
 
-NOT_ENV_ARGUMENTS = ("id", "expert", "compare")  # the env group's keys that train.py reads itself
+NOT_ENV_ARGUMENTS = ("id", "expert", "compare", "heuristics")  # the env group's keys train.py reads itself
 
 
 def windowed(workload: dict[str, Any], window: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +133,12 @@ def env_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kwargs = {k: v for k, v in env.items() if k not in NOT_ENV_ARGUMENTS}
     if kwargs.get("load_range") is not None:
         kwargs["load_range"] = tuple(kwargs["load_range"])
+    if env.get("heuristics"):  # a conf/policy name: warm-up, drain, the decisions the agent leaves, the reference
+        from servegym.agents.configs import named_configs
+        from servegym.agents.harness import load_policy
+
+        bundle = load_policy(named_configs("policy", [env["heuristics"]])[env["heuristics"]])
+        kwargs.update(router=bundle.router, batch=bundle.batch, pools=bundle.pools)
     workload = OmegaConf.to_container(cfg.workload, resolve=True)
     window = OmegaConf.to_container(cfg.train_window, resolve=True)
     return {

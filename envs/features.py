@@ -26,8 +26,10 @@ from servegym.perfmodel.structural import StructuralModel, structural_model
 
 # 2: prompts sent since the snapshot (PRISM's decision-lag correction) in the load features;
 # 3: pending prefill, decodes, their KV, step time and next step from the router tap (live, router-side,
-#    the same in the simulator and the router service); no corrected pending; tokens_per_step -> next_step_tokens
-FEATURE_VERSION = 3
+#    the same in the simulator and the router service); no corrected pending; tokens_per_step -> next_step_tokens;
+# 4: affinity within AFFINITY_WINDOW_S (PRISM's s_kv), so PRISM's whole score is a function of the observation
+FEATURE_VERSION = 4
+AFFINITY_WINDOW_S = 300.0  # a session routed here longer ago than this has no affinity (PRISM's window)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ ENGINE_FEATURES: tuple[Feature, ...] = (
     Feature("predicted_tpot_ms", "ms", 100.0, 10.0, "performance model: decode step with this request added"),
     Feature("prefill_capacity", "tokens/s", 100_000.0, 10.0, "static: prefill tokens/s at full budget"),
     Feature("kv_capacity", "tokens", 1_000_000.0, 10.0, "static: KV cache capacity"),
-    Feature("affinity", "flag", 1.0, 1.0, "the request's session was last routed here"),
+    Feature("affinity", "flag", 1.0, 1.0, "the request's session was last routed here, within 300 s"),
 )
 REQUEST_FEATURES: tuple[Feature, ...] = (
     Feature("prompt_tokens", "tokens", 8192.0, 16.0, "the request's prompt length"),
@@ -145,7 +147,7 @@ class FeatureContext:
 
     output_mean: float = 256.0
     engines: EngineModels = field(default_factory=EngineModels)
-    sessions: dict[int, int] = field(default_factory=dict)
+    sessions: dict[int, tuple[int, float]] = field(default_factory=dict)  # session -> (engine, when routed)
 
     correction: LocalCorrection = field(default_factory=LocalCorrection)  # requests sent since each scrape
 
@@ -153,7 +155,7 @@ class FeatureContext:
         """Record a placement: the session table and what was sent since the engine's gauges were scraped."""
         self.correction.record(view, engine, request)
         if request.session_id >= 0:
-            self.sessions[request.session_id] = engine
+            self.sessions[request.session_id] = (engine, view.now_s)
 
     def observe_completion(self, output_tokens: int) -> None:
         self.output_mean += 0.01 * (output_tokens - self.output_mean)
@@ -200,6 +202,7 @@ class FeatureSpec:
         expected = float(request.output_tokens) if request.output_tokens is not None else context.output_mean
         engines, snapshots = view.engines, view.snapshots
         last = context.sessions.get(request.session_id) if request.session_id >= 0 else None
+        affine = last[0] if last is not None and view.now_s - last[1] <= AFFINITY_WINDOW_S else None
         ttft_ms, tpot = context.engines.routed_latency_many(engines, snapshots, request.prompt_tokens)
         outstanding, outstanding_prompt, correction = (
             view.outstanding_requests,
@@ -229,7 +232,7 @@ class FeatureSpec:
                 tpot[i],
                 capacity,
                 info.kv_capacity_tokens,
-                float(last == i),
+                float(affine == i),
             ))  # fmt: skip
         slo = request.slo
         req = np.array(

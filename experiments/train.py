@@ -210,7 +210,8 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
         model = algorithm.load(model_file, env=vec, device="cpu")
         print(f"resumed from {model_file} at {model.num_timesteps} timesteps")
     else:
-        vec = VecNormalize(vec, norm_obs=True, norm_reward=True, clip_obs=10.0)
+        normalize_obs = bool(cfg.agent.get("normalize_obs", True))  # false: the policy reads the contract's scale
+        vec = VecNormalize(vec, norm_obs=normalize_obs, norm_reward=True, clip_obs=10.0)
         policy = cfg.agent.policy
         if "." in policy:  # a policy class by import path, e.g. agents.slot_policy.SlotPolicy
             module, _, name = policy.rpartition(".")
@@ -224,8 +225,8 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
             **OmegaConf.to_container(cfg.agent.kwargs, resolve=True),
         )
     model.set_logger(logger)
-    if cfg.imitation.expert and not cfg.get("resume"):
-        warm_start(model, vec, cfg, logger)
+    if cfg.imitation.expert and not cfg.get("resume") and cfg.agent.get("clone", True):
+        warm_start(model, vec, cfg, logger)  # (a residual policy starts at its base heuristic: clone: false)
     evaluations: list[dict[str, Any]] = []
 
     class PeriodicEvaluation(BaseCallback):

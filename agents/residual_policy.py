@@ -1,0 +1,105 @@
+"""A residual router: PRISM's own score plus a learned correction, so learning starts *at* the expert.
+
+Cloning PRISM into a network started ~1 point below it (65–75% agreement) and reinforcement learning spent
+its budget recovering that. Here the policy's logits are
+
+    logit_i = PRISM score_i(observation) · exp(sharpness) + residual_i(observation)
+
+with the residual's last layer initialised to zero: the untrained policy's greedy decisions *are* PRISM's
+(tests/agents/test_residual_policy.py checks every step), and training moves only where it finds a reason.
+``sharpness`` is a learned scalar (the inverse temperature): lowering exploration never reorders engines.
+
+PRISM's score comes from the observation contract alone (:mod:`servegym.envs.features`, version 4 added
+the affinity window) — ``predicted_step_ms``, ``pending_prefill_s``, ``next_step_tokens`` and ``affinity`` —
+so the same graph runs in training, evaluation, the ONNX export and the router service. The observation
+must not be normalised by VecNormalize (``conf/agent/maskable_ppo_residual.yaml`` sets
+``normalize_obs: false``): the contract's scales already keep every value within [0, 16].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from gymnasium import spaces
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from servegym.agents.slot_policy import SlotFeatures, _SlotActor
+from servegym.envs.features import ENGINE_FEATURES
+from torch import nn
+
+_COLUMN = {f.name: (j, f.scale) for j, f in enumerate(ENGINE_FEATURES)}
+
+
+class PrismScore(nn.Module):
+    """PRISM's score of every engine slot (:class:`servegym.agents.routing.predictive.Prism`) from the
+    contract's engine features, in float64 so that its order matches the heuristic's to the last bit that
+    float32 observations keep."""
+
+    def __init__(self, slots: int, slo_tpot_s: float = 0.1, weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)) -> None:
+        super().__init__()
+        self.slots, self.per_engine = slots, len(ENGINE_FEATURES)
+        self.slo_tpot_s, self.weights = float(slo_tpot_s), tuple(float(w) for w in weights)
+
+    def _column(self, engines: torch.Tensor, name: str) -> torch.Tensor:
+        j, scale = _COLUMN[name]
+        return engines[:, :, j] * scale  # back to the feature's unit
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        batch = observations.shape[0]
+        engines = observations[:, : self.slots * self.per_engine].reshape(batch, self.slots, self.per_engine).double()
+        step_s = self._column(engines, "predicted_step_ms") / 1e3
+        s_lat = torch.clamp(1.0 - torch.clamp(step_s / self.slo_tpot_s, max=5.0), min=0.0)
+        s_load = 1.0 - torch.tanh(self._column(engines, "pending_prefill_s") / 1.0)
+        tokens = self._column(engines, "next_step_tokens")
+        s_mode = torch.where(tokens < 256, 1.0, torch.where(tokens <= 1024, 0.5, 0.0)).double()
+        s_kv = self._column(engines, "affinity")
+        w_lat, w_load, w_mode, w_kv = self.weights
+        return w_lat * s_lat + w_load * s_load + w_mode * s_mode + w_kv * s_kv
+
+
+class ResidualFeatures(SlotFeatures):
+    """:class:`SlotFeatures` whose slot logits are PRISM's score, sharpened, plus the shared scorer's output
+    (the residual, zero at initialisation); the pooled context for the critic follows as before."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Box,
+        hidden: int = 64,
+        slo_tpot_s: float = 0.1,
+        weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0),
+        temperature: float = 0.05,
+    ) -> None:
+        super().__init__(observation_space, hidden)
+        self.zero_residual()
+        self.base = PrismScore(self.slots, slo_tpot_s, weights)
+        self.sharpness = nn.Parameter(torch.tensor(-math.log(temperature), dtype=torch.float32))
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        out = super().forward(observations)
+        base = self.base(observations) * self.sharpness.double().exp()
+        # the float64 base decides the order; adding the float32 residual in float64 keeps it when it is zero
+        logits = (base + out[:, : self.slots].double()).float()
+        return torch.cat([logits, out[:, self.slots :]], dim=1)
+
+    def zero_residual(self) -> None:
+        """The residual's last layer to zero: the policy is PRISM (again)."""
+        with torch.no_grad():
+            self.scorer[-1].weight.zero_()
+            self.scorer[-1].bias.zero_()
+
+    def residual(self, observations: torch.Tensor) -> torch.Tensor:
+        """The learned correction alone (for diagnostics: how far the policy has moved from PRISM)."""
+        return SlotFeatures.forward(self, observations)[:, : self.slots]
+
+
+class ResidualSlotPolicy(_SlotActor, MaskableActorCriticPolicy):
+    """MaskablePPO's policy with :class:`ResidualFeatures`: the actor is PRISM plus the residual, the critic
+    reads them detached (as :class:`servegym.agents.slot_policy.SlotPolicy` does)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("features_extractor_class", ResidualFeatures)
+        super().__init__(*args, **kwargs)
+
+    def _build(self, lr_schedule) -> None:
+        super()._build(lr_schedule)
+        self.features_extractor.zero_residual()  # SB3's orthogonal initialisation rewrote it
