@@ -115,6 +115,53 @@ def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float
     return figures
 
 
+def distill(model, cfg: DictConfig, logger, validate) -> None:
+    """Rollout distillation (agents/rollout_distill.py): per iteration, roll in with the current policy, label
+    every ``label_every``-th decision with each engine's branched outcome under the base heuristic, add the
+    labels to the earlier ones and refit the actor; validate after each refit."""
+    import gymnasium as gym
+    from servegym.agents.rollout_distill import Labels, collect, fit, gain
+
+    settings = cfg.distill
+    if not cfg.env.id.endswith("Route-v0"):
+        raise ConfigError(f"distill labels routing decisions; {cfg.env.id} is not a routing environment")
+    env = gym.make(cfg.env.id, **env_kwargs(cfg)).unwrapped
+
+    def act(observation: np.ndarray, mask: np.ndarray) -> int:
+        return int(model.predict(observation, deterministic=True, action_masks=mask)[0])
+
+    labels: Labels | None = None
+    for iteration in range(int(settings.iterations)):
+        seed = int(cfg.seed) * 1_000 + 2_000_000 + iteration * int(settings.episodes)  # never a validation seed
+        fresh = collect(
+            env, act, int(settings.episodes), seed, int(settings.label_every), settings.decisions, settings.jobs
+        )
+        held_out = gain(model.policy, fresh)  # the current policy on states it has not been fitted on
+        labels = fresh if labels is None else labels + fresh
+        figures = fit(
+            model.policy,
+            labels,
+            epochs=int(settings.epochs),
+            learning_rate=float(settings.learning_rate),
+            kl_coef=float(settings.kl_coef),
+            seed=int(cfg.seed) + iteration,
+        )
+        figures.update(held_out_gain=held_out, informative=float(fresh.informative().mean()))
+        print(
+            f"distill {iteration + 1}: {len(fresh)} states labelled ({figures['informative']:.0%} informative), "
+            f"gain on fresh states before refit {held_out:+.3f} req/state, fit on {len(labels)}: "
+            f"{figures['gain_before']:+.3f} -> {figures['gain_after']:+.3f}"
+        )
+        log_figures(logger, {f"distill/{k}": v for k, v in figures.items()}, iteration)
+        if validate is not None:
+            validate(f"distill{iteration + 1}")
+    env.close()
+
+
+def _is_label(key: str) -> bool:
+    return key in ("stage", "timesteps")
+
+
 def make_wandb(cfg: DictConfig, out_dir: Path):
     """The wandb run (offline unless configured; WANDB_MODE wins), or None for other loggers."""
     if cfg.logger.kind != "wandb":
@@ -229,48 +276,51 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
         warm_start(model, vec, cfg, logger)  # (a residual policy starts at its base heuristic: clone: false)
     evaluations: list[dict[str, Any]] = []
 
-    class PeriodicEvaluation(BaseCallback):
-        """Save the current policy and compare it with the reference heuristic on fixed validation windows
-        (the policy before training too, so an imitation warm start is among the candidates for best/)."""
+    def validate(stage: str) -> None:
+        """Save the current policy and compare it with the reference heuristic on fixed validation windows;
+        best/ keeps the best so far (the untrained or cloned policy too: training can lose what it had)."""
+        probe = out_dir / "probe"
+        probe.mkdir(exist_ok=True)
+        save_policy(model, vec, cfg, probe)
+        validation = cfg.validation
+        row: dict[str, Any] = {"stage": stage, "timesteps": model.num_timesteps}
+        for scale in cfg.env.compare.validation_rate_scales:
+            first = not evaluations  # the reference's figures do not change: measure them once
+            table, _ = compare(
+                cfg,
+                probe,
+                list(validation.seeds),
+                int(validation.num_requests),
+                [cfg.env.compare.reference] if first else [],
+                int(validation.jobs),
+                scale,
+            )
+            table = table.set_index("policy")
+            row[f"learned_x{scale:g}"] = table.loc["learned", "slo_attainment"]
+            name = cfg.env.compare.reference
+            reference = f"{name}_x{scale:g}"
+            row[reference] = table.loc[name, "slo_attainment"] if first else evaluations[0][reference]
+        row["learned"] = float(np.mean([row[f"learned_x{s:g}"] for s in cfg.env.compare.validation_rate_scales]))
+        evaluations.append(row)
+        print(f"validation ({stage}): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if not _is_label(k)))
+        # a later policy must beat the best by more than a tie to replace it (the base heuristic is kept on ties)
+        if row["learned"] > max((e["learned"] for e in evaluations[:-1]), default=-1.0):
+            shutil.copytree(probe, out_dir / "best", dirs_exist_ok=True)  # PPO can collapse later
+        log_figures(logger, {f"eval/{k}": v for k, v in row.items() if not _is_label(k)}, model.num_timesteps)
 
-        def _on_training_start(self) -> None:
-            if int(cfg.eval_every):
-                self._evaluate()
+    if int(cfg.eval_every):
+        validate("start")  # the untrained, cloned or resumed policy
+    if int(cfg.distill.iterations):
+        distill(model, cfg, logger, validate if int(cfg.eval_every) else None)
+
+    class PeriodicEvaluation(BaseCallback):
+        """Validate every ``eval_every`` timesteps of RL."""
 
         def _on_step(self) -> bool:
             every = int(cfg.eval_every)
             if every and self.num_timesteps % every < int(cfg.n_envs):
-                self._evaluate()
+                validate("rl")
             return True
-
-        def _evaluate(self) -> None:
-            probe = out_dir / "probe"
-            probe.mkdir(exist_ok=True)
-            save_policy(self.model, self.model.get_env(), cfg, probe)
-            validation = cfg.validation
-            row: dict[str, Any] = {"timesteps": self.num_timesteps}
-            for scale in cfg.env.compare.validation_rate_scales:
-                first = not evaluations  # the reference's figures do not change: measure them once
-                table, _ = compare(
-                    cfg,
-                    probe,
-                    list(validation.seeds),
-                    int(validation.num_requests),
-                    [cfg.env.compare.reference] if first else [],
-                    int(validation.jobs),
-                    scale,
-                )
-                table = table.set_index("policy")
-                row[f"learned_x{scale:g}"] = table.loc["learned", "slo_attainment"]
-                name = cfg.env.compare.reference
-                reference = f"{name}_x{scale:g}"
-                row[reference] = table.loc[name, "slo_attainment"] if first else evaluations[0][reference]
-            row["learned"] = float(np.mean([row[f"learned_x{s:g}"] for s in cfg.env.compare.validation_rate_scales]))
-            evaluations.append(row)
-            print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k != "timesteps"))
-            if row["learned"] > max((e["learned"] for e in evaluations[:-1]), default=-1.0):
-                shutil.copytree(probe, out_dir / "best", dirs_exist_ok=True)  # PPO can collapse later
-            log_figures(logger, {f"eval/{k}": v for k, v in row.items() if k != "timesteps"}, self.num_timesteps)
 
     callbacks = [PeriodicEvaluation()]
     if int(cfg.checkpoint_every):
@@ -282,12 +332,13 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
                 save_vecnormalize=True,
             )
         )
-    model.learn(
-        total_timesteps=int(cfg.total_timesteps),
-        callback=CallbackList(callbacks),
-        progress_bar=bool(cfg.progress),
-        reset_num_timesteps=not cfg.get("resume"),
-    )
+    if int(cfg.total_timesteps):
+        model.learn(
+            total_timesteps=int(cfg.total_timesteps),
+            callback=CallbackList(callbacks),
+            progress_bar=bool(cfg.progress),
+            reset_num_timesteps=not cfg.get("resume"),
+        )
     save_policy(model, vec, cfg, out_dir)
     if evaluations:
         import pandas as pd

@@ -1,0 +1,143 @@
+"""Rollout distillation: label visited states with every engine's branched outcome, fit the residual to it.
+
+A counterfactual window's return is one noisy number for 64 decisions, of which 3–5 matter (docs/training.md);
+PPO spends most of its budget averaging that noise. Here every labelled state gets one number *per action*:
+:meth:`servegym.envs.base.ServeGymEnv.rollout_values` forks the simulation at the decision, answers it with each
+allowed engine, lets the base heuristic (the environment's inline router, PRISM) decide everything after, and
+counts the requests that meet their SLO — all branches on the same future (arrivals and step noise), so the
+differences are the action's effect alone. That is a rollout expert (AggreVaTe: roll in with the current policy,
+label with the expert, aggregate, refit), and the advantage ``A(s, a) = V(s, a) − mean_a V(s, a)`` is the
+target of a cost-sensitive fit: maximise ``E_s[Σ_a π(a|s) A(s, a)]`` (the policy's expected gain over the
+states' average action) with a KL penalty that holds the policy at its base where the labels say nothing.
+
+The labels know the window's true future; the policy sees only the observation contract, so what it learns
+is the part of the advantage the observation predicts (the deployable part of the oracle headroom).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Labels:
+    """Labelled states: observations, action masks, per-action advantages (0 where masked) and the
+    greedy action of the policy that rolled in (the one the environment took)."""
+
+    observations: np.ndarray
+    masks: np.ndarray
+    advantages: np.ndarray
+    taken: np.ndarray
+
+    @classmethod
+    def empty(cls, size: int, slots: int) -> Labels:
+        return cls(np.zeros((0, size), np.float32), np.zeros((0, slots), bool), np.zeros((0, slots)), np.zeros(0, int))
+
+    def __len__(self) -> int:
+        return len(self.taken)
+
+    def __add__(self, other: Labels) -> Labels:
+        return Labels(*(np.concatenate([a, b]) for a, b in zip(vars(self).values(), vars(other).values(), strict=True)))
+
+    def informative(self) -> np.ndarray:
+        """States where some allowed action differs from another by at least one SLO-met request."""
+        best = np.where(self.masks, self.advantages, -np.inf).max(1)
+        worst = np.where(self.masks, self.advantages, np.inf).min(1)
+        return best - worst >= 1.0
+
+
+def collect(
+    env,
+    act: Callable[[np.ndarray, np.ndarray], int],
+    episodes: int,
+    seed: int,
+    label_every: int = 4,
+    decisions: int | None = 32,
+    jobs: int | None = None,
+) -> Labels:
+    """Roll in with ``act`` (observation, mask → action) for ``episodes`` episodes of ``env`` and label every
+    ``label_every``-th decision with :meth:`rollout_values` (``decisions`` base-heuristic decisions after the
+    branch, then the drain). Episode ``k`` is reset with seed ``seed + k``: the same call gives the same labels."""
+    size, slots = env.observation_space.shape[0], env.action_space.n
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
+    for k in range(episodes):
+        obs, info = env.reset(seed=seed + k)
+        done, step = False, 0
+        while not done:
+            mask = info["action_mask"]
+            action = int(act(obs, mask))
+            if step % label_every == 0:
+                values = env.rollout_values(decisions=decisions, jobs=jobs)
+                value = np.zeros(slots)
+                for a, v in values.items():
+                    value[a] = v
+                allowed = np.array(sorted(values))
+                advantage = np.zeros(slots)
+                advantage[allowed] = value[allowed] - value[allowed].mean()
+                rows.append((obs.copy(), mask.copy(), advantage, action))
+            obs, _, terminated, truncated, info = env.step(action)
+            done, step = terminated or truncated, step + 1
+    if not rows:
+        return Labels.empty(size, slots)
+    observations, masks, advantages, taken = zip(*rows, strict=True)
+    return Labels(np.stack(observations), np.stack(masks), np.stack(advantages), np.asarray(taken))
+
+
+def _logits(policy, observations: torch.Tensor) -> torch.Tensor:
+    features = policy.extract_features(observations, policy.pi_features_extractor)
+    return policy.action_net(policy.mlp_extractor.forward_actor(features))
+
+
+def gain(policy, labels: Labels) -> float:
+    """Mean advantage of the policy's greedy action over the labelled states (requests per state): how much
+    better than the states' average action its choices are, on the labels' true futures."""
+    if not len(labels):
+        return 0.0
+    with torch.no_grad():
+        logits = _logits(policy, torch.as_tensor(labels.observations))
+        logits = torch.where(torch.as_tensor(labels.masks), logits, torch.full_like(logits, -1e9))
+        greedy = logits.argmax(1).numpy()
+    return float(labels.advantages[np.arange(len(labels)), greedy].mean())
+
+
+def fit(
+    policy,
+    labels: Labels,
+    epochs: int = 30,
+    learning_rate: float = 1e-3,
+    batch_size: int = 256,
+    kl_coef: float = 0.05,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fit the actor (the residual and the sharpness) to maximise the expected advantage, a KL penalty to the
+    policy as it was before the fit holding it where the labels say nothing. Returns the loss and the
+    greedy gain (:func:`gain`) before and after, on the labels."""
+    observations = torch.as_tensor(labels.observations)
+    masks = torch.as_tensor(labels.masks)
+    scale = float(np.std(labels.advantages[labels.masks])) or 1.0
+    advantages = torch.as_tensor(labels.advantages / scale, dtype=torch.float32)
+    before = gain(policy, labels)
+    with torch.no_grad():
+        reference = torch.log_softmax(torch.where(masks, _logits(policy, observations), -1e9), 1)
+    actor = [p for name, p in policy.named_parameters() if "features_extractor" in name and "context" not in name]
+    optimizer = torch.optim.Adam(actor, lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    loss_value = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), batch_size):
+            batch = order[start : start + batch_size]
+            log_pi = torch.log_softmax(torch.where(masks[batch], _logits(policy, observations[batch]), -1e9), 1)
+            pi = log_pi.exp()
+            expected = (pi * advantages[batch]).sum(1).mean()
+            kl = (pi * (log_pi - reference[batch])).where(masks[batch], 0.0).sum(1).mean()
+            loss = -expected + kl_coef * kl
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_value = float(loss)
+    return {"loss": loss_value, "gain_before": before, "gain_after": gain(policy, labels), "states": len(labels)}
