@@ -13,12 +13,13 @@ import copy
 import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from servegym.envs import render
+from servegym.envs.branch import fork_map
 from servegym.envs.features import FeatureContext, FeatureSpec, observation_table
 from servegym.envs.render import RENDER_MODES
 from servegym.envs.sim.cluster import Cluster, ClusterConfig, check_buildable
@@ -451,6 +452,141 @@ class ServeGymEnv(gym.Env):
         decision.answer(answer)
         return penalty
 
+    # -- branching: continuations of the current state in forked children (envs/branch.py) ---------------
+    def branch(
+        self,
+        fn: Callable[[ServeGymEnv, Any], Any],
+        items: Sequence[Any],
+        jobs: int | None = None,
+        reseed: int | None = None,
+        resample_lengths: bool = False,
+    ) -> list[Any]:
+        """``[fn(env, item) for item in items]``, each call on a copy of this environment as it is now, in a
+        forked child (:func:`servegym.envs.branch.fork_map`: no torch in ``fn``, Linux fork only); this
+        environment is unchanged. ``fn`` may step the copy, answer its pending decision, simulate on; its
+        result must pickle. Every branch has the same random numbers (step noise, the workload's future
+        arrivals), so branches differ only by what ``fn`` does, unless ``reseed`` is given: then every
+        branch draws its step noise from ``default_rng([reseed, engine])`` instead — one *sampled* future,
+        shared by all branches, other than the true one — and with ``resample_lengths`` the requests that
+        have not arrived yet swap their (prompt, output, prefix, session) at random among themselves
+        (the arrival times stay: the marginal length distribution is the workload's own)."""
+        if self.sim is None:
+            raise RuntimeError("call reset() before branch()")
+
+        def run(item: Any) -> Any:
+            if reseed is not None:
+                self._resample_future(int(reseed), resample_lengths)
+            return fn(self, item)
+
+        return fork_map(run, items, jobs=jobs)
+
+    def _resample_future(self, seed: int, lengths: bool) -> None:
+        """In a branch: step noise from ``seed``, and optionally the future arrivals' lengths permuted."""
+        for engine in self.sim.engines:
+            engine.rng = np.random.default_rng([seed, engine.index])
+        if lengths:
+            now = self.sim.env.now
+            future = [r for r in self._requests if r.state is State.PENDING and r.arrival_s > now]
+            rng = np.random.default_rng([seed, 1 << 20])
+            drawn = [(r.prompt_tokens, r.output_tokens, r.hash_ids, r.session_id) for r in future]
+            for request, index in zip(future, rng.permutation(len(future)), strict=True):
+                request.prompt_tokens, request.output_tokens, request.hash_ids, request.session_id = drawn[index]
+
+    def rollout_values(
+        self,
+        actions: Sequence[int] | None = None,
+        decisions: int | None = None,
+        jobs: int | None = None,
+        reseed: int | None = None,
+        resample_lengths: bool = False,
+    ) -> RolloutValues:
+        """The value of each action at the pending decision, by simulation: in a forked child per action,
+        answer the decision with it, let the inline router (``router=``, e.g. PRISM) make every later
+        decision for ``decisions`` more decisions (None: until the episode would truncate, at ``horizon``
+        decisions or ``horizon_s``; without either, to the end of the workload), then simulate on until
+        every counted request has finished. The value is the number of counted requests that meet their
+        SLO; counted are the requests unfinished at the branch point (the pending one included) and those
+        arriving before the continuation ended — the same set in every branch, so differences between
+        actions are their effects on one shared future (``reseed``/``resample_lengths``: a sampled one, see
+        :meth:`branch`). This environment does not step (its state is unchanged).
+
+        Returns a dict action → value (default actions: every unmasked one; a masked action is answered
+        with the fallback, as ``step`` would) with ``.base_action`` (what the inline router would choose)
+        and ``.base_value`` (its value), so an advantage is ``values[a] - values.base_value``."""
+        if self._pending is None:
+            raise RuntimeError("no pending decision to branch (call reset(), or the episode has ended)")
+        if actions is None:
+            actions = [int(a) for a in np.flatnonzero(self._mask(self._pending))]
+        actions = list(dict.fromkeys(actions))
+        if decisions is not None and (not isinstance(decisions, numbers.Integral) or decisions < 0):
+            raise ValueError(f"decisions must be a number of decisions >= 0 (or None), got {decisions!r}")
+
+        def value(env: ServeGymEnv, action: Any) -> tuple[Any, float]:
+            return env._continuation(action, decisions)
+
+        outcomes = self.branch(value, [_BASE_ACTION, *actions], jobs, reseed, resample_lengths)
+        base_action = outcomes[0][0]
+        values = RolloutValues({action: outcome[1] for action, outcome in zip(actions, outcomes[1:], strict=True)})
+        values.base_action = base_action
+        if base_action in values:
+            values.base_value = values[base_action]
+        else:
+            values.base_value = self.branch(value, [base_action], jobs, reseed, resample_lengths)[0][1]
+        return values
+
+    def rollout_value_of_base(
+        self, decisions: int | None = None, reseed: int | None = None, resample_lengths: bool = False
+    ) -> tuple[Any, float]:
+        """(the inline router's action at the pending decision, its rollout value) — see :meth:`rollout_values`."""
+        values = self.rollout_values(actions=[], decisions=decisions, reseed=reseed, resample_lengths=resample_lengths)
+        return values.base_action, values.base_value
+
+    def _continuation(self, action: Any, decisions: int | None) -> tuple[Any, float]:
+        """In a branch: answer the pending decision with ``action`` (``_BASE_ACTION``: the inline router's
+        answer, which is then only returned, with no value), continue under the inline heuristics, drain
+        the counted requests; (the answer given, their SLO-meeting count)."""
+        pending, ended = self._pending, (State.FINISHED, State.REJECTED)
+        if action is _BASE_ACTION:
+            return self._inline_answer(pending.kind, pending.view, pending.request, pending.engine), math.nan
+        start = self.sim.env.now
+        counted = [r for r in self._requests if r.arrival_s <= start and r.state not in ended]
+        self._apply(pending, action)
+        self._pending = None
+        self._draining = True  # every later question is answered inline
+        if decisions is None:
+            left = self.horizon - self._decisions - 1 if self.horizon is not None else math.inf
+            deadline = self._agent_start + self.horizon_s if self.horizon_s is not None else math.inf
+        else:
+            left, deadline = decisions, math.inf
+        asked, end = 0, [math.inf]
+        inline = self._inline_answer
+
+        def counting(kind, view, request, engine):  # the questions the agent would have been asked
+            nonlocal asked
+            if end[0] == math.inf:
+                if asked >= left or view.now_s >= deadline:
+                    end[0] = view.now_s  # where step() would have truncated
+                asked += 1
+            return inline(kind, view, request, engine)
+
+        self._inline_answer = counting
+        self._simulate_while(lambda: end[0] == math.inf)
+        counted += [r for r in self._requests if start < r.arrival_s < end[0]]
+        self._placed = {r.id for r in counted if r.state not in ended}
+        rejected = self.sim.num_rejected
+
+        def going() -> bool:
+            nonlocal rejected
+            if self.sim.num_rejected != rejected:  # a rejected request never finishes
+                rejected = self.sim.num_rejected
+                self._placed = {r.id for r in counted if r.state not in ended}
+            return bool(self._placed)
+
+        self._simulate_while(going)
+        if isinstance(action, np.generic):
+            action = action.item()
+        return action, float(sum(r.slo_met for r in counted))
+
     def summary(self) -> dict[str, Any]:
         """The simulator's summary of the episode so far (the whole run once terminated)."""
         return SimResult(self._requests, self.sim.engines, self.sim.env.now, 0.0).summary()
@@ -473,6 +609,21 @@ class ServeGymEnv(gym.Env):
         vector, clipped = self.spec_features.vector(view, request, self.context, decode_phase)
         self._clipped += clipped
         return vector
+
+
+_BASE_ACTION = "<the inline router's action>"
+
+
+class RolloutValues(dict):
+    """:meth:`ServeGymEnv.rollout_values`' answer: action → value, plus ``base_action`` (the inline router's
+    choice at the decision) and ``base_value`` (its value)."""
+
+    base_action: Any = None
+    base_value: float = math.nan
+
+    def advantages(self) -> dict[Any, float]:
+        """``values[a] - base_value`` for every action."""
+        return {action: value - self.base_value for action, value in self.items()}
 
 
 def _positive_int(value: Any) -> bool:
