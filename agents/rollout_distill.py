@@ -139,5 +139,5 @@ def fit(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
     return {"loss": loss_value, "gain_before": before, "gain_after": gain(policy, labels), "states": len(labels)}

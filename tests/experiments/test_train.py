@@ -91,14 +91,21 @@ def _multirun(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_readme_main_command_on_a_small_budget(tmp_path):
-    """`make run` is `python experiments/train.py`: clone, train, compare, print the head-to-head table."""
+    """`make run` is `python experiments/train.py`: the residual router (PRISM at the start), one round of
+    rollout distillation, RL, the comparison and the head-to-head table."""
     result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "experiments/train.py"),
             *TINY,
-            "imitation.expert=vllm_prism",
-            "imitation.episodes=2",
+            "distill.iterations=1",
+            "distill.episodes=1",
+            "distill.label_every=16",
+            "distill.decisions=4",
+            "eval_every=128",
+            "validation.seeds=[990]",
+            "validation.num_requests=100",
+            "validation.jobs=1",
             "env.compare.baselines=[vllm_rr,vllm_jsq]",
             "final_eval.seeds=[1000,1001]",
             f"hydra.run.dir={tmp_path}",
@@ -109,7 +116,9 @@ def test_readme_main_command_on_a_small_budget(tmp_path):
         env={**os.environ, "WANDB_MODE": "disabled"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "imitation of vllm_prism" in result.stdout and "learned head to head" in result.stdout
+    assert "distill 1: 2 states labelled" in result.stdout and "learned head to head" in result.stdout
+    stages = pd.read_csv(tmp_path / "evaluations.csv")["stage"].tolist()
+    assert stages[:2] == ["start", "distill1"]
     duel = (tmp_path / "head_to_head.csv").read_text().splitlines()
     assert len(duel) == 3 and duel[1].split(",")[3] == "vllm_rr"  # the learned router against each baseline
 
@@ -162,10 +171,11 @@ def test_cluster_launcher_configs_compose():
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.cpus_per_task == 4
 
 
-def test_the_default_agent_is_the_slot_scorer_warm_started_by_imitation(trained_run):
+def test_the_default_agent_is_the_residual_router_validated_before_rl(trained_run):
     out, _ = trained_run
     router = LearnedRouter(out)
-    assert type(router.model.policy).__name__ == "SlotPolicy"
+    assert type(router.model.policy).__name__ == "ResidualSlotPolicy"
     assert type(router.model.policy.action_net).__name__ == "TakeSlots"
+    assert json.loads((out / "normalization.json").read_text())["norm_obs"] is False
     evaluations = (out / "evaluations.csv").read_text().splitlines()
-    assert evaluations[1].startswith("0,")  # the cloned policy is evaluated before any RL update
+    assert evaluations[1].startswith("start,0,")  # the untrained policy (PRISM) is a candidate for best/
