@@ -674,13 +674,20 @@ class ServeGymEnv(gym.Env):
             values.base_value = self.branch(value, [base_action], jobs, reseed, resample_lengths)[0][1]
         return values
 
-    def inline_action(self) -> Any:
-        """What the inline router (``router=``) would answer at the pending decision, computed in a branch
-        so that its state (session affinities, local corrections) is not advanced here."""
+    def inline_action(self, advance: bool = False) -> Any:
+        """What the inline router (``router=``) would answer at the pending decision. ``advance=False``:
+        computed in a branch, so that its state (session affinities, local corrections) does not move here;
+        ``True``: asked here, its state moving as when it decides inline (then ``step`` with the answer, or
+        another action, to stay the base policy's trajectory). The environment does not step."""
         if self._worker is not None:
-            return self._worker.call("inline_action")
-        if self._pending is None:
+            return self._worker.call("inline_action", advance)
+        pending = self._pending
+        if pending is None:
             raise RuntimeError("no pending decision (call reset(), or the episode has ended)")
+        if advance:
+            if pending.kind is DecisionKind.ROUTE:
+                return self._inline_router.route(pending.request, pending.view)
+            return self._inline_answer(pending.kind, pending.view, pending.request, pending.engine)
         return self.branch(lambda env, _: env._continuation(_BASE_ACTION, None)[0], [0])[0]
 
     def rollout_value_of_base(
@@ -722,13 +729,14 @@ class ServeGymEnv(gym.Env):
         self._simulate_while(lambda: end[0] == math.inf)
         counted += [r for r in self._requests if start < r.arrival_s < end[0]]
         self._placed = {r.id for r in counted if r.state not in ended}
-        rejected = self.sim.num_rejected
+        ticks = 0
 
-        def going() -> bool:
-            nonlocal rejected
-            if self.sim.num_rejected != rejected:  # a rejected request never finishes
-                rejected = self.sim.num_rejected
-                self._placed = {r.id for r in counted if r.state not in ended}
+        def going() -> bool:  # until every counted request has finished or can no longer meet its SLO
+            nonlocal ticks
+            ticks += 1
+            if ticks % 64 == 0:
+                now = self.sim.env.now
+                self._placed = {r.id for r in counted if r.state is not State.FINISHED and not _surely_missed(r, now)}
             return bool(self._placed)
 
         self._simulate_while(going)
