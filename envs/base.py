@@ -541,6 +541,7 @@ class ServeGymEnv(gym.Env):
         if self._worker is not None:
             outcome = self._worker.call("step", action)
             self._worker_mask = outcome[4]["action_mask"]
+            outcome[4]["snapshot_weight"] = self._snapshot[1]["snapshot_weight"]
             return outcome
         if self.sim is None:
             raise RuntimeError("call reset() before step()")
