@@ -147,10 +147,13 @@ def headroom(
     progress: bool = False,
 ) -> Headroom:
     """The base policy's SLO attainment on counterfactual windows (``warmup`` decisions by the base, then
-    ``horizon`` decisions, random ``num_requests``-request windows of ``workload`` at ``load_factor``),
+    ``horizon`` decisions, ``num_requests``-request windows of ``workload`` at ``load_factor``: random
+    windows of a trace),
     and the true- and sampled-future lookaheads over it, on the same windows (``seeds``: workload and
     simulator seeds). ``policy``: a ``conf/policy`` mapping (its router is the base)."""
-    workload = dict(workload, num_requests=num_requests, random_window=True)
+    workload = dict(workload, num_requests=num_requests)
+    if workload.get("kind") == "trace":
+        workload["random_window"] = True  # the window seed picks where in the trace
     bundle = load_policy(policy)
     env = RouteEnv(
         cluster=dict(cluster),
