@@ -19,7 +19,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from servegym.envs import render
-from servegym.envs.branch import fork_map
+from servegym.envs.branch import Worker, fork_map
 from servegym.envs.features import FeatureContext, FeatureSpec, observation_table
 from servegym.envs.render import RENDER_MODES
 from servegym.envs.sim.cluster import Cluster, ClusterConfig, check_buildable
@@ -103,6 +103,23 @@ class ServeGymEnv(gym.Env):
             after the choice that caused them, do not give.
         router / batch / pools: the heuristics of the ``relative`` reward (and the inline decisions the agent
             does not make).
+        branches: simulate the warm-up once per *snapshot* and branch this many agent episodes from it
+            (None: every reset simulates its own). The snapshot (the state at the agent's first decision)
+            stays in this process; each episode runs in a forked worker (:class:`servegym.envs.branch.Worker`,
+            Linux fork, no torch in it) that ``step`` drives through a pipe, and the relative reward's
+            reference is the inline heuristics' continuation of the snapshot (equal to the run from reset),
+            simulated once per snapshot. Episodes of one snapshot share its arrivals and step noise: they
+            differ only by the agent's actions. ``reset(seed=...)`` or ``options`` start a new snapshot.
+        drain_until: ``finished`` (the drain runs until every request it waits for has finished) or
+            ``decided`` (until each has finished or can no longer meet its SLO — its TTFT deadline passed
+            without a first token, its TPOT or E2E target already exceeded, or rejected; those are paid as
+            misses at once). The agent's requests get the same outcomes either way; requests outside the
+            agent's window that would have finished during the longer drain are not paid.
+        hard_snapshots: with ``branches``: keep a snapshot whose reference meets every SLO among the next
+            ``horizon`` arrivals (the agent's window) only with this probability (snapshots with a
+            reference miss are always kept), so training sees more of the windows where routing matters;
+            ``info["snapshot_weight"]`` is 1/p for a kept easy snapshot and 1 otherwise (weights that undo
+            the sampling), ``snapshot_stats`` counts what was built and kept.
     """
 
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}  # noqa: RUF012 (Gymnasium's convention)
@@ -125,6 +142,9 @@ class ServeGymEnv(gym.Env):
         warmup_s: float = 0.0,
         windows: int | None = None,
         render_mode: str | None = None,
+        branches: int | None = None,
+        drain_until: str = "finished",
+        hard_snapshots: float | None = None,
     ) -> None:
         if reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
@@ -149,6 +169,21 @@ class ServeGymEnv(gym.Env):
         self.warmup, self.drain = int(warmup), bool(drain)
         self.horizon_s, self.warmup_s = (float(horizon_s) if horizon_s is not None else None), float(warmup_s)
         self.windows = int(windows) if windows is not None else None
+        if branches is not None and not _positive_int(branches):
+            raise ValueError(f"branches must be a positive number of episodes per snapshot (or None), got {branches!r}")
+        if drain_until not in ("finished", "decided"):
+            raise ValueError(f"drain_until must be 'finished' or 'decided', got {drain_until!r}")
+        if hard_snapshots is not None:
+            if branches is None:
+                raise ValueError("hard_snapshots needs branches (it samples the snapshots episodes branch from)")
+            if not (isinstance(hard_snapshots, numbers.Real) and 0 < hard_snapshots <= 1):
+                raise ValueError(f"hard_snapshots must be a probability in (0, 1], got {hard_snapshots!r}")
+        self.branches, self.drain_until = (int(branches) if branches is not None else None), drain_until
+        self.hard_snapshots = float(hard_snapshots) if hard_snapshots is not None else None
+        self._worker: Worker | None = None
+        self._snapshot: tuple[np.ndarray, dict] | None = None
+        self._snapshot_left = 0
+        self.snapshot_stats = {"built": 0, "kept_hard": 0, "kept_easy": 0, "dropped": 0, "episodes": 0}
         self._window_table: list[tuple[int, int, float]] | None = None
         self._reference_cache: dict[tuple[int, int, float], dict[int, bool]] = {}
         for name, value, base in (
@@ -249,15 +284,21 @@ class ServeGymEnv(gym.Env):
     @property
     def decision(self) -> Decision | None:
         """The pending decision, as a heuristic would see it (None once the episode has ended)."""
+        if self._worker is not None:
+            raise RuntimeError("with branches, the pending decision lives in the episode worker (see action_masks())")
         return self._pending
 
     def subscribe(self, observer: Observer) -> None:
         """Let ``observer`` follow the current episode's cluster (an expert being imitated, a logger)."""
         if self.sim is None:
             raise RuntimeError("call reset() before subscribe()")
+        if self.branches is not None:
+            raise RuntimeError("subscribe() is not available with branches: the episode runs in a forked worker")
         self.sim.subscribe(observer)
 
     def action_masks(self) -> np.ndarray:
+        if self._worker is not None:
+            return self._worker_mask
         return self._mask(self._pending)
 
     def render(self) -> str | np.ndarray | None:
@@ -265,6 +306,8 @@ class ServeGymEnv(gym.Env):
         a small plot of queues and KV usage (``"rgb_array"``); None without a render mode."""
         if self.render_mode is None:
             return None
+        if self._worker is not None:
+            return self._worker.call("render")
         if self.sim is None:
             raise RuntimeError("call reset() before render()")
         view = self._pending.view if self._pending is not None else self.sim.view()
@@ -273,6 +316,70 @@ class ServeGymEnv(gym.Env):
         return render.rgb_array(view, self._pending, self._decisions)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        if self.branches is None:
+            return self._reset(seed, options)
+        self._close_worker()
+        if seed is not None or options or self._snapshot_left <= 0:
+            self._snapshot = self._new_snapshot(seed, options)
+            self._snapshot_left = self.branches
+        self._snapshot_left -= 1
+        self.snapshot_stats["episodes"] += 1
+        self._worker = Worker(self)
+        observation, info = self._snapshot
+        self._worker_mask = info["action_mask"]
+        return observation.copy(), dict(info)
+
+    def _new_snapshot(self, seed: int | None, options: dict | None) -> tuple[np.ndarray, dict]:
+        """Simulate to the agent's first decision (kept here: episodes fork from it) and the reference's
+        continuation from it; with ``hard_snapshots``, draw again until a snapshot is kept."""
+        while True:
+            observation, info = self._reset(seed, options, reference=False)
+            seed = None
+            self.snapshot_stats["built"] += 1
+            if self.reward_kind == "relative" or self.hard_snapshots is not None:
+                key = (self._workload_seed, self._sim_seed, self.load_factor)
+                if key not in self._reference_cache:
+                    if len(self._reference_cache) >= (self.windows or 1):
+                        self._reference_cache.pop(next(iter(self._reference_cache)))
+                    self._reference_cache[key] = fork_map(lambda _: self._reference_continuation(), [0])[0]
+                self._reference = self._reference_cache[key]
+            weight = 1.0
+            if self.hard_snapshots is not None:
+                now = self.sim.env.now
+                window = [r for r in self._requests if r.arrival_s >= now][: self.horizon or len(self._requests)]
+                if any(not self._reference.get(r.id, False) for r in window):
+                    self.snapshot_stats["kept_hard"] += 1
+                elif self.np_random.uniform() < self.hard_snapshots:
+                    self.snapshot_stats["kept_easy"] += 1
+                    weight = 1.0 / self.hard_snapshots
+                else:
+                    self.snapshot_stats["dropped"] += 1
+                    if options:  # a fixed window cannot be drawn again
+                        raise ValueError("hard_snapshots dropped the window fixed by options; give no options")
+                    continue
+            info["snapshot_weight"] = weight
+            return observation, info
+
+    def _reference_continuation(self) -> dict[int, bool]:
+        """In a branch of the snapshot: the inline heuristics decide everything to the end of the workload;
+        which requests meet their SLO (the reference run from reset, without re-simulating its warm-up)."""
+        self._draining = True
+        pending = self._pending
+        pending.answer(self._inline_answer(pending.kind, pending.view, pending.request, pending.engine))
+        self._pending = None
+        self.sim.env.run()
+        return {request.id: request.slo_met for request in self._requests}
+
+    def _close_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def close(self) -> None:
+        self._close_worker()
+        super().close()
+
+    def _reset(self, seed: int | None, options: dict | None, reference: bool = True) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         if seed is not None:
             self._window_table = None  # a new seed draws new fixed windows
@@ -282,7 +389,10 @@ class ServeGymEnv(gym.Env):
         sim_seed = int(options.get("sim_seed", drawn[1]))
         self.load_factor = float(options.get("load_factor", drawn[2]))
         requests = self._generate(workload_seed)
-        self._reference = self._reference_outcomes(workload_seed, sim_seed) if self.reward_kind == "relative" else {}
+        self._workload_seed, self._sim_seed = workload_seed, sim_seed
+        relative = self.reward_kind == "relative" and reference
+        self._reference = self._reference_outcomes(workload_seed, sim_seed) if relative else {}
+        self._paid_early: set[int] = set()
         self.context = FeatureContext()
         self._pending = None
         self._completed: list[tuple[Request, bool]] = []
@@ -382,9 +492,33 @@ class ServeGymEnv(gym.Env):
         if pending is not None:  # the decision the truncated episode left open: arrivals wait on it
             pending.answer(self._inline_answer(pending.kind, pending.view, pending.request, pending.engine))
             self._pending = None
-        self._simulate_while(lambda: bool(self._placed))
+        if self.drain_until == "finished":
+            self._simulate_while(lambda: bool(self._placed))
+            return
+        waiting = {r.id: r for r in self._requests if r.id in self._placed}
+        ticks = 0
+
+        def going() -> bool:
+            nonlocal ticks
+            ticks += 1
+            if ticks % 64 == 0:
+                self._pay_decided(waiting)
+            return bool(self._placed)
+
+        self._pay_decided(waiting)
+        self._simulate_while(going)
+
+    def _pay_decided(self, waiting: dict[int, Request]) -> None:
+        """Pay as misses the drained requests that can no longer meet their SLO (``drain_until="decided"``)."""
+        now = self.sim.env.now
+        for rid in [rid for rid in self._placed if _surely_missed(waiting[rid], now)]:
+            self._placed.discard(rid)
+            self._paid_early.add(rid)
+            self._completed.append((waiting[rid], False))
 
     def _on_completion(self, request: Request) -> None:
+        if self._paid_early and request.id in self._paid_early:
+            return
         self._placed.discard(request.id)
         met = request.slo_met
         self._completed.append((request, met))
@@ -404,6 +538,11 @@ class ServeGymEnv(gym.Env):
         return value
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self._worker is not None:
+            outcome = self._worker.call("step", action)
+            self._worker_mask = outcome[4]["action_mask"]
+            outcome[4]["snapshot_weight"] = self._snapshot[1]["snapshot_weight"]
+            return outcome
         if self.sim is None:
             raise RuntimeError("call reset() before step()")
         if self._pending is None:
@@ -513,6 +652,8 @@ class ServeGymEnv(gym.Env):
         Returns a dict action → value (default actions: every unmasked one; a masked action is answered
         with the fallback, as ``step`` would) with ``.base_action`` (what the inline router would choose)
         and ``.base_value`` (its value), so an advantage is ``values[a] - values.base_value``."""
+        if self._worker is not None:
+            return self._worker.call("rollout_values", actions, decisions, jobs, reseed, resample_lengths)
         if self._pending is None:
             raise RuntimeError("no pending decision to branch (call reset(), or the episode has ended)")
         if actions is None:
@@ -533,6 +674,22 @@ class ServeGymEnv(gym.Env):
         else:
             values.base_value = self.branch(value, [base_action], jobs, reseed, resample_lengths)[0][1]
         return values
+
+    def inline_action(self, advance: bool = False) -> Any:
+        """What the inline router (``router=``) would answer at the pending decision. ``advance=False``:
+        computed in a branch, so that its state (session affinities, local corrections) does not move here;
+        ``True``: asked here, its state moving as when it decides inline (then ``step`` with the answer, or
+        another action, to stay the base policy's trajectory). The environment does not step."""
+        if self._worker is not None:
+            return self._worker.call("inline_action", advance)
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("no pending decision (call reset(), or the episode has ended)")
+        if advance:
+            if pending.kind is DecisionKind.ROUTE:
+                return self._inline_router.route(pending.request, pending.view)
+            return self._inline_answer(pending.kind, pending.view, pending.request, pending.engine)
+        return self.branch(lambda env, _: env._continuation(_BASE_ACTION, None)[0], [0])[0]
 
     def rollout_value_of_base(
         self, decisions: int | None = None, reseed: int | None = None, resample_lengths: bool = False
@@ -573,13 +730,14 @@ class ServeGymEnv(gym.Env):
         self._simulate_while(lambda: end[0] == math.inf)
         counted += [r for r in self._requests if start < r.arrival_s < end[0]]
         self._placed = {r.id for r in counted if r.state not in ended}
-        rejected = self.sim.num_rejected
+        ticks = 0
 
-        def going() -> bool:
-            nonlocal rejected
-            if self.sim.num_rejected != rejected:  # a rejected request never finishes
-                rejected = self.sim.num_rejected
-                self._placed = {r.id for r in counted if r.state not in ended}
+        def going() -> bool:  # until every counted request has finished or can no longer meet its SLO
+            nonlocal ticks
+            ticks += 1
+            if ticks % 64 == 0:
+                now = self.sim.env.now
+                self._placed = {r.id for r in counted if r.state is not State.FINISHED and not _surely_missed(r, now)}
             return bool(self._placed)
 
         self._simulate_while(going)
@@ -589,6 +747,8 @@ class ServeGymEnv(gym.Env):
 
     def summary(self) -> dict[str, Any]:
         """The simulator's summary of the episode so far (the whole run once terminated)."""
+        if self._worker is not None:
+            return self._worker.call("summary")
         return SimResult(self._requests, self.sim.engines, self.sim.env.now, 0.0).summary()
 
     def _info(self) -> dict[str, Any]:
@@ -624,6 +784,20 @@ class RolloutValues(dict):
     def advantages(self) -> dict[Any, float]:
         """``values[a] - base_value`` for every action."""
         return {action: value - self.base_value for action, value in self.items()}
+
+
+def _surely_missed(request: Request, now: float) -> bool:
+    """Whether ``request`` (not finished) can no longer meet its SLO at ``now``."""
+    if request.state is State.REJECTED:
+        return True
+    if request.state is State.FINISHED:
+        return False
+    slo = request.slo
+    if slo.e2e_s is not None and now - request.arrival_s > slo.e2e_s:
+        return True
+    if math.isnan(request.first_token_s):
+        return slo.ttft_s is not None and now - request.arrival_s > slo.ttft_s
+    return slo.tpot_s is not None and now - request.first_token_s > slo.tpot_s * max(request.output_tokens - 1, 0)
 
 
 def _positive_int(value: Any) -> bool:

@@ -2,6 +2,15 @@
 in an 8-way vector environment.
 
     python -m servegym.envs.bench
+    python -m servegym.envs.bench --windows-only
+    python -m servegym.envs.bench --windows-only --router servegym.agents.routing.predictive.Prism \
+        --router-arg slo_tpot_s=0.1
+
+``--windows-only`` measures the counterfactual windows alone: as today (every episode simulates its warm-up,
+its reference run and a drain), and branched from warm snapshots (``branches=16``: warm-up and reference
+once per snapshot, each episode a forked worker; with the drain ending once every awaited request's outcome
+is decided). ``--router`` (a dotted class path, imported by name: envs never import agents) sets the inline
+and reference heuristic.
 
 Figures are printed, never asserted: they belong to the machine they ran on.
 """
@@ -9,6 +18,7 @@ Figures are printed, never asserted: they belong to the machine they ran on.
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 
 import gymnasium as gym
@@ -32,6 +42,13 @@ WINDOWS = {"reward": "relative", "horizon": 64, "warmup": 400, "drain": True, "l
 
 def single(env_id: str, steps: int, workload: dict = WORKLOAD, **kwargs) -> float:
     env = gym.make(env_id, workload=workload, **kwargs)
+    try:
+        return _steps_per_s(env, steps)
+    finally:
+        env.close()
+
+
+def _steps_per_s(env: gym.Env, steps: int) -> float:
     env.reset(seed=0)
     rng = np.random.default_rng(0)
     started, done = time.perf_counter(), 0
@@ -54,10 +71,48 @@ def vector(env_id: str, steps: int, n: int = 8) -> float:
     return (steps // n) * n / (time.perf_counter() - started)
 
 
+def windows(steps: int, router=None, branches: int = 16) -> dict[str, float]:
+    """Agent steps/s on the training recipe's counterfactual windows: as every reset simulating its own
+    warm-up, reference and drain (``per_reset``), and branched from warm snapshots (``branched``, and
+    ``branched_decided`` with ``drain_until="decided"``)."""
+    workload = dict(WORKLOAD, num_requests=1000, rate_scale=13.0)
+    rates = {}
+    for name, extra in (
+        ("per_reset", {}),
+        ("branched", {"branches": branches}),
+        ("branched_decided", {"branches": branches, "drain_until": "decided"}),
+    ):
+        rates[name] = single("servegym/Route-v0", steps, workload, router=router, **WINDOWS, **extra)
+    return rates
+
+
+def _router(path: str | None, arguments: list[str]):
+    if path is None:
+        return None
+    module, _, name = path.replace(":", ".").rpartition(".")
+    kwargs = {}
+    for argument in arguments:
+        key, _, value = argument.partition("=")
+        kwargs[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+    return getattr(importlib.import_module(module), name)(**kwargs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--windows-only", action="store_true", help="only the counterfactual windows, before/after")
+    parser.add_argument("--router", default=None, help="inline/reference router class (dotted path)")
+    parser.add_argument("--router-arg", action="append", default=[], help="KEY=VALUE for the router")
+    parser.add_argument("--branches", type=int, default=16, help="episodes per warm snapshot")
     args = parser.parse_args()
+    if args.windows_only:
+        rates = windows(args.steps // 4, _router(args.router, args.router_arg), args.branches)
+        print(
+            "servegym/Route-v0 counterfactual windows (400 warm-up + 64 agent decisions, drain), agent steps/s: "
+            f"{rates['per_reset']:,.0f} per reset; {rates['branched']:,.0f} branched ({args.branches} episodes per "
+            f"warm snapshot); {rates['branched_decided']:,.0f} branched, drain until decided"
+        )
+        return
     for env_id in envs.ENV_IDS:
         steps = args.steps // 20 if env_id.endswith("Pools-v0") else args.steps
         print(

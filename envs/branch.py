@@ -28,6 +28,7 @@ caller's objects are unfrozen again afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -38,7 +39,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-__all__ = ["BranchError", "BranchingUnavailable", "can_fork", "fork_map"]
+__all__ = ["BranchError", "BranchingUnavailable", "Worker", "can_fork", "fork_map"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -162,3 +163,115 @@ def _decode(payload: bytes, status: int) -> tuple:
     if os.WIFSIGNALED(status):
         return ("error", f"the child was killed by signal {os.WTERMSIG(status)} before answering")
     return ("error", f"the child exited with status {os.waitstatus_to_exitcode(status)} before answering")
+
+
+class Worker:
+    """A forked child that owns a copy of the caller's state and answers calls through a pipe: the
+    caller sends ``(name, args, kwargs)``, the child runs ``getattr(target, name)(*args, **kwargs)`` on its
+    copy and sends the result back (pickles both ways). Used by environments that branch several
+    episodes from one warm snapshot: the snapshot stays in the caller, each episode runs in a worker.
+
+    The child exits when told (:meth:`close`), when the caller's end of the pipe closes (the caller
+    exited or died), or on any signal that ends the caller's process group; the same rules as
+    :func:`fork_map` apply (no torch in the child, ``os._exit``)."""
+
+    def __init__(self, target: Any) -> None:
+        if not can_fork():
+            raise BranchingUnavailable(f"episode branching needs os.fork; this platform ({sys.platform}) has none")
+        child_reads, parent_writes = os.pipe()
+        parent_reads, child_writes = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            os.close(parent_writes)
+            os.close(parent_reads)
+            _serve(target, child_reads, child_writes)
+        gc.unfreeze()
+        os.close(child_reads)
+        os.close(child_writes)
+        self.pid, self._send, self._receive = pid, parent_writes, parent_reads
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self.pid is None:
+            raise BranchError("the worker has been closed")
+        _send_message(self._send, (name, args, kwargs))
+        reply = _receive_message(self._receive)
+        if reply is None:
+            pid, self.pid = self.pid, None
+            _, status = os.waitpid(pid, 0)
+            raise BranchError(f"the episode worker died during {name}(): {_decode(b'', status)[1]}")
+        if reply[0] == "error":
+            raise BranchError(f"{name}() failed in the episode worker: {reply[1]}\n{reply[2]}")
+        return reply[1]
+
+    def close(self) -> None:
+        """End the child (if alive) and reap it."""
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        try:
+            os.close(self._send)  # EOF: the child's loop ends
+            os.close(self._receive)
+        except OSError:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
+
+
+def _send_message(fd: int, message: Any) -> None:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(len(payload).to_bytes(8, "little") + payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    parts, left = [], size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _receive_message(fd: int) -> Any:
+    header = _read_exactly(fd, 8)
+    if header is None:
+        return None
+    payload = _read_exactly(fd, int.from_bytes(header, "little"))
+    return None if payload is None else pickle.loads(payload)
+
+
+def _serve(target: Any, receive: int, send: int) -> None:
+    """The worker's loop (in the child): answer calls until EOF."""
+    try:
+        gc.disable()
+        while True:
+            message = _receive_message(receive)
+            if message is None:
+                break
+            name, args, kwargs = message
+            try:
+                reply = ("ok", getattr(target, name)(*args, **kwargs))
+            except Exception as error:  # goes back to the caller
+                text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+                reply = ("error", f"{type(error).__name__}: {error}", text)
+            _send_message(send, reply)
+    except BaseException:  # nothing may escape a forked child
+        pass
+    finally:
+        os._exit(0)
