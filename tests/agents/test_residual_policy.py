@@ -44,10 +44,10 @@ def _episodes(model, env, seeds, workload_seed=None):
 @pytest.mark.parametrize("workload", [None, SESSIONS], ids=["azure_conv", "sessions"])
 def test_with_the_residual_at_zero_every_decision_is_prisms(workload):
     # no warm-up: the inline router's placements would be in the contract's session table, not in this PRISM's
-    env = RouteEnv(workload=workload, reward="relative", horizon=150, load_range=(1.0, 1.6))
+    env = RouteEnv(workload=workload, reward="relative", horizon=120, load_range=(1.0, 1.6))
     model = MaskablePPO(ResidualSlotPolicy, env, seed=0, device="cpu", **KWARGS)
     steps = _episodes(model, env, seeds=[0, 1])
-    assert len(steps) == 300
+    assert len(steps) == 240
     assert [want for want, *_ in steps] == [got for _, got, *_ in steps]
     if workload is SESSIONS:
         column = np.stack([env.spec_features.named(o)["affinity"] for *_, o, _ in steps])
@@ -55,7 +55,7 @@ def test_with_the_residual_at_zero_every_decision_is_prisms(workload):
 
 
 def test_the_export_holds_base_and_residual(tmp_path):
-    env = RouteEnv(reward="relative", horizon=100)
+    env = RouteEnv(reward="relative", horizon=60)
     model = MaskablePPO(ResidualSlotPolicy, env, seed=0, device="cpu", **KWARGS)
     steps = _episodes(model, env, seeds=[3])
     vec = VecNormalize(DummyVecEnv([lambda: env]), norm_obs=False)
@@ -63,12 +63,8 @@ def test_the_export_holds_base_and_residual(tmp_path):
     onnx = OnnxPolicy(export_run(tmp_path, tmp_path / "export"))
     observations, masks = np.stack([o for *_, o, _ in steps]), np.stack([m for *_, m in steps])
     assert onnx(observations, masks)[0].tolist() == [want for want, *_ in steps]
-    # a residual that is no longer zero moves the export with it
+    # a residual that is no longer zero moves the policy (the export's parity with SB3: tests/experiments)
     with torch.no_grad():
-        model.policy.features_extractor.scorer[-1].bias.fill_(0.0)
         model.policy.features_extractor.scorer[-1].weight.normal_(0.0, 5.0)
-    save_run(tmp_path, model, vec, "servegym/Route-v0", "MaskablePPO", 8)
-    onnx = OnnxPolicy(export_run(tmp_path, tmp_path / "export2"))
     moved = [int(model.predict(obs, deterministic=True, action_masks=mask)[0]) for *_, obs, mask in steps]
-    assert onnx(observations, masks)[0].tolist() == moved
     assert moved != [want for want, *_ in steps]
