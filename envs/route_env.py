@@ -41,8 +41,9 @@ class RouteEnv(ServeGymEnv):
     {common}
 
     ## Version history
-    - v0, observation contract 3 (router-side live tap fields); contract 2 added the requests sent since
-      the gauges' scrape; contract 1 the first feature set.
+    - v0, observation contract 4 (affinity within PRISM's 300 s window, so PRISM's whole score is a
+      function of the observation); contract 3 made the tap fields router-side and live; contract 2 added
+      the requests sent since the gauges' scrape; contract 1 the first feature set.
     """
 
     decision_kinds = (DecisionKind.ROUTE, DecisionKind.ROUTE_DECODE)
