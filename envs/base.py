@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 from servegym.envs import render
 from servegym.envs.features import FeatureContext, FeatureSpec, observation_table
+from servegym.envs.plugins import policy_object
 from servegym.envs.render import RENDER_MODES
 from servegym.envs.sim.cluster import Cluster, ClusterConfig, check_buildable
 from servegym.envs.sim.config import cluster_from, workload_from
@@ -101,7 +102,7 @@ class ServeGymEnv(gym.Env):
             decisions: the counterfactual credit that per-step rewards, arriving hundreds of decisions
             after the choice that caused them, do not give.
         router / batch / pools: the heuristics of the ``relative`` reward (and the inline decisions the agent
-            does not make).
+            does not make): policy objects, or a class by import path (``pkg.module:Class``, ``file.py:Class``).
     """
 
     metadata = {"render_modes": list(RENDER_MODES), "render_fps": 4}  # noqa: RUF012 (Gymnasium's convention)
@@ -150,6 +151,8 @@ class ServeGymEnv(gym.Env):
         self.windows = int(windows) if windows is not None else None
         self._window_table: list[tuple[int, int, float]] | None = None
         self._reference_cache: dict[tuple[int, int, float], dict[int, bool]] = {}
+        router = policy_object("router", router, RoutingPolicy)  # a user's class by import path, too
+        batch, pools = policy_object("batch", batch, BatchPolicy), policy_object("pools", pools, PoolPolicy)
         for name, value, base in (
             ("router", router, RoutingPolicy),
             ("batch", batch, BatchPolicy),
