@@ -61,6 +61,7 @@ class Settings:
     max_rate_seeds: int = 2
     search_requests: int | None = None  # the bisection's window size (None: the scenario's)
     progress: bool = True
+    baselines: tuple[str, ...] | None = None  # only these baselines (the reference always runs); None: all
     extra: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # name -> spec (saved, plug-in)
 
 
@@ -80,9 +81,14 @@ def scenario_list(value: Any) -> list[str]:
     return chosen
 
 
-def policies_of(scenario, kind: str, extra: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The kind's baselines (conf/policy), then the extra policies of that kind, in a fixed order."""
-    policies = named_configs("policy", list(scenario.decisions[kind].baselines))
+def policies_of(
+    scenario, kind: str, extra: Mapping[str, dict[str, Any]], only: tuple[str, ...] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The kind's baselines (conf/policy; those in ``only`` and the reference, when given), then the extra
+    policies of that kind, in a fixed order."""
+    decision = scenario.decisions[kind]
+    chosen = [b for b in decision.baselines if only is None or b in only or b == decision.reference]
+    policies = named_configs("policy", chosen)
     for name, spec in extra.items():
         if spec_kind(spec) != kind:
             continue
@@ -95,7 +101,7 @@ def policies_of(scenario, kind: str, extra: Mapping[str, dict[str, Any]]) -> dic
 def board(scenario, kind: str, settings: Settings, pool) -> dict[str, Any]:
     """One table: every policy of ``kind`` on the scenario's test windows, its score and maximum load."""
     decision = scenario.decisions[kind]
-    policies = policies_of(scenario, kind, settings.extra)
+    policies = policies_of(scenario, kind, settings.extra, settings.baselines)
     seeds = list(scenario.seeds["test"][: settings.seeds] if settings.seeds else scenario.seeds["test"])
     requests = settings.num_requests or scenario.windows["test"]
     test_load = scenario.loads["test"]

@@ -45,6 +45,7 @@ def run(cfg: DictConfig) -> dict:
         max_rate_seeds=int(cfg.max_rate.seeds),
         search_requests=int(cfg.max_rate.num_requests) if cfg.max_rate.num_requests is not None else None,
         progress=bool(cfg.progress),
+        baselines=tuple(cfg.baselines) if cfg.get("baselines") is not None else None,
         extra=extra,
     )
     result = leaderboard.run(names, settings)
