@@ -253,6 +253,14 @@ def load(name: str) -> Scenario:
     )
 
 
+def from_config(cfg: Mapping[str, Any]) -> Scenario | None:
+    """The scenario an entry point's ``scenario=NAME`` chose, or None. ``conf/scenario`` is a hydra config
+    group, so hydra merged the file under the ``scenario`` key (and named an unknown one); it is loaded and
+    checked here by its name."""
+    chosen = cfg.get("scenario")
+    return load(chosen["name"]) if chosen else None
+
+
 def make(scenario: str, kind: str, **kwargs: Any):
     """The environment of a scenario's id: its arguments (:meth:`Scenario.env_kwargs`), any of which
     ``kwargs`` replace (``gym.make(id, workload=..., reward=...)``)."""

@@ -52,9 +52,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     )
     reference = cfg.get("reference")
     search = (0.05, 4.0)
-    if cfg.get("scenario"):  # the scenario's cluster, test windows, seeds, test load and reference
-        scenario = scenarios.load(cfg.scenario)
-        workloads = {scenario.name: scenario.window(scenario.windows["test"])}
+    scenario = scenarios.from_config(cfg)
+    if scenario is not None:  # the scenario's cluster, test windows, seeds, test load and reference
+        window = scenario.window(scenario.windows["test"])
+        workloads = {scenario.name: {**window, **_plain(cfg.get("workload_overrides")).get(scenario.name, {})}}
         cluster = scenario.cluster
         seeds, loads = list(scenario.seeds["test"]), [scenario.loads["test"]]
         search = tuple(scenario.loads["search"])

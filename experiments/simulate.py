@@ -43,8 +43,8 @@ def _json_safe(value: Any) -> Any:
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Build everything from ``cfg``, simulate, save the artefacts into ``out_dir``; returns the summary."""
     workload_map, cluster_map = cfg.workload, cfg.cluster
-    if cfg.get("scenario"):  # one test window of the scenario at its test load, on its cluster
-        scenario = scenarios.load(cfg.scenario)
+    scenario = scenarios.from_config(cfg)
+    if scenario is not None:  # one test window of the scenario at its test load, on its cluster
         workload_map = scenario.workload_at(scenario.loads["test"], scenario.windows["test"])
         cluster_map = scenario.cluster
     workload = workload_from(workload_map)
@@ -60,7 +60,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     summary["offered"] = offered_load(requests)
     summary["flips"] = [{"time_s": t, "instance": i, "from": a, "to": b} for t, i, a, b in cluster.flips]
     summary["scenario"] = {
-        "scenario": cfg.get("scenario") or "",
+        "scenario": scenario.name if scenario is not None else "",
         "cluster": cluster_map.get("name", ""),
         "workload": workload_map.get("name", ""),
         "policy": cfg.policy.get("name", ""),

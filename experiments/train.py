@@ -48,11 +48,11 @@ def apply_scenario(cfg: DictConfig) -> None:
     """``scenario=NAME``: the scenario's cluster, workload (at its training load; ``env.load_range``
     multiplies it), windows, validation and test seeds, loads, reference and baselines for the kind of
     ``env`` (conf/scenario; servegym.envs.scenarios). Without one, nothing changes."""
-    if not cfg.get("scenario"):
-        return
     from servegym.envs import scenarios
 
-    scenario = scenarios.load(cfg.scenario)
+    scenario = scenarios.from_config(cfg)
+    if scenario is None:
+        return
     kind = KIND_OF_ENV.get(cfg.env.id)
     if kind not in scenario.decisions:
         raise scenarios.ScenarioError(f"scenario {scenario.name} poses {', '.join(scenario.kinds)}, not {cfg.env.id}")
