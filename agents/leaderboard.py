@@ -42,7 +42,8 @@ Every baseline of each scenario (`conf/scenario/`) on the scenario's fixed test 
 kept). Scores are mean SLO attainment over the scenario's reference heuristic's (1.00 = the reference);
 "paired" is the per-seed difference in attainment points on identical arrivals. The maximum load is the
 largest multiplier of the scenario's workload rate meeting the target attainment (bisection on the first
-test seeds). The oracle headroom column is filled by a later rollout tool (— = not computed).
+test seeds, on windows of a fixed span of arrivals, so a higher load brings more requests). The oracle
+headroom column is filled by a later rollout tool (— = not computed).
 """
 METRIC_DIGITS = 6  # floats in the JSON are rounded to this many decimals
 
@@ -59,7 +60,7 @@ class Settings:
     target: float = 0.9
     iterations: int = 3
     max_rate_seeds: int = 2
-    search_requests: int | None = None  # the bisection's window size (None: the scenario's)
+    search_s: float | None = None  # the bisection's window, seconds of arrivals (None: the scenario's)
     progress: bool = True
     baselines: tuple[str, ...] | None = None  # only these baselines (the reference always runs); None: all
     extra: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # name -> spec (saved, plug-in)
@@ -113,7 +114,8 @@ def board(scenario, kind: str, settings: Settings, pool) -> dict[str, Any]:
     curves: dict[str, dict[float, float]] = {p: {} for p in policies}
     if settings.max_rate:
         search_seeds = seeds[: settings.max_rate_seeds]
-        search = {scenario.name: scenario.window(settings.search_requests or scenario.windows["search"])}
+        search_s = settings.search_s or scenario.windows["search_s"]
+        search = {scenario.name: scenario.window(duration_s=search_s)}
 
         def evaluate(points: list[tuple[str, float]]) -> list[float]:
             batch = [Task(p, scenario.name, s, load) for p, load in points for s in search_seeds]
@@ -131,7 +133,7 @@ def board(scenario, kind: str, settings: Settings, pool) -> dict[str, Any]:
             "target": settings.target,
             "iterations": settings.iterations,
             "seeds": search_seeds,
-            "num_requests": settings.search_requests or scenario.windows["search"],
+            "window_s": search_s,
             "search": [low, high],
         }
     else:
@@ -213,7 +215,7 @@ def markdown(result: Mapping[str, Any], plots: str = "results/leaderboard") -> s
                 + (
                     f"maximum load at {max_rate['target']:.0%} attainment by bisection in "
                     f"[{max_rate['search'][0]:g}, {max_rate['search'][1]:g}] ({max_rate['iterations']} steps, "
-                    f"{len(max_rate['seeds'])} seeds, {max_rate['num_requests']:,}-request windows)."
+                    f"{len(max_rate['seeds'])} seeds, windows of {max_rate['window_s']:g} s of arrivals)."
                     if max_rate
                     else "maximum load not computed."
                 ),

@@ -129,7 +129,7 @@ class Scenario:
     workload: dict[str, Any]  # a workload mapping at load 1 (its overrides and SLO classes applied), unwindowed
     decisions: dict[str, Decision]
     loads: dict[str, Any]  # train, test (floats), validation (list), search ([low, high] of the bisection)
-    windows: dict[str, int]  # requests per window: train, test (and search, the bisection's)
+    windows: dict[str, Any]  # requests per window (train, test); search_s: seconds of arrivals per bisection window
     seeds: dict[str, tuple[int, ...]]  # train, validation, test
 
     @property
@@ -143,17 +143,23 @@ class Scenario:
     def is_trace(self) -> bool:
         return self.workload.get("kind", "synthetic") == "trace"
 
-    def window(self, requests: int) -> dict[str, Any]:
-        """The workload cut to windows of ``requests`` (a trace's seed then picks where each starts)."""
+    def window(self, requests: int | None = None, duration_s: float | None = None) -> dict[str, Any]:
+        """The workload cut to windows of ``requests`` requests, or of ``duration_s`` seconds of arrivals
+        (then the number of requests grows with the load, as a sustained load's backlog does); a trace's
+        seed picks where each window starts. A concatenation cuts every part."""
+        if (requests is None) == (duration_s is None):
+            raise ScenarioError("a window is a number of requests or a duration, one of the two")
         workload = copy.deepcopy(self.workload)
         parts = workload["parts"] if workload.get("kind") == "concat" else [workload]
-        for part in parts:  # a concatenation: every part has its own window
-            part["num_requests"] = requests
+        for part in parts:
+            part["num_requests"], part["duration_s"] = requests, duration_s
             if part.get("kind", "synthetic") == "trace":
                 part["random_window"] = True
-            else:
-                part.pop("duration_s", None)
         return workload
+
+    def search_window(self) -> dict[str, Any]:
+        """The maximum-load bisection's window: ``windows.search_s`` seconds of arrivals."""
+        return self.window(duration_s=self.windows["search_s"])
 
     def workload_at(self, load: float, requests: int) -> dict[str, Any]:
         """A windowed workload mapping at ``load`` (the factor applied to a trace's ``rate_scale`` or a
@@ -236,10 +242,10 @@ def load(name: str) -> Scenario:
     overlap = (set(seeds["train"]) | set(seeds["validation"])) & set(seeds["test"])
     if overlap or set(seeds["train"]) & set(seeds["validation"]):
         raise ScenarioError(f"{where}: training, validation and test seeds must be disjoint")
-    windows = {k: int(v) for k, v in dict(data["windows"]).items()}
-    if not {"train", "test"} <= set(windows):
-        raise ScenarioError(f"{where}: windows needs train and test (requests per window)")
-    windows.setdefault("search", windows["test"])
+    windows = dict(data["windows"])
+    if set(windows) != {"train", "test", "search_s"}:
+        raise ScenarioError(f"{where}: windows needs train and test (requests per window) and search_s (seconds)")
+    windows = {"train": int(windows["train"]), "test": int(windows["test"]), "search_s": float(windows["search_s"])}
     return Scenario(
         name=name,
         version=int(data.get("version", 0)),

@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> dict:
         target=float(cfg.max_rate.target),
         iterations=int(cfg.max_rate.iterations),
         max_rate_seeds=int(cfg.max_rate.seeds),
-        search_requests=int(cfg.max_rate.num_requests) if cfg.max_rate.num_requests is not None else None,
+        search_s=float(cfg.max_rate.window_s) if cfg.max_rate.window_s is not None else None,
         progress=bool(cfg.progress),
         baselines=tuple(cfg.baselines) if cfg.get("baselines") is not None else None,
         extra=extra,

@@ -29,7 +29,7 @@ def _board(out: Path) -> dict:
                 "num_requests=60",
                 "max_rate.iterations=1",
                 "max_rate.seeds=1",
-                "max_rate.num_requests=40",
+                "max_rate.window_s=2.0",
                 "jobs=1",
                 "progress=false",
                 f"out={out}",
