@@ -199,6 +199,13 @@ def _pct(value: float | None, half: float | None = None) -> str:
     return cell(None if value is None else value, half, "{:.1%}", missing="—")
 
 
+def _max_load(load: float | None, max_rate: Mapping[str, Any]) -> str:
+    """The bisection's result; 0 means even the bracket's low end missed the target."""
+    if load is None:
+        return "—"
+    return f"< x{max_rate['search'][0]:g}" if load == 0 else f"x{load:.3g}"
+
+
 def markdown(result: Mapping[str, Any], plots: str = "results/leaderboard") -> str:
     """The generated part of docs/leaderboard.md: one section per scenario, one table per decision kind."""
     parts = []
@@ -244,7 +251,7 @@ def markdown(result: Mapping[str, Any], plots: str = "results/leaderboard") -> s
                             cell(e["goodput_rps"], e["goodput_rps_ci"], "{:.1f}", missing="—"),
                             cell(e["ttft_p99_s"], e["ttft_p99_s_ci"], "{:.2f}", missing="—"),
                             cell(e["tpot_p99_s"], e["tpot_p99_s_ci"], "ms", missing="—"),
-                            "—" if e["max_load"] is None else f"x{e['max_load']:.3g}",
+                            _max_load(e["max_load"], max_rate),
                             "—" if e["headroom"] is None else f"{e['headroom']:+.1%}",
                         ]
                     )
