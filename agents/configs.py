@@ -16,17 +16,28 @@ class ConfigError(ValueError):
 
 
 def named_configs(
-    group: str, names: list[str], overrides: Mapping[str, Any] | None = None
+    group: str,
+    names: list[str],
+    overrides: Mapping[str, Any] | None = None,
+    extra_dirs: list[str | Path] | tuple = (),
 ) -> dict[str, dict[str, Any]]:
-    """``conf/<group>/<name>.yaml`` as plain mappings, with per-name overrides merged in; an unknown name
-    raises :class:`ConfigError` listing the known ones."""
+    """``conf/<group>/<name>.yaml`` as plain mappings, with per-name overrides merged in; ``extra_dirs`` are
+    searched after ``conf/`` (each either holding ``<name>.yaml`` itself or a ``<group>/`` folder, as a
+    ``hydra.searchpath`` entry does), so a user's configs need not be copied into the checkout. An unknown
+    name raises :class:`ConfigError` listing the known ones."""
     from omegaconf import OmegaConf
 
+    folders = [CONF / group]
+    for extra in extra_dirs:
+        extra = Path(str(extra).removeprefix("file://")).expanduser()
+        if not extra.is_dir():
+            raise ConfigError(f"config folder {extra} (for {group} configs) is not a directory")
+        folders.append(extra / group if (extra / group).is_dir() else extra)
     out = {}
     for name in names:
-        path = CONF / group / f"{name}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        path = next((f / f"{name}.yaml" for f in folders if (f / f"{name}.yaml").is_file()), None)
+        if path is None:
+            known = sorted({p.stem for f in folders for p in f.glob("*.yaml")})
             raise ConfigError(f"unknown {group} {name!r}; known: {', '.join(known)}")
         config = OmegaConf.load(path)
         if overrides and name in overrides:

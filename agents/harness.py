@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import multiprocessing
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,82 @@ def saved_policy_spec(
     return spec
 
 
+SLOT_KIND = {"router": "route", "batch": "batch", "pools": "pools"}  # bundle slot -> decision kind
+
+
+def plugin_policy_spec(ref: str) -> dict[str, Any]:
+    """A policy spec for a user's own policy from outside ``conf/policy``: a class by import path
+    (``package.module:Class``, ``package.module.Class`` or ``path/to/file.py:Class``; a router, batch former
+    or pool policy, the other slots filled as :func:`saved_policy_spec` fills them) or a policy YAML file
+    (``router``/``batch``/``pools`` as in ``conf/policy``; its ``_target_``s may be such import paths). The
+    spec's ``kind`` says which decision it makes (``route``, ``batch``, ``pools``)."""
+    from servegym.envs.plugins import PluginError, import_target, normalised
+    from servegym.envs.sim.policies import BatchPolicy, PoolPolicy, RoutingPolicy
+
+    if isinstance(ref, str) and ref.endswith((".yaml", ".yml")):
+        from omegaconf import OmegaConf
+
+        if not Path(ref).is_file():
+            raise FileNotFoundError(f"policy file {ref}: no such file")
+        spec = OmegaConf.to_container(OmegaConf.load(ref), resolve=True)
+        if not isinstance(spec, dict) or not isinstance(spec.get("router"), dict):
+            raise PluginError(f"policy file {ref}: needs a router (and batch, pools) as in conf/policy")
+        for slot in ("router", "batch", "pools"):
+            if isinstance(spec.get(slot), dict):
+                spec[slot] = normalised(spec[slot])
+        spec.setdefault("kind", "route")
+        return spec
+    cls, target = import_target(ref)
+    slots = [
+        s
+        for s, base in (("router", RoutingPolicy), ("batch", BatchPolicy), ("pools", PoolPolicy))
+        if isinstance(cls, type) and issubclass(cls, base)
+    ]
+    if not slots:
+        raise PluginError(
+            f"policy import path {ref!r} names {cls!r}, not a subclass of servegym.envs.sim.policies.RoutingPolicy, "
+            "BatchPolicy or PoolPolicy"
+        )
+    spec: dict[str, Any] = {"router": dict(LOR), "batch": dict(VLLM), "pools": None}
+    spec[slots[0]] = {"_target_": target}
+    if slots == ["router", "pools"]:
+        spec["pools"] = "router"  # one object routing and sizing the pools, as Arrow
+    spec["kind"] = "pools" if "pools" in slots else SLOT_KIND[slots[0]]
+    return spec
+
+
+def spec_kind(spec: Mapping[str, Any]) -> str:
+    """The decision kind a policy spec is about: its ``kind`` if it says, the slot of a saved policy, else
+    routing (a conf/policy entry with a pool policy: pools)."""
+    if spec.get("kind"):
+        return str(spec["kind"])
+    for slot, classes in SAVED_CLASSES.items():
+        if isinstance(spec.get(slot), Mapping) and spec[slot].get("_target_") in classes:
+            return SLOT_KIND[slot]
+    return "pools" if spec.get("pools") else "route"
+
+
+def policy_specs(
+    names: list[str],
+    saved: Mapping[str, str] | None = None,
+    custom: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    dirs: list[str] | tuple = (),
+) -> dict[str, dict[str, Any]]:
+    """Every policy an entry point compares, by name: ``conf/policy`` entries (and those of ``dirs``, a
+    user's config folders), saved runs and exports (:func:`saved_policy_spec`) and a user's own classes or
+    policy files (:func:`plugin_policy_spec`); a name given twice is refused."""
+    from servegym.agents.configs import ConfigError, named_configs
+
+    specs = named_configs("policy", list(names), overrides, extra_dirs=dirs)
+    for group, refs, build in (("saved", saved, saved_policy_spec), ("custom", custom, plugin_policy_spec)):
+        for name, ref in (refs or {}).items():
+            if name in specs:
+                raise ConfigError(f"{group} policy {name!r} has the name of another policy; rename it")
+            specs[name] = build(ref)
+    return specs
+
+
 def warn_if_one_window(workloads: Mapping[str, Mapping[str, Any]], seeds: list[int]) -> None:
     """Seeds that cannot change the arrivals make every interval a ±0.00 on the same input: say so, per
     trace workload that replays one fixed window (``random_window: false``)."""
@@ -177,6 +254,18 @@ def _run_packed(args: tuple) -> dict[str, Any]:
     return run_task(*args)
 
 
+@contextmanager
+def worker_pool(jobs: int) -> Iterator[Executor | None]:
+    """``jobs`` worker processes for :func:`run_tasks` (None, run in this process, when ``jobs`` is 1 or
+    inside a sweep worker: the sweep already runs jobs in parallel, and its workers cannot start spawn pools)."""
+    if jobs <= 1 or _inside_a_sweep_worker():
+        yield None
+        return
+    # spawn, not fork: a forked child of a process whose torch/OpenMP threads are running can hang
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
 def run_tasks(
     tasks: list[Task],
     policies: Mapping,
@@ -185,8 +274,10 @@ def run_tasks(
     jobs: int = 1,
     keep_records: bool = False,
     progress: bool = True,
+    pool: Executor | None = None,
 ) -> list[dict[str, Any]]:
-    """All tasks, in parallel processes when ``jobs > 1``; rows come back in task order."""
+    """All tasks, in parallel processes when ``jobs > 1`` (or in ``pool``, a :func:`worker_pool` kept across
+    calls, so many small calls do not each start processes); rows come back in task order."""
     packed = [(t, policies[t.policy], workloads[t.workload], cluster, keep_records) for t in tasks]
     bar = None
     if progress:
@@ -194,12 +285,14 @@ def run_tasks(
 
         bar = tqdm(total=len(tasks), desc="evaluating", unit="run")
     rows: list[dict[str, Any]] = []
-    if jobs > 1 and _inside_a_sweep_worker():
-        jobs = 1  # the sweep already runs jobs in parallel, and its workers cannot start spawn pools
-    if jobs > 1:
-        # spawn, not fork: a forked child of a process whose torch/OpenMP threads are running can hang
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for row in pool.map(_run_packed, packed):
+    if pool is not None:
+        for row in pool.map(_run_packed, packed):
+            rows.append(row)
+            if bar:
+                bar.update(1)
+    elif jobs > 1 and not _inside_a_sweep_worker():
+        with worker_pool(jobs) as own:
+            for row in own.map(_run_packed, packed):
                 rows.append(row)
                 if bar:
                     bar.update(1)
@@ -283,24 +376,63 @@ def head_to_head(rows: list[dict[str, Any]], policy: str, metric: str = "slo_att
     return pd.DataFrame(out)
 
 
+def bisection(
+    target: float = 0.9, low: float = 0.05, high: float = 4.0, iterations: int = 7
+) -> Generator[float, float, float]:
+    """The search of :func:`max_sustainable_load` as a generator: it yields the loads to evaluate, is sent
+    each one's mean attainment, and returns the result, so a caller can advance many searches together."""
+    cap = 16 * high  # the widening's end (64 from the default start)
+    if (yield low) < target:
+        return 0.0
+    while (yield high) >= target:
+        low, high = high, high * 2
+        if high > cap:
+            return low
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if (yield mid) >= target:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
 def max_sustainable_load(
     evaluate: Callable[[float], float], target: float = 0.9, low: float = 0.05, high: float = 4.0, iterations: int = 7
 ) -> float:
     """Bisection for the largest load multiplier whose mean SLO attainment (``evaluate``) meets ``target``.
 
-    Attainment falls with load; the search widens ``high`` until it fails (up to 64x) and returns the
-    last load known to meet the target (0 if even ``low`` misses it).
+    Attainment falls with load; the search widens ``high`` until it fails (doubling it, up to 16x its
+    start: 64 from the default) and returns the last load known to meet the target (0 if even ``low`` misses it).
     """
-    if evaluate(low) < target:
-        return 0.0
-    while evaluate(high) >= target:
-        low, high = high, high * 2
-        if high > 64:
-            return low
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        if evaluate(mid) >= target:
-            low = mid
-        else:
-            high = mid
-    return low
+
+    def each(points: list[tuple[str, float]]) -> list[float]:
+        return [evaluate(load) for _, load in points]
+
+    return max_sustainable_loads(each, ["one"], target, low, high, iterations)["one"]
+
+
+def max_sustainable_loads(
+    evaluate: Callable[[list[tuple[str, float]]], list[float]],
+    names: Iterable[str],
+    target: float = 0.9,
+    low: float = 0.05,
+    high: float = 4.0,
+    iterations: int = 7,
+) -> dict[str, float]:
+    """:func:`max_sustainable_load` for several policies in lockstep: every round ``evaluate`` gets each
+    unfinished search's next (name, load) at once (one batch of simulations, parallel over policies and
+    seeds) and returns their mean attainments in order."""
+    searches = {name: bisection(target, low, high, iterations) for name in names}
+    pending = {name: next(search) for name, search in searches.items()}
+    found: dict[str, float] = {}
+    while pending:
+        points = list(pending.items())
+        results = evaluate(points)
+        pending = {}
+        for (name, _), attainment in zip(points, results, strict=True):
+            try:
+                pending[name] = searches[name].send(attainment)
+            except StopIteration as done:
+                found[name] = done.value
+    return found

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from servegym.agents.configs import ConfigError
 from servegym.agents.exported import ExportError
 from servegym.agents.learned import ContractMismatch
+from servegym.envs.plugins import PluginError
+from servegym.envs.scenarios import ScenarioError
 from servegym.envs.sim.errors import ClusterConfigError, ServingRunError
 from servegym.envs.sim.traces import TraceError
 from servegym.envs.sim.workload import WorkloadError
@@ -17,6 +19,8 @@ from servegym.perfmodel.errors import PerfModelError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,  # an unknown config or reproduction name
+    ScenarioError,  # an unknown scenario name (the known ones listed), or a scenario file that says too little
+    PluginError,  # a user's policy import path that does not import, or names no policy class
     ClusterConfigError,
     WorkloadError,
     TraceError,

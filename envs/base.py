@@ -21,6 +21,7 @@ import numpy as np
 from servegym.envs import render
 from servegym.envs.branch import Worker, fork_map
 from servegym.envs.features import FeatureContext, FeatureSpec, observation_table
+from servegym.envs.plugins import policy_object
 from servegym.envs.render import RENDER_MODES
 from servegym.envs.sim.cluster import Cluster, ClusterConfig, check_buildable
 from servegym.envs.sim.config import cluster_from, workload_from
@@ -102,7 +103,7 @@ class ServeGymEnv(gym.Env):
             decisions: the counterfactual credit that per-step rewards, arriving hundreds of decisions
             after the choice that caused them, do not give.
         router / batch / pools: the heuristics of the ``relative`` reward (and the inline decisions the agent
-            does not make).
+            does not make): policy objects, or a class by import path (``pkg.module:Class``, ``file.py:Class``).
         branches: simulate the warm-up once per *snapshot* and branch this many agent episodes from it
             (None: every reset simulates its own). The snapshot (the state at the agent's first decision)
             stays in this process; each episode runs in a forked worker (:class:`servegym.envs.branch.Worker`,
@@ -186,6 +187,8 @@ class ServeGymEnv(gym.Env):
         self.snapshot_stats = {"built": 0, "kept_hard": 0, "kept_easy": 0, "dropped": 0, "episodes": 0}
         self._window_table: list[tuple[int, int, float]] | None = None
         self._reference_cache: dict[tuple[int, int, float], dict[int, bool]] = {}
+        router = policy_object("router", router, RoutingPolicy)  # a user's class by import path, too
+        batch, pools = policy_object("batch", batch, BatchPolicy), policy_object("pools", pools, PoolPolicy)
         for name, value, base in (
             ("router", router, RoutingPolicy),
             ("batch", batch, BatchPolicy),

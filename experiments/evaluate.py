@@ -5,8 +5,12 @@
     python experiments/evaluate.py loads=[0.5,0.75,1.0,1.25] max_rate.enabled=true
     python experiments/evaluate.py +saved.ppo=outputs/train/RUN/best +saved.onnx=outputs/train/RUN/best/export \
         workloads=[azure_conv,azure_code] loads=[1.0,1.25]       # saved policies, incl. a held-out trace
+    python experiments/evaluate.py scenario=long-context policies=[vllm_lor,vllm_prism]   # a scenario's setting
+    python experiments/evaluate.py +custom.mine=examples/my_router.py:PendingTokens   # a user's own class
 
-Policies and workloads are named by their files in ``conf/policy`` and ``conf/workload``.
+Policies and workloads are named by their files in ``conf/policy`` and ``conf/workload`` (or ``policy_dirs``,
+a user's folders); ``scenario=NAME`` (``conf/scenario``) replaces the cluster, workloads, seeds, loads and
+reference by the scenario's (its test windows at its test load).
 """
 
 from __future__ import annotations
@@ -18,18 +22,19 @@ from typing import Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from servegym.agents.configs import ConfigError, named_configs
+from servegym.agents.configs import named_configs
 from servegym.agents.harness import (
     Task,
     head_to_head,
     max_sustainable_load,
+    policy_specs,
     run_tasks,
-    saved_policy_spec,
     summarise,
     warn_if_one_window,
 )
 from servegym.agents.reporting import plot_attainment_vs_load, plot_cdfs, print_head_to_head, print_tables
 from servegym.agents.user_errors import exit_on_user_error
+from servegym.envs import scenarios
 
 
 def _plain(node) -> dict:
@@ -38,20 +43,33 @@ def _plain(node) -> dict:
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """The whole comparison; returns {"table": DataFrame, "rows": [...], "max_rate": {...}}."""
-    policies = named_configs("policy", list(cfg.policies), _plain(cfg.get("policy_overrides")))
-    for name, path in _plain(cfg.get("saved")).items():  # trained runs and exports beside the heuristics
-        if name in policies:
-            raise ConfigError(f"saved policy {name!r} has the name of a conf/policy entry; rename it")
-        policies[name] = saved_policy_spec(path)
-    workloads = named_configs("workload", list(cfg.workloads), _plain(cfg.get("workload_overrides")))
-    cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
-    seeds, loads = [int(s) for s in cfg.seeds], [float(x) for x in cfg.loads]
+    policies = policy_specs(
+        list(cfg.policies),
+        _plain(cfg.get("saved")),
+        _plain(cfg.get("custom")),
+        _plain(cfg.get("policy_overrides")),
+        dirs=list(cfg.get("policy_dirs") or []),
+    )
+    reference = cfg.get("reference")
+    search = (0.05, 4.0)
+    scenario = scenarios.from_config(cfg)
+    if scenario is not None:  # the scenario's cluster, test windows, seeds, test load and reference
+        window = scenario.window(scenario.windows["test"])
+        workloads = {scenario.name: {**window, **_plain(cfg.get("workload_overrides")).get(scenario.name, {})}}
+        cluster = scenario.cluster
+        seeds, loads = list(scenario.seeds["test"]), [scenario.loads["test"]]
+        search = tuple(scenario.loads["search"])
+        refs = [d.reference for d in scenario.decisions.values() if d.reference in policies]
+        reference = refs[0] if refs else reference
+    else:
+        workloads = named_configs("workload", list(cfg.workloads), _plain(cfg.get("workload_overrides")))
+        cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
+        seeds, loads = [int(s) for s in cfg.seeds], [float(x) for x in cfg.loads]
     warn_if_one_window(workloads, seeds)
     tasks = [Task(p, w, s, x) for w in workloads for x in loads for p in policies for s in seeds]
     rows = run_tasks(
         tasks, policies, workloads, cluster, jobs=int(cfg.jobs), keep_records=True, progress=bool(cfg.progress)
     )
-    reference = cfg.get("reference")
     table = summarise(rows, reference=reference if reference in policies else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     import pandas as pd
@@ -62,7 +80,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     table.to_csv(out_dir / "summary.csv", index=False)
     (out_dir / "summary.json").write_text(table.to_json(orient="records", indent=1))
     print_tables(table, reference if reference in policies else None)
-    for name in _plain(cfg.get("saved")):
+    for name in [*_plain(cfg.get("saved")), *_plain(cfg.get("custom"))]:
         duel = head_to_head(rows, name)
         duel.to_csv(out_dir / f"head_to_head_{name}.csv", index=False)
         print_head_to_head(duel)
@@ -73,7 +91,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         plot_attainment_vs_load(table, out_dir / "attainment_vs_load.png")
     result: dict[str, Any] = {"table": table, "rows": rows, "max_rate": {}}
     if cfg.max_rate.enabled:
-        result["max_rate"] = max_rates(cfg, policies, workloads, cluster, seeds)
+        result["max_rate"] = max_rates(cfg, policies, workloads, cluster, seeds, search)
         (out_dir / "max_rate.json").write_text(json.dumps(result["max_rate"], indent=1))
         for workload, by_policy in result["max_rate"].items():
             print(
@@ -84,7 +102,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return result
 
 
-def max_rates(cfg, policies, workloads, cluster, seeds) -> dict[str, dict[str, dict[str, float]]]:
+def max_rates(cfg, policies, workloads, cluster, seeds, search=(0.05, 4.0)) -> dict[str, dict[str, dict[str, float]]]:
     """Per workload and policy: the largest load multiplier meeting the target attainment (bisection)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for workload in workloads:
@@ -105,7 +123,11 @@ def max_rates(cfg, policies, workloads, cluster, seeds) -> dict[str, dict[str, d
                 return float(np.mean([r["slo_attainment"] for r in rows]))
 
             load = max_sustainable_load(
-                attainment, target=float(cfg.max_rate.target), iterations=int(cfg.max_rate.iterations)
+                attainment,
+                target=float(cfg.max_rate.target),
+                low=search[0],
+                high=search[1],
+                iterations=int(cfg.max_rate.iterations),
             )
             out[workload][policy] = {"load": load, "rate_rps": offered.get(load, 0.0)}
     return out

@@ -5,7 +5,9 @@
     python experiments/reproduce.py sal_larry      # SAL vs JSQ vs round-robin; LARRY vs vLLM
     python experiments/reproduce.py all --quick    # smaller windows and fewer seeds (for tests)
 
-Each writes ``results.md`` (tables), ``runs.csv``, ``summary.json`` and plots into
+The clusters and workloads are the scenarios' (``conf/scenario``: long-context, bursty-conv, short,
+pd-shift, hetero-conv); the seeds and window sizes are the reproductions' own. Each writes ``results.md``
+(tables), ``runs.csv``, ``summary.json`` and plots into
 ``docs/results/<name>/`` (or ``--out``). The numbers are what the simulator shows; docs/agents.md
 compares them with the papers' claims.
 """
@@ -22,14 +24,17 @@ from servegym.agents.configs import ROOT, ConfigError
 from servegym.agents.harness import Task, max_sustainable_load, run_tasks, summarise
 from servegym.agents.reporting import markdown_table
 from servegym.agents.user_errors import exit_on_user_error
+from servegym.envs import scenarios
 
-HETERO = {
-    "snapshot_interval_s": 0.1,
-    "groups": [
-        {"name": "h100", "count": 4, "engine": {"gpu": "H100-SXM", "model": "Llama-3-8B", "noise_sigma": 0.03}},
-        {"name": "a100", "count": 4, "engine": {"gpu": "A100-80GB", "model": "Llama-3-8B", "noise_sigma": 0.03}},
-    ],
-}
+
+def _scenario_window(name: str, requests: int) -> dict:
+    """A scenario's workload (conf/scenario) at its test load, cut to ``requests``-request windows: the
+    reproductions replay the scenarios' settings (their own seeds and window sizes)."""
+    scenario = scenarios.load(name)
+    return scenario.workload_at(scenario.loads["test"], requests)
+
+
+HETERO = scenarios.load("hetero-conv").cluster  # 4x H100 + 4x A100, Llama-3-8B, 3% step noise
 VLLM = {"_target_": "servegym.envs.sim.policies.VllmPolicy"}
 RR = {"_target_": "servegym.envs.sim.policies.RoundRobin"}
 
@@ -123,28 +128,9 @@ def synergysched(out: Path, quick: bool, jobs: int) -> None:
     seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
     slo = {"ttft_s": 5.0, "tpot_s": 0.1}
     workloads = {
-        "long-context (arXiv lengths, Poisson 40 req/s)": {
-            "kind": "synthetic",
-            "num_requests": n,
-            "arrivals": {"rate": 40.0},
-            "lengths": {"kind": "empirical", "source": "arxiv"},
-            "slo": [{"name": "long", **slo}],
-        },
-        "bursty production (Azure conv x16, random windows)": {
-            "kind": "trace",
-            "path": "azure_conv",
-            "rate_scale": 16.0,
-            "num_requests": n,
-            "random_window": True,
-            "slo": [{"name": "chat", **slo}],
-        },
-        "short requests (lognormal 256/256, Poisson 120 req/s)": {
-            "kind": "synthetic",
-            "num_requests": n,
-            "arrivals": {"rate": 120.0},
-            "lengths": {"kind": "lognormal", "prompt": 256, "output": 256, "prompt_sigma": 0.8, "output_sigma": 0.8},
-            "slo": [{"name": "short", **slo}],
-        },
+        "long-context (arXiv lengths, Poisson 40 req/s)": _scenario_window("long-context", n),
+        "bursty production (Azure conv x16, random windows)": _scenario_window("bursty-conv", n),
+        "short requests (lognormal 256/256, Poisson 120 req/s)": _scenario_window("short", n),
     }
     policies = {
         "LENS+PRISM": {"router": _prism(0.1), "batch": _lens(0.1)},
@@ -175,40 +161,10 @@ def arrow(out: Path, quick: bool, jobs: int) -> None:
     """Arrow: colocated vs static PD vs elastic pools under a prompt/output mix that shifts (code, then chat)."""
     n = 800 if quick else 3000
     seeds = [0] if quick else [0, 1, 2]
-    slo = [{"name": "chat", "ttft_s": 2.0, "tpot_s": 0.1}]
-    workload = {
-        "shift": {
-            "kind": "concat",
-            "parts": [
-                {
-                    "kind": "trace",
-                    "path": "azure_code",
-                    "rate_scale": 20.0,
-                    "num_requests": n,
-                    "random_window": True,
-                    "slo": slo,
-                },
-                {
-                    "kind": "trace",
-                    "path": "azure_conv",
-                    "rate_scale": 10.0,
-                    "num_requests": n,
-                    "random_window": True,
-                    "slo": slo,
-                },
-            ],
-        }
-    }
-    engine = {"gpu": "H100-SXM", "model": "Llama-3-8B", "noise_sigma": 0.03}
+    workload = {"shift": _scenario_window("pd-shift", n)}  # code x20, then conversation x10 (per part: n requests)
+    pd_cluster = scenarios.load("pd-shift").cluster  # 4 prefill + 4 decode H100s
+    engine = {k: v for k, v in pd_cluster["groups"][0]["engine"].items() if k != "role"}
     colocated = {"snapshot_interval_s": 0.1, "groups": [{"count": 8, "engine": engine}]}
-    pd_cluster = {
-        "snapshot_interval_s": 0.1,
-        "monitor_interval_s": 1.0,
-        "groups": [
-            {"name": "prefill", "count": 4, "node": "n0", "engine": {**engine, "role": "prefill"}},
-            {"name": "decode", "count": 4, "node": "n0", "engine": {**engine, "role": "decode"}},
-        ],
-    }
     arrow_router = {"_target_": "servegym.agents.pools.Arrow", "slo_ttft_s": 2.0, "slo_tpot_s": 0.1}
     setups = {
         "colocated (8x both, LOR)": (
@@ -272,16 +228,7 @@ def sal_larry(out: Path, quick: bool, jobs: int) -> None:
     """Kossmann et al.: token-aware routing (SAL) vs JSQ vs round-robin; LARRY vs vLLM under KV pressure."""
     n = 1500 if quick else 6000
     seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
-    routing_workload = {
-        "azure conv x17": {
-            "kind": "trace",
-            "path": "azure_conv",
-            "rate_scale": 17.0,
-            "num_requests": n,
-            "random_window": True,
-            "slo": [{"name": "chat", "ttft_s": 2.0, "tpot_s": 0.1}],
-        }
-    }
+    routing_workload = {"azure conv x17": _scenario_window("hetero-conv", n)}  # random windows at x17
     routers = {
         "SAL (token-aware)": {"_target_": "servegym.agents.routing.classic.TokenAware"},
         "JSQ": {"_target_": "servegym.agents.routing.classic.JoinShortestQueue"},

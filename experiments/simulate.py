@@ -3,6 +3,7 @@
     python experiments/simulate.py                                  # the built-in default scenario
     python experiments/simulate.py workload=trace workload.path=my_trace.csv
     python experiments/simulate.py cluster=h100x64 workload.rate_scale=100 policy=vllm_rr
+    python experiments/simulate.py scenario=prefix-chat policy=vllm_prefix   # a scenario's cluster and test window
 
 Writes into hydra's run directory: ``summary.json``, ``requests.parquet`` (one row per request),
 ``latency_cdf.png`` and the resolved config (``.hydra/``).
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from servegym.agents.harness import load_policy
 from servegym.agents.reporting import print_summary
 from servegym.agents.user_errors import exit_on_user_error
+from servegym.envs import scenarios
 from servegym.envs.sim.cluster import Cluster
 from servegym.envs.sim.config import cluster_from, workload_from
 from servegym.envs.sim.plots import latency_cdfs
@@ -40,8 +42,13 @@ def _json_safe(value: Any) -> Any:
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Build everything from ``cfg``, simulate, save the artefacts into ``out_dir``; returns the summary."""
-    workload = workload_from(cfg.workload)
-    cluster_config = cluster_from(cfg.cluster)
+    workload_map, cluster_map = cfg.workload, cfg.cluster
+    scenario = scenarios.from_config(cfg)
+    if scenario is not None:  # one test window of the scenario at its test load, on its cluster
+        workload_map = scenario.workload_at(scenario.loads["test"], scenario.windows["test"])
+        cluster_map = scenario.cluster
+    workload = workload_from(workload_map)
+    cluster_config = cluster_from(cluster_map)
     policy = load_policy(OmegaConf.to_container(cfg.policy, resolve=True))
     requests = workload.generate(int(cfg.workload_seed))
     cluster = Cluster(
@@ -53,8 +60,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     summary["offered"] = offered_load(requests)
     summary["flips"] = [{"time_s": t, "instance": i, "from": a, "to": b} for t, i, a, b in cluster.flips]
     summary["scenario"] = {
-        "cluster": cfg.cluster.get("name", ""),
-        "workload": cfg.workload.get("name", ""),
+        "scenario": scenario.name if scenario is not None else "",
+        "cluster": cluster_map.get("name", ""),
+        "workload": workload_map.get("name", ""),
         "policy": cfg.policy.get("name", ""),
         "profiles": cluster_config.profiles,
     }

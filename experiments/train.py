@@ -5,6 +5,7 @@
     python experiments/train.py env=pools    # Pools-v0 flips on pd_h100 (MaskablePPO) vs static, Arrow, planner
     python experiments/train.py agent=ppo imitation.expert=null total_timesteps=50000 logger=tensorboard
     python experiments/train.py resume=outputs/train/RUN total_timesteps=10000   # continue a run's policy
+    python experiments/train.py scenario=long-context   # a scenario's cluster, workload, seeds, loads (conf/scenario)
     python experiments/train.py -m seed=0,1,2 agent=ppo,maskable_ppo   # a sweep (joblib, 2 jobs)
     python experiments/train.py -m hydra/launcher=slurm ...   |   -m hydra/sweeper=optuna_search
 
@@ -31,7 +32,7 @@ from typing import Any
 import hydra
 import numpy as np
 import servegym.envs as envs  # noqa: F401  (registers the ids in this process)
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from servegym.agents.configs import ConfigError, is_trace, named_configs
 from servegym.agents.harness import Task, head_to_head, run_tasks, saved_policy_spec, summarise
 from servegym.agents.learned import algorithm_class
@@ -39,6 +40,41 @@ from servegym.agents.reporting import print_head_to_head, print_tables
 from servegym.agents.run_dir import env_kwargs, save_config, save_run, windowed
 from servegym.agents.user_errors import exit_on_user_error
 from servegym.envs.sim.config import cluster_from
+
+KIND_OF_ENV = {"servegym/Route-v0": "route", "servegym/Batch-v0": "batch", "servegym/Pools-v0": "pools"}
+
+
+def apply_scenario(cfg: DictConfig) -> None:
+    """``scenario=NAME``: the scenario's cluster, workload (at its training load; ``env.load_range``
+    multiplies it), windows, validation and test seeds, loads, reference and baselines for the kind of
+    ``env`` (conf/scenario; servegym.envs.scenarios). Without one, nothing changes."""
+    from servegym.envs import scenarios
+
+    scenario = scenarios.from_config(cfg)
+    if scenario is None:
+        return
+    kind = KIND_OF_ENV.get(cfg.env.id)
+    if kind not in scenario.decisions:
+        raise scenarios.ScenarioError(f"scenario {scenario.name} poses {', '.join(scenario.kinds)}, not {cfg.env.id}")
+    loads, decision = scenario.loads, scenario.decisions[kind]
+    if scenario.is_trace:  # compare() sets a trace's rate_scale itself
+        base = float(scenario.workload.get("rate_scale", 1.0))
+        final, validation = base * loads["test"], [base * v for v in loads["validation"]]
+    elif loads["train"] != loads["test"]:  # compare() scales other workloads relative to the training rate
+        raise scenarios.ScenarioError(f"scenario {scenario.name}: a non-trace workload trains at its test load")
+    else:
+        final, validation = loads["test"], list(loads["validation"])
+    with open_dict(cfg):
+        cfg.cluster = scenario.cluster
+        cfg.workload = scenarios.scaled(scenario.workload, loads["train"])
+        cfg.train_window.num_requests = scenario.windows["train"]
+        cfg.validation.seeds = list(scenario.seeds["validation"])
+        cfg.final_eval.seeds = list(scenario.seeds["test"])
+        cfg.final_eval.num_requests = scenario.windows["test"]
+        cfg.env.compare.rate_scale = final
+        cfg.env.compare.validation_rate_scales = validation or [final]
+        cfg.env.compare.reference = decision.reference
+        cfg.env.compare.baselines = list(decision.baselines)
 
 
 def save_policy(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
@@ -237,6 +273,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     # joblib's workers run torch with OMP_NUM_THREADS=1 and a lone run with every core: reductions then differ
     # in the last bits and the same seed trains other weights; one explicit count makes them agree
     torch.set_num_threads(int(cfg.torch_threads))
+    apply_scenario(cfg)
     save_config(out_dir, cfg)
     wandb_run = make_wandb(cfg, out_dir)
     logger = make_logger(cfg, out_dir, wandb_run)

@@ -69,7 +69,9 @@ class Observer:
 def check_policy(what: str, policy: object, base: type) -> None:
     """Refuse a policy that is not an object of its base class (a name from a config, say), naming it."""
     if not isinstance(policy, base):
-        hint = " (a name: load it through agents.harness.load_policy)" if isinstance(policy, str) else ""
+        hint = ""
+        if isinstance(policy, str):
+            hint = " (a name: load it through agents.harness.load_policy; a class: its import path, pkg.module:Class)"
         raise ClusterConfigError(
             f"{what} must be an envs.sim.policies.{base.__name__} object, got {policy!r}{hint}; "
             f"subclass {base.__name__} (its optional members have defaults)"

@@ -14,6 +14,7 @@ import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 from servegym.envs.sim.request import Request, SloClass
@@ -140,14 +141,23 @@ class LengthSampler:
 
 
 def _length_pool(source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (prompt, output) pairs an empirical sampler draws from (read once per process, read-only)."""
     if source in LENGTH_SAMPLES:
-        import pandas as pd
-
-        with gzip.open(LENGTH_SAMPLES[source], "rb") as handle:
-            frame = pd.read_csv(io.BytesIO(handle.read()))
-        return frame["num_prefill_tokens"].to_numpy(), frame["num_decode_tokens"].to_numpy()
-    trace = read_trace(source)
+        return _length_sample(source)
+    trace = read_trace(source)  # cached per file version
     return trace.prompt_tokens, trace.output_tokens
+
+
+@lru_cache(maxsize=8)
+def _length_sample(source: str) -> tuple[np.ndarray, np.ndarray]:
+    import pandas as pd
+
+    with gzip.open(LENGTH_SAMPLES[source], "rb") as handle:
+        frame = pd.read_csv(io.BytesIO(handle.read()))
+    pool = frame["num_prefill_tokens"].to_numpy(), frame["num_decode_tokens"].to_numpy()
+    for column in pool:
+        column.flags.writeable = False
+    return pool
 
 
 # -- SLO classes -------------------------------------------------------------------------------------------

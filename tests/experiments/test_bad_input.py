@@ -14,6 +14,7 @@ CASES = {
     "evaluate": (["policies=[nope]"], "error: unknown policy 'nope'; known: arrow,"),
     "train": (["imitation.expert=nope", "progress=false"], "error: unknown policy 'nope'; known: arrow,"),
     "export": (["run={tmp}/missing"], "error: {tmp}/missing: no model.zip"),
+    "leaderboard": (["scenarios=[nope]"], "error: unknown scenario 'nope'; known: bursty-conv, h100x64,"),
     "reproduce": (["nope"], "error: unknown reproduction 'nope'; known: synergysched, arrow, sal_larry, all"),
 }
 
