@@ -43,7 +43,8 @@ kept). Scores are mean SLO attainment over the scenario's reference heuristic's 
 "paired" is the per-seed difference in attainment points on identical arrivals. The maximum load is the
 largest multiplier of the scenario's workload rate meeting the target attainment (bisection on the first
 test seeds, on windows of a fixed span of arrivals, so a higher load brings more requests). The oracle
-headroom column is filled by a later rollout tool (— = not computed).
+headroom (routing, the reference's row) is what a true-future one-step lookahead over the reference gains
+(`headroom.enabled=true`, about 5 minutes per scenario; — = not computed; docs/training.md has hetero-conv's).
 """
 METRIC_DIGITS = 6  # floats in the JSON are rounded to this many decimals
 
@@ -64,6 +65,8 @@ class Settings:
     progress: bool = True
     baselines: tuple[str, ...] | None = None  # only these baselines (the reference always runs); None: all
     extra: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # name -> spec (saved, plug-in)
+    headroom_seeds: int = 0  # routing tables: windows of the true-future lookahead over the reference (0: none)
+    headroom_every: int = 8  # the lookahead at every k-th of a window's 64 decisions
 
 
 def _number(value: Any, digits: int = METRIC_DIGITS) -> float | None:
@@ -97,6 +100,30 @@ def policies_of(
             raise ConfigError(f"policy {name!r} has the name of a baseline of scenario {scenario.name}; rename it")
         policies[name] = dict(spec)
     return policies
+
+
+def oracle_headroom(scenario, kind: str, settings: Settings, load: float) -> float | None:
+    """What the true-future one-step lookahead over the reference router gains in SLO attainment on
+    counterfactual windows at ``load`` (:func:`servegym.agents.lookahead.headroom`: an upper bound no
+    deployable router reaches); None unless asked for (``headroom_seeds``) and for other kinds."""
+    if kind != "route" or not settings.headroom_seeds:
+        return None
+    from servegym.agents.lookahead import headroom
+
+    reference = scenario.decisions[kind].reference
+    seeds = list(scenario.seeds["test"][: settings.headroom_seeds])
+    found = headroom(
+        scenario.cluster,
+        scenario.window(1000),
+        named_configs("policy", [reference])[reference],
+        load,
+        seeds,
+        every=settings.headroom_every,
+        modes=("base", "true"),
+        jobs=settings.jobs,
+        max_instances=max(8, sum(int(g["count"]) for g in scenario.cluster["groups"])),
+    )
+    return found.gain("true")[0]
 
 
 def board(scenario, kind: str, settings: Settings, pool) -> dict[str, Any]:
@@ -138,6 +165,7 @@ def board(scenario, kind: str, settings: Settings, pool) -> dict[str, Any]:
         }
     else:
         loads = {}
+    oracle = oracle_headroom(scenario, kind, settings, test_load)
     entries = {}
     for name in policies:
         row = table.loc[name]
@@ -147,7 +175,7 @@ def board(scenario, kind: str, settings: Settings, pool) -> dict[str, Any]:
             "attainment_diff": _number(row.get("slo_attainment_diff")),
             "attainment_diff_ci": _number(row.get("slo_attainment_diff_ci")),
             "max_load": _number(loads.get(name)),
-            "headroom": None,  # the oracle rollout tool fills this; None until it does
+            "headroom": _number(oracle) if name == decision.reference else None,
             "curve": [[_number(x), _number(curves[name][x])] for x in sorted(curves[name])],
         }
         for metric in ("slo_attainment", "goodput_rps", "ttft_p99_s", "tpot_p99_s"):

@@ -47,6 +47,8 @@ def run(cfg: DictConfig) -> dict:
         progress=bool(cfg.progress),
         baselines=tuple(cfg.baselines) if cfg.get("baselines") is not None else None,
         extra=extra,
+        headroom_seeds=int(cfg.headroom.seeds) if cfg.headroom.enabled else 0,
+        headroom_every=int(cfg.headroom.every),
     )
     result = leaderboard.run(names, settings)
     written = leaderboard.write(result, Path(cfg.out) if cfg.out else ROOT / "docs")

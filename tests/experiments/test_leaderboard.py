@@ -1,5 +1,5 @@
 """The leaderboard on one cheap scenario with tiny windows: every baseline and a user's router from outside
-the package (examples/my_router.py) in the table, the score against the reference, the headroom hook left
+the package (examples/my_router.py) in the table, the score against the reference, the headroom left
 empty, and a rerun writing identical files; bad input in one line."""
 
 import json
@@ -72,3 +72,15 @@ def test_bad_policy_import_paths_and_scenarios_are_user_errors():
     with pytest.raises(PluginError, match=r"has no 'Nope'"):
         policy_specs([], custom={"x": f"{ROOT}/examples/my_router.py:Nope"})
     assert policy_specs([], custom={"x": MINE})["x"]["kind"] == "route"
+
+
+def test_the_oracle_headroom_is_the_true_future_lookaheads_gain_over_the_reference():
+    from servegym.agents import leaderboard
+    from servegym.envs import scenarios
+
+    scenario = scenarios.load("short")
+    settings = leaderboard.Settings(headroom_seeds=1, headroom_every=32, progress=False)
+    gain = leaderboard.oracle_headroom(scenario, "route", settings, scenario.loads["test"])
+    assert isinstance(gain, float) and gain >= 0.0  # the lookahead keeps the reference's action unless better
+    assert leaderboard.oracle_headroom(scenario, "batch", settings, 1.0) is None  # routing only
+    assert leaderboard.oracle_headroom(scenario, "route", leaderboard.Settings(), 1.0) is None  # off by default
