@@ -274,6 +274,8 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     # in the last bits and the same seed trains other weights; one explicit count makes them agree
     torch.set_num_threads(int(cfg.torch_threads))
     apply_scenario(cfg)
+    if cfg.imitation.expert:  # a bad name fails now, also where the agent does not clone (clone: false)
+        named_configs("policy", [cfg.imitation.expert])
     save_config(out_dir, cfg)
     wandb_run = make_wandb(cfg, out_dir)
     logger = make_logger(cfg, out_dir, wandb_run)
