@@ -72,12 +72,10 @@ def collect(
             action = int(act(obs, mask))
             if step % label_every == 0:
                 values = env.rollout_values(decisions=decisions, jobs=jobs)
-                value = np.zeros(slots)
-                for a, v in values.items():
-                    value[a] = v
                 allowed = np.array(sorted(values))
+                worth = np.array([values[a] for a in allowed])
                 advantage = np.zeros(slots)
-                advantage[allowed] = value[allowed] - value[allowed].mean()
+                advantage[allowed] = worth - worth.mean()
                 rows.append((obs.copy(), mask.copy(), advantage, action))
             obs, _, terminated, truncated, info = env.step(action)
             done, step = terminated or truncated, step + 1
@@ -87,9 +85,9 @@ def collect(
     return Labels(np.stack(observations), np.stack(masks), np.stack(advantages), np.asarray(taken))
 
 
-def _logits(policy, observations: torch.Tensor) -> torch.Tensor:
-    features = policy.extract_features(observations, policy.pi_features_extractor)
-    return policy.action_net(policy.mlp_extractor.forward_actor(features))
+def _log_probs(policy, observations: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The masked policy's log-probabilities over actions (SB3's own masked distribution)."""
+    return policy.get_distribution(observations, action_masks=masks).distribution.logits
 
 
 def gain(policy, labels: Labels) -> float:
@@ -98,9 +96,8 @@ def gain(policy, labels: Labels) -> float:
     if not len(labels):
         return 0.0
     with torch.no_grad():
-        logits = _logits(policy, torch.as_tensor(labels.observations))
-        logits = torch.where(torch.as_tensor(labels.masks), logits, torch.full_like(logits, -1e9))
-        greedy = logits.argmax(1).numpy()
+        distribution = policy.get_distribution(torch.as_tensor(labels.observations), action_masks=labels.masks)
+        greedy = distribution.get_actions(deterministic=True).numpy()
     return float(labels.advantages[np.arange(len(labels)), greedy].mean())
 
 
@@ -122,7 +119,7 @@ def fit(
     advantages = torch.as_tensor(labels.advantages / scale, dtype=torch.float32)
     before = gain(policy, labels)
     with torch.no_grad():
-        reference = torch.log_softmax(torch.where(masks, _logits(policy, observations), -1e9), 1)
+        reference = _log_probs(policy, observations, masks)
     actor = [p for name, p in policy.named_parameters() if "features_extractor" in name and "context" not in name]
     optimizer = torch.optim.Adam(actor, lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
@@ -131,7 +128,7 @@ def fit(
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(labels), batch_size):
             batch = order[start : start + batch_size]
-            log_pi = torch.log_softmax(torch.where(masks[batch], _logits(policy, observations[batch]), -1e9), 1)
+            log_pi = _log_probs(policy, observations[batch], masks[batch])
             pi = log_pi.exp()
             expected = (pi * advantages[batch]).sum(1).mean()
             kl = (pi * (log_pi - reference[batch])).where(masks[batch], 0.0).sum(1).mean()

@@ -41,8 +41,6 @@ from servegym.agents.run_dir import env_kwargs, save_config, save_run, windowed
 from servegym.agents.user_errors import exit_on_user_error
 from servegym.envs.sim.config import cluster_from
 
-KIND_OF_ENV = {"servegym/Route-v0": "route", "servegym/Batch-v0": "batch", "servegym/Pools-v0": "pools"}
-
 
 def apply_scenario(cfg: DictConfig) -> None:
     """``scenario=NAME``: the scenario's cluster, workload (at its training load; ``env.load_range``
@@ -53,7 +51,7 @@ def apply_scenario(cfg: DictConfig) -> None:
     scenario = scenarios.from_config(cfg)
     if scenario is None:
         return
-    kind = KIND_OF_ENV.get(cfg.env.id)
+    kind = next((k for k, stem in scenarios.KINDS.items() if cfg.env.id == f"servegym/{stem}-v0"), None)
     if kind not in scenario.decisions:
         raise scenarios.ScenarioError(f"scenario {scenario.name} poses {', '.join(scenario.kinds)}, not {cfg.env.id}")
     loads, decision = scenario.loads, scenario.decisions[kind]
