@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the built-in default scenario (the Azure conversation trace on 4x H100 + 4x A100):
-# train a router (imitation of PRISM, then MaskablePPO), then compare it with the baselines on held-out
+# train a router (a residual on PRISM's score, then MaskablePPO), then compare it with the baselines on held-out
 # windows. Hydra overrides go in ARGS="...".
 run: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) experiments/train.py $(ARGS)

@@ -7,6 +7,7 @@ over the seeds.
     python experiments/headroom.py                                   # hetero_h100_a100, azure_conv x17, PRISM
     python experiments/headroom.py --policy vllm_lor --seeds 0-9 --every 4 --samples 2
     python -m servegym.experiments.headroom --cluster h100x8 --rate-scale 20
+    python experiments/headroom.py --scenario multi-slo --load 18        # a scenario's cluster, workload, reference
 
 The library function is :func:`servegym.agents.lookahead.headroom`. Lookahead children are forked
 (Linux); they run the simulator and the base heuristic only.
@@ -20,6 +21,7 @@ import time
 from servegym.agents.configs import named_configs
 from servegym.agents.lookahead import MODES, headroom
 from servegym.agents.user_errors import exit_on_user_error
+from servegym.envs import scenarios
 
 
 def _seeds(text: str) -> list[int]:
@@ -32,6 +34,11 @@ def _seeds(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--scenario", default=None, help="a conf/scenario name: its cluster, workload and reference router "
+        "(then --cluster, --workload, --policy and --rate-scale are ignored)"
+    )
+    parser.add_argument("--load", type=float, default=None, help="with --scenario: the load (default: its test load)")
     parser.add_argument("--cluster", default="hetero_h100_a100", help="a conf/cluster name")
     parser.add_argument("--workload", default="azure_conv", help="a conf/workload name")
     parser.add_argument("--policy", default="vllm_prism", help="the base heuristic, a conf/policy name")
@@ -48,14 +55,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=None, help="children at once (default: CPU count)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        cluster = named_configs("cluster", [args.cluster])[args.cluster]
-        workload = named_configs("workload", [args.workload])[args.workload]
-        policy = named_configs("policy", [args.policy])[args.policy]
-        load_factor = args.rate_scale / float(workload.get("rate_scale") or 1.0)
+        if args.scenario:
+            scenario = scenarios.load(args.scenario)
+            cluster, workload = scenario.cluster, scenario.window(args.num_requests)
+            name = scenario.decisions["route"].reference if "route" in scenario.decisions else None
+            if name is None:
+                raise scenarios.ScenarioError(f"scenario {args.scenario!r} poses no routing decisions")
+            policy = named_configs("policy", [name])[name]
+            load_factor = scenario.loads["test"] if args.load is None else args.load
+            max_instances = max(8, sum(int(g["count"]) for g in cluster["groups"]))
+            what = f"scenario {args.scenario} at load x{load_factor:g}"
+        else:
+            name = args.policy
+            cluster = named_configs("cluster", [args.cluster])[args.cluster]
+            workload = named_configs("workload", [args.workload])[args.workload]
+            policy = named_configs("policy", [name])[name]
+            load_factor = args.rate_scale / float(workload.get("rate_scale") or 1.0)
+            max_instances = 8
+            what = f"{args.cluster}, {args.workload} x{args.rate_scale:g} (load factor {load_factor:.3f})"
         seeds = _seeds(args.seeds)
         print(
-            f"headroom of one-step lookahead over {args.policy}: {args.cluster}, {args.workload} x{args.rate_scale:g} "
-            f"(load factor {load_factor:.3f}), windows of {args.warmup} + {args.horizon} decisions, lookahead at "
+            f"headroom of one-step lookahead over {name}: {what}, windows of {args.warmup} + {args.horizon} decisions, lookahead at "
             f"every {args.every}th, {args.samples} sampled future(s), seeds {seeds}",
             flush=True,
         )
@@ -73,6 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             samples=args.samples,
             modes=args.modes.split(","),
             jobs=args.jobs,
+            max_instances=max_instances,
             progress=True,
         )
     rows = result.table()

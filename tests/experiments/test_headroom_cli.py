@@ -1,0 +1,25 @@
+"""`experiments/headroom.py --scenario`: a scenario's cluster, workload and reference router, at its test
+load or another, with the same table as the cluster/workload form; an unknown scenario is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+from servegym.experiments import headroom
+
+
+def test_a_scenario_gives_its_reference_and_the_true_lookahead_never_loses(capsys) -> None:
+    argv = ["--scenario", "multi-slo", "--load", "18", "--seeds", "0", "--warmup", "40", "--horizon", "8"]
+    rows = headroom.main([*argv, "--num-requests", "200", "--every", "2", "--modes", "base,true", "--jobs", "1"])
+    printed = capsys.readouterr().out
+    assert "over vllm_prism: scenario multi-slo at load x18" in printed
+    base, true = rows
+    assert (base["policy"], true["policy"]) == ("base", "true")
+    assert true["counted"] == base["counted"] > 0
+    assert true["gain"] >= 0.0  # the true-future lookahead only changes a decision that gains
+
+
+def test_an_unknown_scenario_is_named(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        headroom.main(["--scenario", "no-such-scenario"])
+    assert exited.value.code != 0
+    assert "no-such-scenario" in capsys.readouterr().err
