@@ -35,8 +35,10 @@ def _seeds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--scenario", default=None, help="a conf/scenario name: its cluster, workload and reference router "
-        "(then --cluster, --workload, --policy and --rate-scale are ignored)"
+        "--scenario",
+        default=None,
+        help="a conf/scenario name: its cluster, workload and reference router "
+        "(then --cluster, --workload, --policy and --rate-scale are ignored)",
     )
     parser.add_argument("--load", type=float, default=None, help="with --scenario: the load (default: its test load)")
     parser.add_argument("--cluster", default="hetero_h100_a100", help="a conf/cluster name")
@@ -75,8 +77,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             what = f"{args.cluster}, {args.workload} x{args.rate_scale:g} (load factor {load_factor:.3f})"
         seeds = _seeds(args.seeds)
         print(
-            f"headroom of one-step lookahead over {name}: {what}, windows of {args.warmup} + {args.horizon} decisions, lookahead at "
-            f"every {args.every}th, {args.samples} sampled future(s), seeds {seeds}",
+            f"headroom of one-step lookahead over {name}: {what}, windows of {args.warmup} + {args.horizon} "
+            f"decisions, lookahead at every {args.every}th, {args.samples} sampled future(s), seeds {seeds}",
             flush=True,
         )
         started = time.perf_counter()
