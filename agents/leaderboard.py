@@ -108,20 +108,11 @@ def oracle_headroom(scenario, kind: str, settings: Settings, load: float) -> flo
     deployable router reaches); None unless asked for (``headroom_seeds``) and for other kinds."""
     if kind != "route" or not settings.headroom_seeds:
         return None
-    from servegym.agents.lookahead import headroom
+    from servegym.agents.lookahead import scenario_headroom
 
-    reference = scenario.decisions[kind].reference
     seeds = list(scenario.seeds["test"][: settings.headroom_seeds])
-    found = headroom(
-        scenario.cluster,
-        scenario.window(1000),
-        named_configs("policy", [reference])[reference],
-        load,
-        seeds,
-        every=settings.headroom_every,
-        modes=("base", "true"),
-        jobs=settings.jobs,
-        max_instances=max(8, sum(int(g["count"]) for g in scenario.cluster["groups"])),
+    found = scenario_headroom(
+        scenario, load, seeds, every=settings.headroom_every, modes=("base", "true"), jobs=settings.jobs
     )
     return found.gain("true")[0]
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from servegym.agents.configs import named_configs
 from servegym.agents.harness import confidence_interval, load_policy
 from servegym.envs.route_env import RouteEnv
+from servegym.envs.scenarios import Scenario, ScenarioError
 from servegym.envs.sim.request import State
 
 MODES = ("base", "true", "sampled")
@@ -180,3 +182,28 @@ def headroom(
                 )
     env.close()
     return result
+
+
+def routing_reference(scenario: Scenario) -> str:
+    """The conf/policy name of the heuristic a scenario's routing is measured against."""
+    if "route" not in scenario.decisions:
+        raise ScenarioError(f"scenario {scenario.name!r} poses no routing decisions")
+    return scenario.decisions["route"].reference
+
+
+def scenario_headroom(
+    scenario: Scenario, load_factor: float, seeds: Sequence[int], num_requests: int = 1000, **kwargs: Any
+) -> Headroom:
+    """:func:`headroom` over a scenario's routing reference, on its cluster and windows of its workload (its
+    SLO classes included), with an engine slot for every instance; ``kwargs`` go to :func:`headroom`."""
+    reference = routing_reference(scenario)
+    return headroom(
+        scenario.cluster,
+        scenario.window(num_requests),
+        named_configs("policy", [reference])[reference],
+        load_factor,
+        seeds,
+        num_requests=num_requests,
+        max_instances=max(8, sum(int(g["count"]) for g in scenario.cluster["groups"])),
+        **kwargs,
+    )

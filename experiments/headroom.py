@@ -19,7 +19,7 @@ import argparse
 import time
 
 from servegym.agents.configs import named_configs
-from servegym.agents.lookahead import MODES, headroom
+from servegym.agents.lookahead import MODES, headroom, routing_reference, scenario_headroom
 from servegym.agents.user_errors import exit_on_user_error
 from servegym.envs import scenarios
 
@@ -59,13 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with exit_on_user_error():
         if args.scenario:
             scenario = scenarios.load(args.scenario)
-            cluster, workload = scenario.cluster, scenario.window(args.num_requests)
-            name = scenario.decisions["route"].reference if "route" in scenario.decisions else None
-            if name is None:
-                raise scenarios.ScenarioError(f"scenario {args.scenario!r} poses no routing decisions")
-            policy = named_configs("policy", [name])[name]
+            name = routing_reference(scenario)
             load_factor = scenario.loads["test"] if args.load is None else args.load
-            max_instances = max(8, sum(int(g["count"]) for g in cluster["groups"]))
             what = f"scenario {args.scenario} at load x{load_factor:g}"
         else:
             name = args.policy
@@ -73,7 +68,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             workload = named_configs("workload", [args.workload])[args.workload]
             policy = named_configs("policy", [name])[name]
             load_factor = args.rate_scale / float(workload.get("rate_scale") or 1.0)
-            max_instances = 8
             what = f"{args.cluster}, {args.workload} x{args.rate_scale:g} (load factor {load_factor:.3f})"
         seeds = _seeds(args.seeds)
         print(
@@ -82,12 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             flush=True,
         )
         started = time.perf_counter()
-        result = headroom(
-            cluster,
-            workload,
-            policy,
-            load_factor,
-            seeds,
+        options = dict(
             warmup=args.warmup,
             horizon=args.horizon,
             num_requests=args.num_requests,
@@ -95,9 +84,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             samples=args.samples,
             modes=args.modes.split(","),
             jobs=args.jobs,
-            max_instances=max_instances,
             progress=True,
         )
+        if args.scenario:
+            result = scenario_headroom(scenario, load_factor, seeds, **options)
+        else:
+            result = headroom(cluster, workload, policy, load_factor, seeds, **options)
     rows = result.table()
     print(
         "\n| policy | SLO attainment | met / counted per window | decisions changed | paired gain | gain (requests) |"
