@@ -149,22 +149,73 @@ def warm_start(model, vec_normalize, cfg: DictConfig, logger) -> dict[str, float
     return figures
 
 
-def distill(model, cfg: DictConfig, logger, validate) -> None:
+def load_labels(cfg: DictConfig, model):
+    """``distill.labels``, checked against the environment's observation and action widths (None if unset)."""
+    from servegym.agents.rollout_distill import Labels
+
+    path = cfg.distill.get("labels")
+    if not path:
+        return None
+    try:
+        labels = Labels.load(Path(path))
+    except ValueError as error:
+        raise ConfigError(f"distill.labels: {error}") from None
+    size, slots = model.observation_space.shape[0], model.action_space.n
+    if labels.observations.shape[1] != size or labels.masks.shape[1] != slots:
+        raise ConfigError(
+            f"distill.labels: {path} holds {labels.observations.shape[1]}-wide observations over "
+            f"{labels.masks.shape[1]} engines; this environment has {size} and {slots}"
+        )
+    return labels
+
+
+def distill(model, cfg: DictConfig, out_dir: Path, labels, logger, validate) -> None:
     """Rollout distillation (agents/rollout_distill.py): per iteration, roll in with the current policy, label
     every ``label_every``-th decision with each engine's branched outcome under the base heuristic, add the
-    labels to the earlier ones and refit the actor; validate after each refit."""
+    labels to the earlier ones and refit the actor; validate after each refit. ``labels`` (:func:`load_labels`:
+    an earlier run's ``distill_labels.npz``) start the aggregate, fitted once before the first iteration; the
+    aggregate is saved to this run's ``distill_labels.npz`` after each refit."""
     import gymnasium as gym
-    from servegym.agents.rollout_distill import Labels, collect, fit, gain
+    from servegym.agents.rollout_distill import collect, fit, gain
 
     settings = cfg.distill
     if not cfg.env.id.endswith("Route-v0"):
         raise ConfigError(f"distill labels routing decisions; {cfg.env.id} is not a routing environment")
+
+    def refit(stage: str, fresh, held_out: float | None, iteration: int) -> None:
+        figures = fit(
+            model.policy,
+            labels,
+            epochs=int(settings.epochs),
+            learning_rate=float(settings.learning_rate),
+            kl_coef=float(settings.kl_coef),
+            seed=int(cfg.seed) + iteration + 1,
+            loss=str(settings.loss),
+            target_temperature=float(settings.target_temperature),
+        )
+        labels.save(out_dir / "distill_labels.npz")
+        if fresh is None:
+            figures["informative"] = float(labels.informative().mean())
+            print(f"{stage}: fit on {len(labels)} loaded states ({figures['informative']:.0%} informative): ", end="")
+        else:
+            figures.update(held_out_gain=held_out, informative=float(fresh.informative().mean()))
+            print(
+                f"{stage}: {len(fresh)} states labelled ({figures['informative']:.0%} informative), "
+                f"gain on fresh states before refit {held_out:+.3f} req/state, fit on {len(labels)}: ",
+                end="",
+            )
+        print(f"{figures['gain_before']:+.3f} -> {figures['gain_after']:+.3f}")
+        log_figures(logger, {f"distill/{k}": v for k, v in figures.items()}, iteration + 1)
+        if validate is not None:
+            validate(stage)
+
+    if labels is not None:
+        refit("distill0", None, None, -1)
     env = gym.make(cfg.env.id, **env_kwargs(cfg)).unwrapped
 
     def act(observation: np.ndarray, mask: np.ndarray) -> int:
         return int(model.predict(observation, deterministic=True, action_masks=mask)[0])
 
-    labels: Labels | None = None
     for iteration in range(int(settings.iterations)):
         seed = int(cfg.seed) * 1_000 + 2_000_000 + iteration * int(settings.episodes)  # never a validation seed
         fresh = collect(
@@ -172,23 +223,7 @@ def distill(model, cfg: DictConfig, logger, validate) -> None:
         )
         held_out = gain(model.policy, fresh)  # the current policy on states it has not been fitted on
         labels = fresh if labels is None else labels + fresh
-        figures = fit(
-            model.policy,
-            labels,
-            epochs=int(settings.epochs),
-            learning_rate=float(settings.learning_rate),
-            kl_coef=float(settings.kl_coef),
-            seed=int(cfg.seed) + iteration,
-        )
-        figures.update(held_out_gain=held_out, informative=float(fresh.informative().mean()))
-        print(
-            f"distill {iteration + 1}: {len(fresh)} states labelled ({figures['informative']:.0%} informative), "
-            f"gain on fresh states before refit {held_out:+.3f} req/state, fit on {len(labels)}: "
-            f"{figures['gain_before']:+.3f} -> {figures['gain_after']:+.3f}"
-        )
-        log_figures(logger, {f"distill/{k}": v for k, v in figures.items()}, iteration)
-        if validate is not None:
-            validate(f"distill{iteration + 1}")
+        refit(f"distill{iteration + 1}", fresh, held_out, iteration)
     env.close()
 
 
@@ -309,6 +344,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
             **OmegaConf.to_container(cfg.agent.kwargs, resolve=True),
         )
     model.set_logger(logger)
+    labels = load_labels(cfg, model)  # before minutes of validation, so that a bad file fails at once
     if cfg.imitation.expert and not cfg.get("resume") and cfg.agent.get("clone", True):
         warm_start(model, vec, cfg, logger)  # (a residual policy starts at its base heuristic: clone: false)
     evaluations: list[dict[str, Any]] = []
@@ -349,8 +385,8 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
 
     if int(cfg.eval_every):
         validate("start")  # the untrained, cloned or resumed policy
-    if int(cfg.distill.iterations):
-        distill(model, cfg, logger, validate if int(cfg.eval_every) else None)
+    if int(cfg.distill.iterations) or labels is not None:
+        distill(model, cfg, out_dir, labels, logger, validate if int(cfg.eval_every) else None)
 
     class PeriodicEvaluation(BaseCallback):
         """Validate every ``eval_every`` timesteps of RL."""

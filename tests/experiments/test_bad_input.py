@@ -13,6 +13,10 @@ CASES = {
     "simulate": (["cluster.groups.0.engine.gpu=H900", "progress=false"], "error: group h100: unknown GPU 'H900'"),
     "evaluate": (["policies=[nope]"], "error: unknown policy 'nope'; known: arrow,"),
     "train": (["imitation.expert=nope", "progress=false"], "error: unknown policy 'nope'; known: arrow,"),
+    "train-labels": (
+        ["distill.labels={tmp}/missing.npz", "eval_every=0", "progress=false"],
+        "error: distill.labels: {tmp}/missing.npz is not a labels file written by Labels.save",
+    ),
     "export": (["run={tmp}/missing"], "error: {tmp}/missing: no model.zip"),
     "leaderboard": (["scenarios=[nope]"], "error: unknown scenario 'nope'; known: bursty-conv, h100x64,"),
     "reproduce": (["nope"], "error: unknown reproduction 'nope'; known: synergysched, arrow, sal_larry, all"),
@@ -26,7 +30,7 @@ def test_a_bad_name_is_one_line_and_status_2(entry_point, tmp_path):
     if entry_point != "reproduce":
         args.append(f"hydra.run.dir={tmp_path}/out")
     result = subprocess.run(
-        [sys.executable, str(ROOT / f"experiments/{entry_point}.py"), *args],
+        [sys.executable, str(ROOT / f"experiments/{entry_point.split('-')[0]}.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from servegym.agents.harness import Task, run_task, saved_policy_spec
 from servegym.agents.learned import ContractMismatch, LearnedRouter, SavedModel
+from servegym.agents.rollout_distill import Labels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,9 +117,10 @@ def test_readme_main_command_on_a_small_budget(tmp_path):
         env={**os.environ, "WANDB_MODE": "disabled"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "distill 1: 2 states labelled" in result.stdout and "learned head to head" in result.stdout
+    assert "distill1: 2 states labelled" in result.stdout and "learned head to head" in result.stdout
     stages = pd.read_csv(tmp_path / "evaluations.csv")["stage"].tolist()
     assert stages[:2] == ["start", "distill1"]
+    assert len(Labels.load(tmp_path / "distill_labels.npz")) == 2  # the aggregate, for later runs' distill.labels
     duel = (tmp_path / "head_to_head.csv").read_text().splitlines()
     assert len(duel) == 3 and duel[1].split(",")[3] == "vllm_rr"  # the learned router against each baseline
 
