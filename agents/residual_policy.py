@@ -58,8 +58,14 @@ class PrismScore(nn.Module):
 
 
 class ResidualFeatures(SlotFeatures):
-    """:class:`SlotFeatures` whose slot logits are PRISM's score, sharpened, plus the shared scorer's output
-    (the residual, zero at initialisation); the pooled context for the critic follows as before."""
+    """:class:`SlotFeatures` whose slot logits are PRISM's score, sharpened, plus a residual that is zero at
+    initialisation; the pooled context for the critic follows as before.
+
+    ``residual="mlp"``: the shared scorer's output, added to the logits. ``residual="bilinear"``: a score
+    bonus ``engine_features · W · [request_features, 1]`` added to PRISM's score *before* sharpening (so
+    ``W`` reads in PRISM's units: a bonus of 1 is worth as much as the whole latency term), 19 × 7
+    weights — few enough to fit from a few hundred labelled states, and able to say "requests with a tight
+    TPOT target prefer the engines with the high prefill capacity", which PRISM's one target cannot."""
 
     def __init__(
         self,
@@ -68,27 +74,51 @@ class ResidualFeatures(SlotFeatures):
         slo_tpot_s: float = 0.1,
         weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0),
         temperature: float = 0.05,
+        residual: str = "mlp",
     ) -> None:
+        if residual not in ("mlp", "bilinear"):
+            raise ValueError(f"residual must be 'mlp' or 'bilinear', got {residual!r}")
         super().__init__(observation_space, hidden)
+        self.kind = residual
+        self.bilinear = None  # (no parameter for the mlp kind: its saved runs keep their state dict)
+        if residual == "bilinear":
+            self.bilinear = nn.Parameter(torch.zeros(self.per_engine, self.request + 1, dtype=torch.float64))
         self.zero_residual()
         self.base = PrismScore(self.slots, slo_tpot_s, weights)
         self.sharpness = nn.Parameter(torch.tensor(-math.log(temperature), dtype=torch.float32))
 
+    def _bonus(self, observations: torch.Tensor) -> torch.Tensor:
+        batch = observations.shape[0]
+        engines = observations[:, : self.slots * self.per_engine].reshape(batch, self.slots, self.per_engine)
+        request = observations[:, self.slots * self.per_engine :].double()
+        request = torch.cat([request, torch.ones_like(request[:, :1])], dim=1)
+        return torch.einsum("bse,er,br->bs", engines.double(), self.bilinear, request)
+
+    def bilinear_logits(self, observations: torch.Tensor) -> torch.Tensor:
+        """The bilinear kind's slot logits (float32, as the policy's action head sees them)."""
+        return ((self.base(observations) + self._bonus(observations)) * self.sharpness.double().exp()).float()
+
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         out = super().forward(observations)
-        base = self.base(observations) * self.sharpness.double().exp()
-        # the float64 base decides the order; adding the float32 residual in float64 keeps it when it is zero
-        logits = (base + out[:, : self.slots].double()).float()
+        if self.kind == "bilinear":
+            logits = self.bilinear_logits(observations)
+        else:  # the float64 base decides the order; adding the float32 residual in float64 keeps it at zero
+            base = self.base(observations) * self.sharpness.double().exp()
+            logits = (base + out[:, : self.slots].double()).float()
         return torch.cat([logits, out[:, self.slots :]], dim=1)
 
     def zero_residual(self) -> None:
-        """The residual's last layer to zero: the policy is PRISM (again)."""
+        """The residual to zero: the policy is PRISM (again)."""
         with torch.no_grad():
             self.scorer[-1].weight.zero_()
             self.scorer[-1].bias.zero_()
+            if self.bilinear is not None:
+                self.bilinear.zero_()
 
     def residual(self, observations: torch.Tensor) -> torch.Tensor:
-        """The learned correction alone (for diagnostics: how far the policy has moved from PRISM)."""
+        """The learned correction alone, in logits (for diagnostics: how far the policy has moved from PRISM)."""
+        if self.kind == "bilinear":
+            return (self._bonus(observations) * self.sharpness.double().exp()).float()
         return SlotFeatures.forward(self, observations)[:, : self.slots]
 
 

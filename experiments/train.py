@@ -85,6 +85,21 @@ def save_policy(model, vec_normalize, cfg: DictConfig, out_dir: Path) -> None:
     )
 
 
+def windows_at(cfg: DictConfig, num_requests: int, rate_scale: float | None) -> tuple[dict[str, Any], float, str]:
+    """The run's workload as random windows of ``num_requests`` at a trace's replay speed ``rate_scale`` (a
+    synthetic workload: its rate times ``rate_scale / env.compare.rate_scale``): (workload, load, name)."""
+    workload = windowed(
+        OmegaConf.to_container(cfg.workload, resolve=True), {"num_requests": num_requests, "random_window": True}
+    )
+    load = 1.0
+    if rate_scale is not None and is_trace(workload):
+        workload["rate_scale"] = rate_scale
+    elif rate_scale is not None:
+        load = rate_scale / float(cfg.env.compare.rate_scale)
+    scale = workload["rate_scale"] if is_trace(workload) else load
+    return workload, load, f"{workload.get('name', 'workload')} x{scale:g}"
+
+
 def compare(
     cfg: DictConfig,
     run_dir: Path,
@@ -100,17 +115,8 @@ def compare(
     rate at the final comparison's scale), so validation loads keep their ratio for every workload."""
     specs = named_configs("policy", policies)
     specs["learned"] = saved_policy_spec(run_dir)
-    workload = windowed(
-        OmegaConf.to_container(cfg.workload, resolve=True), {"num_requests": num_requests, "random_window": True}
-    )
-    load = 1.0
-    if rate_scale is not None and is_trace(workload):
-        workload["rate_scale"] = rate_scale
-    elif rate_scale is not None:
-        load = rate_scale / float(cfg.env.compare.rate_scale)
+    workload, load, name = windows_at(cfg, num_requests, rate_scale)
     cluster = OmegaConf.to_container(cfg.cluster, resolve=True)
-    scale = workload["rate_scale"] if is_trace(workload) else load
-    name = f"{workload.get('name', 'workload')} x{scale:g}"
     tasks = [Task(p, name, s, load) for p in specs for s in seeds]
     rows = run_tasks(tasks, specs, {name: workload}, cluster, jobs=jobs, progress=False)
     return summarise(rows, reference=policies[0] if policies else None), rows
@@ -225,6 +231,63 @@ def distill(model, cfg: DictConfig, out_dir: Path, labels, logger, validate) -> 
         labels = fresh if labels is None else labels + fresh
         refit(f"distill{iteration + 1}", fresh, held_out, iteration)
     env.close()
+
+
+def evolve(model, cfg: DictConfig, logger, validate) -> None:
+    """Evolution strategies on the bilinear residual (agents/evolution.py): candidates route whole windows at
+    the validation loads (other windows than validation's), the bonus follows the fitness; validate after."""
+    import torch
+    from servegym.agents.evolution import Evolution, window_fitness, worker_pool
+
+    settings = cfg.evolve
+    extractor = model.policy.features_extractor
+    if getattr(extractor, "kind", None) != "bilinear":
+        raise ConfigError(
+            "evolve searches the bilinear residual: use agent=maskable_ppo_residual with "
+            "agent.kwargs.policy_kwargs.features_extractor_kwargs.residual=bilinear"
+        )
+    base = OmegaConf.to_container(cfg.agent.kwargs.policy_kwargs.features_extractor_kwargs, resolve=True)
+    scales = list(settings.rate_scales or cfg.env.compare.validation_rate_scales)
+    windows = [windows_at(cfg, int(settings.num_requests), float(scale))[:2] for scale in scales]
+    search = Evolution(
+        tuple(extractor.bilinear.shape),
+        pairs=int(settings.pairs),
+        sigma=float(settings.sigma),
+        learning_rate=float(settings.learning_rate),
+        seed=int(cfg.seed),
+    )
+    start = extractor.bilinear.detach().numpy().copy()
+    gains: list[float] = []
+    with worker_pool(int(settings.jobs)) as pool:
+        fitness = window_fitness(
+            windows,
+            OmegaConf.to_container(cfg.cluster, resolve=True),
+            base,
+            int(cfg.env.max_instances),
+            int(settings.windows),
+            int(cfg.seed) * 1_000 + 3_000_000,  # never a validation or final-evaluation seed
+            pool,
+        )
+
+        def logged(candidates, generation):
+            # PRISM (no bonus) on the generation's windows too: the current bonus's gain is then a paired figure
+            *values, prism = fitness([*candidates, np.zeros_like(candidates[0])], generation)
+            values = np.asarray(values)
+            gains.append(values[-1] - prism)
+            print(
+                f"evolve {generation + 1}/{int(settings.generations)}: current {values[-1]:.4f} "
+                f"({gains[-1]:+.4f} over PRISM), candidates {values[:-1].mean():.4f} (best {values[:-1].max():.4f})"
+            )
+            return values
+
+        theta = search.run(logged, int(settings.generations), start)
+    with torch.no_grad():
+        extractor.bilinear.copy_(torch.as_tensor(theta, dtype=torch.float64))
+    for row, gain in zip(search.history, gains, strict=True):
+        figures = {f"evolve/{k}": v for k, v in row.items() if k != "generation"}
+        log_figures(logger, {**figures, "evolve/current_minus_prism": gain}, row["generation"])
+    if validate is not None:
+        validate("evolve")
 
 
 def _is_label(key: str) -> bool:
@@ -387,6 +450,8 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
         validate("start")  # the untrained, cloned or resumed policy
     if int(cfg.distill.iterations) or labels is not None:
         distill(model, cfg, out_dir, labels, logger, validate if int(cfg.eval_every) else None)
+    if int(cfg.evolve.generations):
+        evolve(model, cfg, logger, validate if int(cfg.eval_every) else None)
 
     class PeriodicEvaluation(BaseCallback):
         """Validate every ``eval_every`` timesteps of RL."""

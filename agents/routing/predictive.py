@@ -60,6 +60,44 @@ class Prism(LeastResidentDecode):
         return choice
 
 
+class SloPartitionPrism(Prism):
+    """PRISM plus a bonus that keeps SLO classes apart on a heterogeneous cluster: ``bonus`` for the fastest
+    engines (prefill capacity within 1% of the best candidate's) when the request's TPOT target is at most
+    ``tight_tpot_s``, and for the others when it is at least ``loose_tpot_s``.
+
+    Not from the literature: written for multi-slo after rollout labels showed that tight requests gain
+    from the H100s and loose ones from the A100s (docs/training.md). One deviation from PRISM is worth
+    ~0.2 requests; the partition pays once most decisions keep it, which a one-step lookahead cannot find
+    — it is the hand-written reference the learned routers on that scenario are held against.
+    """
+
+    def __init__(
+        self,
+        slo_tpot_s: float = 0.1,
+        bonus: float = 2.0,
+        tight_tpot_s: float = 0.05,
+        loose_tpot_s: float = 0.15,
+        affinity_window_s: float = 300.0,
+        weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    ) -> None:
+        super().__init__(slo_tpot_s, affinity_window_s, weights)
+        self.bonus, self.tight_tpot_s, self.loose_tpot_s = float(bonus), float(tight_tpot_s), float(loose_tpot_s)
+
+    def scores(self, request: RequestInfo, view: ClusterView) -> dict[int, float]:
+        out = super().scores(request, view)
+        tpot = request.slo.tpot_s
+        if tpot is None:  # no TPOT target: nothing to keep apart
+            return out
+        tight, loose = tpot <= self.tight_tpot_s, tpot >= self.loose_tpot_s
+        if out and (tight or loose):
+            capacity = {i: self.models.prefill_capacity(view.engines[i]) for i in out}
+            fastest = max(capacity.values())
+            for i in out:
+                if (capacity[i] >= 0.99 * fastest) == tight:
+                    out[i] += self.bonus
+        return out
+
+
 class BlockPredictive(LeastResidentDecode):
     """Block-style routing: predict the request's end-to-end latency on every engine, take the best.
 

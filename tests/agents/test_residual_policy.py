@@ -41,11 +41,15 @@ def _episodes(model, env, seeds, workload_seed=None):
     return out
 
 
+@pytest.mark.parametrize("residual", ["mlp", "bilinear"])
 @pytest.mark.parametrize("workload", [None, SESSIONS], ids=["azure_conv", "sessions"])
-def test_with_the_residual_at_zero_every_decision_is_prisms(workload):
+def test_with_the_residual_at_zero_every_decision_is_prisms(workload, residual):
     # no warm-up: the inline router's placements would be in the contract's session table, not in this PRISM's
     env = RouteEnv(workload=workload, reward="relative", horizon=120, load_range=(1.0, 1.6))
-    model = MaskablePPO(ResidualSlotPolicy, env, seed=0, device="cpu", **KWARGS)
+    kwargs = {
+        "policy_kwargs": {"features_extractor_kwargs": {"slo_tpot_s": 0.1, "temperature": 0.05, "residual": residual}}
+    }
+    model = MaskablePPO(ResidualSlotPolicy, env, seed=0, device="cpu", **kwargs)
     steps = _episodes(model, env, seeds=[0, 1])
     assert len(steps) == 240
     assert [want for want, *_ in steps] == [got for _, got, *_ in steps]
@@ -68,3 +72,21 @@ def test_the_export_holds_base_and_residual(tmp_path):
         model.policy.features_extractor.scorer[-1].weight.normal_(0.0, 5.0)
     moved = [int(model.predict(obs, deterministic=True, action_masks=mask)[0]) for *_, obs, mask in steps]
     assert moved != [want for want, *_ in steps]
+
+
+def test_a_bilinear_residual_moves_the_policy_and_its_export_follows(tmp_path):
+    env = RouteEnv(reward="relative", horizon=60, load_range=(1.3, 1.5))
+    kwargs = {"policy_kwargs": {"features_extractor_kwargs": {"residual": "bilinear", "slo_tpot_s": 0.1}}}
+    model = MaskablePPO(ResidualSlotPolicy, env, seed=0, device="cpu", **kwargs)
+    steps = _episodes(model, env, seeds=[4])
+    with torch.no_grad():  # a bonus in PRISM's units for engines with a high prefill capacity
+        model.policy.features_extractor.bilinear.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    observations, masks = np.stack([o for *_, o, _ in steps]), np.stack([m for *_, m in steps])
+    moved = [
+        int(model.predict(o, deterministic=True, action_masks=m)[0]) for o, m in zip(observations, masks, strict=True)
+    ]
+    assert moved != [want for want, *_ in steps]
+    vec = VecNormalize(DummyVecEnv([lambda: env]), norm_obs=False)
+    save_run(tmp_path, model, vec, "servegym/Route-v0", "MaskablePPO", 8)
+    onnx = OnnxPolicy(export_run(tmp_path, tmp_path / "export"))
+    assert onnx(observations, masks)[0].tolist() == moved

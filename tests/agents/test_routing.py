@@ -10,7 +10,9 @@ from servegym.agents.routing.classic import (
     RandomRouter,
     TokenAware,
 )
-from servegym.agents.routing.predictive import BlockPredictive, Prism
+from servegym.agents.routing.predictive import BlockPredictive, Prism, SloPartitionPrism
+from servegym.envs.sim.request import SloClass
+from servegym.envs.sim.view import RequestInfo
 from viewkit import info, request, snap, view
 
 
@@ -116,6 +118,22 @@ def test_prism_normalises_pending_tokens_by_capacity():
     scores = router.scores(request(), v)
     assert scores[1] > scores[0]
     assert router.route(request(), v) == 1
+
+
+def test_slo_partition_sends_tight_requests_to_the_fastest_engines_and_loose_ones_elsewhere():
+    infos = [info(0, gpu="A100-80GB"), info(1, gpu="H100-SXM")]
+    v = view([snap(pending=20_000), snap(pending=20_000)], infos=infos)  # PRISM prefers the H100
+    router, prism = SloPartitionPrism(bonus=2.0), Prism(slo_tpot_s=0.1)
+
+    def with_tpot(tpot):
+        return RequestInfo(0, 0.0, 1000, SloClass("c", ttft_s=2.0, tpot_s=tpot))
+
+    base = prism.scores(with_tpot(0.1), v)
+    assert router.scores(with_tpot(0.03), v) == pytest.approx({0: base[0], 1: base[1] + 2.0})
+    assert router.scores(with_tpot(0.2), v) == pytest.approx({0: base[0] + 2.0, 1: base[1]})
+    assert router.scores(with_tpot(0.1), v) == pytest.approx(base)  # in between: PRISM
+    assert router.scores(request(), v) == pytest.approx(base)  # no TPOT target: PRISM
+    assert router.route(with_tpot(0.2), v) == 0 and prism.route(with_tpot(0.2), v) == 1
 
 
 def test_block_predicts_each_engine_and_picks_the_fastest():
