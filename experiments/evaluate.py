@@ -57,7 +57,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         window = scenario.window(scenario.windows["test"])
         workloads = {scenario.name: {**window, **_plain(cfg.get("workload_overrides")).get(scenario.name, {})}}
         cluster = scenario.cluster
-        seeds, loads = list(scenario.seeds["test"]), [scenario.loads["test"]]
+        seeds, loads = list(cfg.get("scenario_seeds") or scenario.seeds["test"]), [scenario.loads["test"]]
         search = tuple(scenario.loads["search"])
         refs = [d.reference for d in scenario.decisions.values() if d.reference in policies]
         reference = refs[0] if refs else reference

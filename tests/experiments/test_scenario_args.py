@@ -48,3 +48,5 @@ def test_simulate_and_evaluate_take_a_scenario(tmp_path):
     table = evaluate.run(cfg, tmp_path / "eval")["table"]
     assert set(table["policy"]) == {"vllm_lor", "vllm_prism"} and set(table["seeds"]) == {3}
     assert table["load"].tolist() == [1.0, 1.0] and "slo_attainment_vs_ref" in table  # against PRISM
+    more = _compose("evaluate", [*overrides, "jobs=1", "progress=false", "scenario_seeds=[7,8,9,10]"])
+    assert set(evaluate.run(more, tmp_path / "more")["table"]["seeds"]) == {4}  # other windows than the scenario's
