@@ -32,7 +32,9 @@ def job_row(job: Path) -> dict[str, Any]:
     if evaluations.exists():
         table = pd.read_csv(evaluations)
         if len(table) and "learned" in table:
-            best = table.loc[table["learned"].idxmax()]
+            # the policy in best/: the last one selected (runs before the column: the best mean)
+            chosen = table[table["selected"].astype(bool)] if "selected" in table else table.nlargest(1, "learned")
+            best = chosen.iloc[-1]
             row.update(best_validation=float(best["learned"]), best_at=int(best["timesteps"]))
     if not comparison.exists():
         row["status"] = "unfinished"

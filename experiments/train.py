@@ -291,7 +291,7 @@ def evolve(model, cfg: DictConfig, logger, validate) -> None:
 
 
 def _is_label(key: str) -> bool:
-    return key in ("stage", "timesteps")
+    return key in ("stage", "timesteps", "selected")
 
 
 def make_wandb(cfg: DictConfig, out_dir: Path):
@@ -437,13 +437,18 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
             reference = f"{name}_x{scale:g}"
             row[reference] = table.loc[name, "slo_attainment"] if first else evaluations[0][reference]
         row["learned"] = float(np.mean([row[f"learned_x{s:g}"] for s in cfg.env.compare.validation_rate_scales]))
-        evaluations.append(row)
-        print(f"validation ({stage}): " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if not _is_label(k)))
-        # a later policy replaces the best only by winning by more than validation.min_gain: a smaller win
-        # is within the validation windows' noise, and the start (the base heuristic itself) is kept then
-        best = max((e["learned"] for e in evaluations[:-1]), default=None)
-        if best is None or row["learned"] > best + float(validation.min_gain):
+        # a later policy replaces best/ only by beating the policy in it by more than validation.min_gain: a
+        # smaller win is within the validation windows' noise, and the start (the base heuristic) is kept then
+        best = max((e["learned"] for e in evaluations if e["selected"]), default=None)
+        row["selected"] = best is None or row["learned"] > best + float(validation.min_gain)
+        if row["selected"]:
             shutil.copytree(probe, out_dir / "best", dirs_exist_ok=True)  # PPO can collapse later
+        evaluations.append(row)
+        print(
+            f"validation ({stage}): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if not _is_label(k))
+            + (" -> best/" if row["selected"] else "")
+        )
         log_figures(logger, {f"eval/{k}": v for k, v in row.items() if not _is_label(k)}, model.num_timesteps)
 
     if int(cfg.eval_every):

@@ -118,8 +118,9 @@ def test_readme_main_command_on_a_small_budget(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "distill1: 2 states labelled" in result.stdout and "learned head to head" in result.stdout
-    stages = pd.read_csv(tmp_path / "evaluations.csv")["stage"].tolist()
-    assert stages[:2] == ["start", "distill1"]
+    evaluations = pd.read_csv(tmp_path / "evaluations.csv")
+    assert evaluations["stage"].tolist()[:2] == ["start", "distill1"]
+    assert evaluations["selected"].iloc[0]  # the start is always in best/ first; later ones by min_gain
     assert len(Labels.load(tmp_path / "distill_labels.npz")) == 2  # the aggregate, for later runs' distill.labels
     duel = (tmp_path / "head_to_head.csv").read_text().splitlines()
     assert len(duel) == 3 and duel[1].split(",")[3] == "vllm_rr"  # the learned router against each baseline
