@@ -25,6 +25,7 @@ policy). The function returns the learned policy's mean SLO attainment (the obje
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,18 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     evaluations: list[dict[str, Any]] = []
 
     def validate(stage: str) -> None:
+        """:func:`_validate` with the global random generators restored after it: inside a sweep worker the
+        validations run in this process (loading the probe policy draws torch's generator), and PPO's
+        action sampling must not see that, so a run trains the same weights alone or in a sweep."""
+        states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        try:
+            _validate(stage)
+        finally:
+            torch.set_rng_state(states[0])
+            np.random.set_state(states[1])
+            random.setstate(states[2])
+
+    def _validate(stage: str) -> None:
         """Save the current policy and compare it with the reference heuristic on fixed validation windows;
         best/ keeps the best so far (the untrained or cloned policy too: training can lose what it had)."""
         probe = out_dir / "probe"

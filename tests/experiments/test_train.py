@@ -156,6 +156,34 @@ def test_a_two_job_multirun_with_the_joblib_launcher(tmp_path):
     assert all(np.array_equal(swept[k].numpy(), single[k].numpy()) for k in swept)
 
 
+def test_validations_inside_a_sweep_worker_leave_training_alone(tmp_path):
+    """In a sweep worker the validations run in the training process (no spawn pool there); what they draw
+    from the global generators must not reach PPO: the residual router with validations trains the same
+    weights as a one-job sweep and alone."""
+    validated = [
+        "agent=maskable_ppo_residual",
+        "total_timesteps=256",
+        "eval_every=128",
+        "validation.seeds=[990]",
+        "validation.num_requests=100",
+        "validation.jobs=2",
+    ]
+    result = _multirun(*validated, f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    alone = tmp_path / "alone"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments/train.py"), *TINY, *validated, f"hydra.run.dir={alone}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": ""},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(pd.read_csv(alone / "evaluations.csv")) == 3  # start, 128, 256: validations between updates
+    swept, single = SavedModel(tmp_path / "0").model.policy.state_dict(), SavedModel(alone).model.policy.state_dict()
+    assert all(np.array_equal(swept[k].numpy(), single[k].numpy()) for k in swept)
+
+
 def test_an_optuna_search_maximises_the_returned_attainment(tmp_path):
     result = _multirun(
         "hydra/sweeper=optuna_search",
