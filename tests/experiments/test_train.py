@@ -81,12 +81,12 @@ TINY = [
 ]
 
 
-def _multirun(*overrides: str) -> subprocess.CompletedProcess:
+def _multirun(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "experiments/train.py"), "-m", *TINY, *overrides],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env={**os.environ, "WANDB_MODE": "disabled"},
     )
 
@@ -168,7 +168,7 @@ def test_validations_inside_a_sweep_worker_leave_training_alone(tmp_path):
         "validation.num_requests=100",
         "validation.jobs=2",
     ]
-    result = _multirun(*validated, f"hydra.sweep.dir={tmp_path}")
+    result = _multirun(*validated, f"hydra.sweep.dir={tmp_path}", timeout=900)  # ~40 s alone; slow when shared
     assert result.returncode == 0, result.stderr[-2000:]
     alone = tmp_path / "alone"
     result = subprocess.run(
