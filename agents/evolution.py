@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
-from servegym.agents.harness import Task, run_tasks, worker_pool
+from servegym.agents.harness import Task, run_tasks
 from servegym.agents.learned import FeatureRouter
 from servegym.agents.residual_policy import ResidualFeatures
 from servegym.envs.features import FeatureSpec
@@ -146,4 +146,4 @@ def window_fitness(
     return fitness
 
 
-__all__ = ["BonusRouter", "Evolution", "candidate_spec", "centered_ranks", "window_fitness", "worker_pool"]
+__all__ = ["BonusRouter", "Evolution", "candidate_spec", "centered_ranks", "window_fitness"]

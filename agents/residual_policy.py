@@ -99,12 +99,12 @@ class ResidualFeatures(SlotFeatures):
         return ((self.base(observations) + self._bonus(observations)) * self.sharpness.double().exp()).float()
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        if self.kind == "bilinear":  # the shared scorer plays no part: only the critic's pooled context
+            return torch.cat([self.bilinear_logits(observations), self.context(observations)], dim=1)
         out = super().forward(observations)
-        if self.kind == "bilinear":
-            logits = self.bilinear_logits(observations)
-        else:  # the float64 base decides the order; adding the float32 residual in float64 keeps it at zero
-            base = self.base(observations) * self.sharpness.double().exp()
-            logits = (base + out[:, : self.slots].double()).float()
+        # the float64 base decides the order; adding the float32 residual in float64 keeps it when it is zero
+        base = self.base(observations) * self.sharpness.double().exp()
+        logits = (base + out[:, : self.slots].double()).float()
         return torch.cat([logits, out[:, self.slots :]], dim=1)
 
     def zero_residual(self) -> None:

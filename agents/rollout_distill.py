@@ -58,11 +58,15 @@ class Labels:
             raise ValueError(f"{path}: its arrays have different numbers of states")
         return labels
 
-    def informative(self) -> np.ndarray:
-        """States where some allowed action differs from another by at least one SLO-met request."""
+    def spread(self) -> np.ndarray:
+        """Per state, the best allowed action's advantage minus the worst's (requests)."""
         best = np.where(self.masks, self.advantages, -np.inf).max(1)
         worst = np.where(self.masks, self.advantages, np.inf).min(1)
-        return best - worst >= 1.0
+        return best - worst
+
+    def informative(self) -> np.ndarray:
+        """States where some allowed action differs from another by at least one SLO-met request."""
+        return self.spread() >= 1.0
 
 
 def collect(
@@ -154,9 +158,7 @@ def fit(
         logits = np.where(labels.masks, labels.advantages / target_temperature, -np.inf)
         target = np.exp(logits - logits.max(1, keepdims=True))
         values = torch.as_tensor(target / target.sum(1, keepdims=True), dtype=torch.float32)
-        spread = np.where(labels.masks, labels.advantages, -np.inf).max(1) - np.where(
-            labels.masks, labels.advantages, np.inf
-        ).min(1)
+        spread = labels.spread()
         weights = torch.as_tensor(spread / (spread.mean() or 1.0), dtype=torch.float32)
     with torch.no_grad():
         reference = _log_probs(policy, observations, masks)

@@ -238,7 +238,8 @@ def evolve(model, cfg: DictConfig, logger, validate) -> None:
     """Evolution strategies on the bilinear residual (agents/evolution.py): candidates route whole windows at
     the validation loads (other windows than validation's), the bonus follows the fitness; validate after."""
     import torch
-    from servegym.agents.evolution import Evolution, window_fitness, worker_pool
+    from servegym.agents.evolution import Evolution, window_fitness
+    from servegym.agents.harness import worker_pool
 
     settings = cfg.evolve
     extractor = model.policy.features_extractor
