@@ -9,6 +9,11 @@ is their mean SLO attainment, and ``W`` follows the antithetic, rank-normalised 
 gradient. All candidates of a generation run on the same windows (common random numbers: arrivals and step
 noise), each generation on fresh ones; 19 × 7 weights keep the search small enough for a few hundred
 windows.
+The bonus reads its inputs centred, scaled and clipped
+(:meth:`servegym.agents.residual_policy.ResidualFeatures.set_bonus_gains`), so one ``sigma`` fits every weight —
+ES, like any finite-difference search, is not invariant to the parameters' scales (OpenAI-ES normalises its
+observations for the same reason) — and weights whose features never differ between engines (``active``)
+are not searched.
 
 Candidates route with :class:`BonusRouter` — the residual policy's greedy decision, the same float32 logits
 (:meth:`servegym.agents.residual_policy.ResidualFeatures.bilinear_logits`) without stable-baselines3's per-call
@@ -41,16 +46,34 @@ class BonusRouter(FeatureRouter):
         slo_tpot_s: float = 0.1,
         weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0),
         temperature: float = 0.05,
+        engine_gain: list[float] | None = None,
+        request_gain: list[float] | None = None,
+        request_offset: list[float] | None = None,
+        bonus_clip: float = 3.0,
+        bonus_features: list[str] | None = None,
     ) -> None:
         spec = FeatureSpec(max_instances)
         super().__init__(spec.manifest(), "an evolution candidate")
         torch.set_num_threads(1)  # one decision's tensors are tiny: threads only contend
         space = spaces.Box(spec.low, spec.high, dtype=np.float32)
         self.features = ResidualFeatures(
-            space, slo_tpot_s=slo_tpot_s, weights=tuple(weights), temperature=temperature, residual="bilinear"
+            space,
+            slo_tpot_s=slo_tpot_s,
+            weights=tuple(weights),
+            temperature=temperature,
+            residual="bilinear",
+            bonus_clip=bonus_clip,
+            bonus_features=bonus_features,
         )
         with torch.no_grad():
             self.features.bilinear.copy_(torch.tensor(bilinear, dtype=torch.float64))
+            for name, value in (
+                ("engine_gain", engine_gain),
+                ("request_gain", request_gain),
+                ("request_offset", request_offset),
+            ):
+                if value is not None:
+                    getattr(self.features, name).copy_(torch.tensor(value, dtype=torch.float64))
 
     def act(self, observation: np.ndarray, mask: np.ndarray) -> int:
         with torch.no_grad():
@@ -59,12 +82,23 @@ class BonusRouter(FeatureRouter):
 
 
 def candidate_spec(bilinear: np.ndarray, base: Mapping[str, Any], max_instances: int) -> dict[str, Any]:
-    """A policy config (the harness's format) whose router is :class:`BonusRouter` with ``bilinear``."""
+    """A policy config (the harness's format) whose router is :class:`BonusRouter` with ``bilinear``; ``base``
+    holds the residual features' other arguments and, optionally, their input gains and offset."""
+    keys = (
+        "slo_tpot_s",
+        "weights",
+        "temperature",
+        "bonus_clip",
+        "bonus_features",
+        "engine_gain",
+        "request_gain",
+        "request_offset",
+    )
     router = {
         "_target_": "servegym.agents.evolution.BonusRouter",
         "bilinear": np.asarray(bilinear, dtype=float).tolist(),
         "max_instances": int(max_instances),
-        **{k: base[k] for k in ("slo_tpot_s", "weights", "temperature") if k in base},
+        **{k: base[k] for k in keys if k in base},
     }
     return {"name": "candidate", "router": router, "batch": {"_target_": "servegym.envs.sim.policies.VllmPolicy"}}
 
@@ -80,13 +114,15 @@ def centered_ranks(values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Evolution:
-    """OpenAI-ES with antithetic pairs, centred ranks and Adam on the flat ``W``."""
+    """OpenAI-ES with antithetic pairs, centred ranks and Adam on the flat ``W``; weights outside ``active``
+    (a boolean mask of ``shape``; None: all) are neither perturbed nor moved."""
 
     shape: tuple[int, int]
     pairs: int = 8
     sigma: float = 0.5
     learning_rate: float = 0.1
     seed: int = 0
+    active: np.ndarray | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
     def run(
@@ -97,8 +133,11 @@ class Evolution:
         rng = np.random.default_rng(self.seed)
         theta = np.zeros(self.shape).ravel() if start is None else np.asarray(start, float).ravel().copy()
         m, v = np.zeros_like(theta), np.zeros_like(theta)
+        active = np.ones(theta.size, bool) if self.active is None else np.asarray(self.active, bool).ravel()
+        if active.size != theta.size:
+            raise ValueError(f"active has {active.size} entries, the weights {theta.size}")
         for generation in range(generations):
-            noise = rng.standard_normal((self.pairs, theta.size))
+            noise = rng.standard_normal((self.pairs, theta.size)) * active
             candidates = [theta + self.sigma * e for e in noise] + [theta - self.sigma * e for e in noise] + [theta]
             values = np.asarray(fitness([c.reshape(self.shape) for c in candidates], generation), dtype=float)
             ranks = centered_ranks(values[:-1])

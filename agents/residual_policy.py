@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from gymnasium import spaces
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
@@ -62,10 +63,16 @@ class ResidualFeatures(SlotFeatures):
     initialisation; the pooled context for the critic follows as before.
 
     ``residual="mlp"``: the shared scorer's output, added to the logits. ``residual="bilinear"``: a score
-    bonus ``engine_features · W · [request_features, 1]`` added to PRISM's score *before* sharpening (so
-    ``W`` reads in PRISM's units: a bonus of 1 is worth as much as the whole latency term), 19 × 7
-    weights — few enough to fit from a few hundred labelled states, and able to say "requests with a tight
-    TPOT target prefer the engines with the high prefill capacity", which PRISM's one target cannot."""
+    bonus ``e · W · r`` added to PRISM's score *before* sharpening (so ``W`` reads in PRISM's units: a bonus
+    of 1 is worth as much as the whole latency term), 19 × 7 weights — few enough to fit from a few hundred
+    labelled states, and able to say "requests with a tight TPOT target prefer the engines with the high
+    prefill capacity", which PRISM's one target cannot. ``e`` is each engine feature minus its mean over
+    the decision's present engines (a bonus common to all engines changes no decision), times
+    ``engine_gain``; ``r`` is ``[request features, 1]`` minus ``request_offset``, times ``request_gain``; both clipped to
+    ±``bonus_clip``; ``bonus_features`` names the engine features it reads (None: all). The gains (buffers, saved with the policy) start at 1 and are set once from routed
+    states by :meth:`set_bonus_gains`: then a weight of 1 moves its term's bonus by about one score unit on
+    typical states, whatever the feature's scale, and the clip keeps a load feature that explodes under a
+    bad policy (a queue of 1,000 where PRISM keeps 10) from outvoting PRISM's bounded score."""
 
     def __init__(
         self,
@@ -75,24 +82,75 @@ class ResidualFeatures(SlotFeatures):
         weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0),
         temperature: float = 0.05,
         residual: str = "mlp",
+        bonus_clip: float = 3.0,
+        bonus_features: list[str] | tuple[str, ...] | None = None,
     ) -> None:
         if residual not in ("mlp", "bilinear"):
             raise ValueError(f"residual must be 'mlp' or 'bilinear', got {residual!r}")
+        if not bonus_clip > 0:
+            raise ValueError(f"bonus_clip must be positive, got {bonus_clip!r}")
+        unknown = sorted(set(bonus_features or ()) - set(_COLUMN))
+        if unknown:
+            raise ValueError(f"bonus_features: unknown engine features {unknown}; the contract has {sorted(_COLUMN)}")
         super().__init__(observation_space, hidden)
-        self.kind = residual
+        self.kind, self.bonus_clip = residual, float(bonus_clip)
         self.bilinear = None  # (no parameter for the mlp kind: its saved runs keep their state dict)
         if residual == "bilinear":
             self.bilinear = nn.Parameter(torch.zeros(self.per_engine, self.request + 1, dtype=torch.float64))
+            self.register_buffer("engine_gain", torch.ones(self.per_engine, dtype=torch.float64))
+        # the engine features the bonus reads (None: all); the others' gains stay 0
+        self.bonus_mask = np.ones(self.per_engine, bool)
+        if bonus_features is not None:
+            self.bonus_mask = np.array([f.name in set(bonus_features) for f in ENGINE_FEATURES])
+        if self.bilinear is not None:
+            self.engine_gain.mul_(torch.as_tensor(self.bonus_mask, dtype=torch.float64))
+            self.register_buffer("request_gain", torch.ones(self.request + 1, dtype=torch.float64))
+            self.register_buffer("request_offset", torch.zeros(self.request + 1, dtype=torch.float64))
         self.zero_residual()
         self.base = PrismScore(self.slots, slo_tpot_s, weights)
         self.sharpness = nn.Parameter(torch.tensor(-math.log(temperature), dtype=torch.float32))
 
-    def _bonus(self, observations: torch.Tensor) -> torch.Tensor:
+    def bonus_inputs(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bilinear bonus's engine inputs ``(batch, slots, features)`` and request inputs ``(batch,
+        features + 1)``: centred over the present engines, scaled by the gains, clipped."""
         batch = observations.shape[0]
         engines = observations[:, : self.slots * self.per_engine].reshape(batch, self.slots, self.per_engine)
+        engines = engines.double()
+        present = engines[:, :, :1]  # ENGINE_FEATURES[0] is the "present" flag
+        mean = (engines * present).sum(dim=1, keepdim=True) / present.sum(dim=1, keepdim=True).clamp(min=1.0)
+        engines = torch.clamp((engines - mean) * self.engine_gain, -self.bonus_clip, self.bonus_clip)
         request = observations[:, self.slots * self.per_engine :].double()
         request = torch.cat([request, torch.ones_like(request[:, :1])], dim=1)
-        return torch.einsum("bse,er,br->bs", engines.double(), self.bilinear, request)
+        request = torch.clamp((request - self.request_offset) * self.request_gain, -self.bonus_clip, self.bonus_clip)
+        return engines, request
+
+    def set_bonus_gains(self, observations: np.ndarray) -> np.ndarray:
+        """Set the gains from routed (contract-scaled) observations: 1 / the engine feature's standard deviation
+        across a decision's present engines (averaged over decisions); each request feature's mean as its
+        offset and 1 / its standard deviation as its gain (the constant stays 1), so that the weights on a
+        request feature say how requests *differ* (a tight TPOT class against a loose one) while the constant's
+        say where the average request goes; 0 for a feature that never differs or is not among
+        ``bonus_features`` (its weights then change nothing). Returns the mask of the weights that can matter."""
+        observations = np.asarray(observations, dtype=float)
+        engines = observations[:, : self.slots * self.per_engine].reshape(-1, self.slots, self.per_engine)
+        spreads = [e[e[:, 0] > 0.5].std(axis=0) for e in engines if (e[:, 0] > 0.5).sum() > 1]
+        if not spreads:
+            raise ValueError("set_bonus_gains needs observations with at least two present engines")
+        request = observations[:, self.slots * self.per_engine :]
+        offset, spread = np.append(request.mean(axis=0), 0.0), np.append(request.std(axis=0), 1.0)
+        gains = []
+        for scale in (np.mean(spreads, axis=0), spread):
+            gains.append(np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 1e-9))
+        gains[0] = gains[0] * self.bonus_mask
+        with torch.no_grad():
+            self.engine_gain.copy_(torch.as_tensor(gains[0]))
+            self.request_gain.copy_(torch.as_tensor(gains[1]))
+            self.request_offset.copy_(torch.as_tensor(offset * (gains[1] > 0)))
+        return np.outer(gains[0] > 0, gains[1] > 0)
+
+    def _bonus(self, observations: torch.Tensor) -> torch.Tensor:
+        engines, request = self.bonus_inputs(observations)
+        return torch.einsum("bse,er,br->bs", engines, self.bilinear, request)
 
     def bilinear_logits(self, observations: torch.Tensor) -> torch.Tensor:
         """The bilinear kind's slot logits (float32, as the policy's action head sees them)."""

@@ -234,6 +234,35 @@ def distill(model, cfg: DictConfig, out_dir: Path, labels, logger, validate) -> 
     env.close()
 
 
+def routed_observations(model, cfg: DictConfig, episodes: int) -> np.ndarray:
+    """The observations of the policy's own decisions on ``episodes`` training episodes (seeds apart from
+    every other stage's)."""
+    import gymnasium as gym
+
+    env = gym.make(cfg.env.id, **env_kwargs(cfg)).unwrapped
+    seen: list[np.ndarray] = []
+    for k in range(episodes):
+        obs, info = env.reset(seed=int(cfg.seed) * 1_000 + 4_000_000 + k)
+        done = False
+        while not done:
+            seen.append(obs.copy())
+            action = int(model.predict(obs, deterministic=True, action_masks=info["action_mask"])[0])
+            obs, _, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+    env.close()
+    return np.stack(seen)
+
+
+def largest_weights(bilinear: np.ndarray, count: int) -> list[tuple[str, float]]:
+    """The ``count`` largest bilinear weights by magnitude, named ``engine feature × request feature``."""
+    from servegym.envs.features import ENGINE_FEATURES, REQUEST_FEATURES
+
+    columns = [f.name for f in REQUEST_FEATURES] + ["1"]
+    order = np.argsort(-np.abs(bilinear), axis=None, kind="stable")[:count]
+    rows, cols = np.unravel_index(order, bilinear.shape)
+    return [(f"{ENGINE_FEATURES[i].name}×{columns[j]}", float(bilinear[i, j])) for i, j in zip(rows, cols, strict=True)]
+
+
 def evolve(model, cfg: DictConfig, logger, validate) -> None:
     """Evolution strategies on the bilinear residual (agents/evolution.py): candidates route whole windows at
     the validation loads (other windows than validation's), the bonus follows the fitness; validate after."""
@@ -258,6 +287,13 @@ def evolve(model, cfg: DictConfig, logger, validate) -> None:
         learning_rate=float(settings.learning_rate),
         seed=int(cfg.seed),
     )
+    base.update(
+        engine_gain=extractor.engine_gain.tolist(),
+        request_gain=extractor.request_gain.tolist(),
+        request_offset=extractor.request_offset.tolist(),
+        bonus_clip=extractor.bonus_clip,
+    )
+    search.active = np.outer(extractor.engine_gain.numpy() > 0, extractor.request_gain.numpy() > 0)
     start = extractor.bilinear.detach().numpy().copy()
     gains: list[float] = []
     with worker_pool(int(settings.jobs)) as pool:
@@ -285,6 +321,7 @@ def evolve(model, cfg: DictConfig, logger, validate) -> None:
         theta = search.run(logged, int(settings.generations), start)
     with torch.no_grad():
         extractor.bilinear.copy_(torch.as_tensor(theta, dtype=torch.float64))
+    print("evolve: largest weights " + ", ".join(f"{name} {w:+.2f}" for name, w in largest_weights(theta, 6)))
     for row, gain in zip(search.history, gains, strict=True):
         figures = {f"evolve/{k}": v for k, v in row.items() if k != "generation"}
         log_figures(logger, {**figures, "evolve/current_minus_prism": gain}, row["generation"])
@@ -409,6 +446,11 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
             **OmegaConf.to_container(cfg.agent.kwargs, resolve=True),
         )
     model.set_logger(logger)
+    extractor = getattr(model.policy, "features_extractor", None)
+    if getattr(extractor, "kind", None) == "bilinear" and not cfg.get("resume"):
+        episodes = int(cfg.bonus_gain_episodes)  # the untrained policy is PRISM: PRISM-routed states
+        active = extractor.set_bonus_gains(routed_observations(model, cfg, episodes))
+        print(f"bilinear residual: input gains from {episodes} training episodes, {int(active.sum())} weights active")
     labels = load_labels(cfg, model)  # before minutes of validation, so that a bad file fails at once
     if cfg.imitation.expert and not cfg.get("resume") and cfg.agent.get("clone", True):
         warm_start(model, vec, cfg, logger)  # (a residual policy starts at its base heuristic: clone: false)

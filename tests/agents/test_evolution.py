@@ -29,13 +29,40 @@ def test_the_search_climbs_a_known_fitness():
     assert np.array_equal(again.run(lambda cs, _: np.array([-np.sum((c - target) ** 2) for c in cs]), 60), found)
 
 
+def test_weights_outside_the_active_mask_are_neither_perturbed_nor_moved():
+    active = np.array([[True, False, True], [False, False, True]])
+    seen = []
+
+    def fitness(candidates, _):
+        seen.extend(candidates)
+        return np.array([-np.sum((c - 1.0) ** 2) for c in candidates])
+
+    start = np.full((2, 3), 0.5)
+    found = Evolution((2, 3), pairs=4, sigma=0.2, learning_rate=0.1, seed=0, active=active).run(fitness, 40, start)
+    assert all(np.array_equal(c[~active], start[~active]) for c in seen)
+    assert np.array_equal(found[~active], start[~active]) and np.all(np.abs(found[active] - 1.0) < 0.1)
+
+
 def test_a_candidate_router_decides_as_the_policy_with_its_weights():
     env = RouteEnv(reward="relative", horizon=80, load_range=(1.3, 1.5))
     model = MaskablePPO(ResidualSlotPolicy, env, seed=0, device="cpu", **KWARGS)
+    extractor = model.policy.features_extractor
+    obs, info = env.reset(seed=3)
+    seen, done = [obs], False
+    while not done:  # PRISM-routed states set the bonus's input gains, as train.py does
+        obs, _, terminated, truncated, info = env.step(int(model.predict(obs, True, info["action_mask"])[0]))
+        seen.append(obs)
+        done = terminated or truncated
+    extractor.set_bonus_gains(np.stack(seen))
     weights = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        model.policy.features_extractor.bilinear.normal_(0.0, 1.0, generator=weights)
-    router = BonusRouter(model.policy.features_extractor.bilinear.detach().numpy().tolist())
+        extractor.bilinear.normal_(0.0, 1.0, generator=weights)
+    router = BonusRouter(
+        extractor.bilinear.detach().numpy().tolist(),
+        engine_gain=extractor.engine_gain.tolist(),
+        request_gain=extractor.request_gain.tolist(),
+        request_offset=extractor.request_offset.tolist(),
+    )
     prism = Prism(slo_tpot_s=0.1)
     obs, info = env.reset(seed=2)
     done, agree, moved = False, [], 0

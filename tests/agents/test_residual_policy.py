@@ -9,6 +9,7 @@ from servegym.agents.exported import OnnxPolicy, export_run
 from servegym.agents.residual_policy import ResidualSlotPolicy
 from servegym.agents.routing.predictive import Prism
 from servegym.agents.run_dir import save_run
+from servegym.envs.features import ENGINE_FEATURES
 from servegym.envs.route_env import RouteEnv
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
@@ -79,9 +80,11 @@ def test_a_bilinear_residual_moves_the_policy_and_its_export_follows(tmp_path):
     kwargs = {"policy_kwargs": {"features_extractor_kwargs": {"residual": "bilinear", "slo_tpot_s": 0.1}}}
     model = MaskablePPO(ResidualSlotPolicy, env, seed=0, device="cpu", **kwargs)
     steps = _episodes(model, env, seeds=[4])
-    with torch.no_grad():  # a bonus in PRISM's units for engines with a high prefill capacity
-        model.policy.features_extractor.bilinear.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
     observations, masks = np.stack([o for *_, o, _ in steps]), np.stack([m for *_, m in steps])
+    extractor = model.policy.features_extractor
+    extractor.set_bonus_gains(observations)
+    with torch.no_grad():  # random bonuses in PRISM's units
+        extractor.bilinear.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
     moved = [
         int(model.predict(o, deterministic=True, action_masks=m)[0]) for o, m in zip(observations, masks, strict=True)
     ]
@@ -89,4 +92,41 @@ def test_a_bilinear_residual_moves_the_policy_and_its_export_follows(tmp_path):
     vec = VecNormalize(DummyVecEnv([lambda: env]), norm_obs=False)
     save_run(tmp_path, model, vec, "servegym/Route-v0", "MaskablePPO", 8)
     onnx = OnnxPolicy(export_run(tmp_path, tmp_path / "export"))
-    assert onnx(observations, masks)[0].tolist() == moved
+    assert onnx(observations, masks)[0].tolist() == moved  # the gains are in the graph
+    loaded = MaskablePPO.load(tmp_path / "model.zip", device="cpu").policy.features_extractor
+    assert torch.equal(loaded.engine_gain, extractor.engine_gain) and torch.equal(loaded.bilinear, extractor.bilinear)
+
+
+def test_the_bilinear_bonus_reads_normalised_clipped_inputs():
+    env = RouteEnv(reward="relative", horizon=60, load_range=(1.3, 1.5))
+    kwargs = {
+        "policy_kwargs": {
+            "features_extractor_kwargs": {
+                "residual": "bilinear",
+                "bonus_clip": 2.0,
+                "bonus_features": ["prefill_capacity", "outstanding", "present"],
+            }
+        }
+    }
+    model = MaskablePPO(ResidualSlotPolicy, env, seed=0, device="cpu", **kwargs)
+    steps = _episodes(model, env, seeds=[5])
+    observations = np.stack([o for *_, o, _ in steps])
+    extractor = model.policy.features_extractor
+    active = extractor.set_bonus_gains(observations)
+    names = [f.name for f in ENGINE_FEATURES]
+    # the present flag never differs between engines, the unnamed features are not read
+    assert {names[j] for j in np.flatnonzero(active.any(axis=1))} == {"prefill_capacity", "outstanding"}
+    engines, request = extractor.bonus_inputs(torch.as_tensor(observations))
+    present = observations[0, : 8 * len(names)].reshape(8, -1)[:, 0] > 0.5  # this cluster's engines, not padding
+    capacity = engines[:, torch.as_tensor(present), names.index("prefill_capacity")]
+    assert torch.allclose(capacity.std(dim=1, unbiased=False), torch.ones(len(observations), dtype=torch.float64))
+    assert engines.abs().max() <= 2.0 and request.abs().max() <= 2.0
+    with torch.no_grad():  # a huge queue on one engine moves its bonus no further than the clip allows
+        extractor.bilinear.fill_(1.0)
+        flooded = torch.as_tensor(observations[:1]).clone()
+        flooded[0, names.index("outstanding")] = 1e4
+        bonus = extractor.residual(flooded) / extractor.sharpness.exp()
+    assert bonus.abs().max() <= 2.0 * 2.0 * active.sum() + 1e-6
+    with pytest.raises(ValueError, match="unknown engine features"):
+        MaskablePPO(ResidualSlotPolicy, env, device="cpu", policy_kwargs={"features_extractor_kwargs": {
+            "residual": "bilinear", "bonus_features": ["gpu_colour"]}})
