@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from servegym.agents.harness import Task, run_task, saved_policy_spec
 from servegym.agents.learned import ContractMismatch, LearnedRouter, SavedModel
 from servegym.agents.rollout_distill import Labels
+from servegym.envs.features import ENGINE_FEATURES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -210,3 +212,48 @@ def test_the_default_agent_is_the_residual_router_validated_before_rl(trained_ru
     assert json.loads((out / "normalization.json").read_text())["norm_obs"] is False
     evaluations = (out / "evaluations.csv").read_text().splitlines()
     assert evaluations[1].startswith("start,0,")  # the untrained policy (PRISM) is a candidate for best/
+
+
+def test_the_evolution_recipe_end_to_end(tmp_path):
+    """`recipe=evolve_static`: the bonus's input gains from PRISM-routed episodes, two ES generations on
+    whole windows, validation, the saved policy holding the searched weights and gains, and the comparison."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments/train.py"),
+            *TINY,
+            "recipe=evolve_static",
+            "scenario=multi-slo",
+            "total_timesteps=0",
+            "bonus_gain_episodes=1",
+            "evolve.generations=2",
+            "evolve.pairs=2",
+            "evolve.num_requests=150",
+            "evolve.jobs=1",
+            "eval_every=1",
+            "validation.seeds=[990]",
+            "validation.num_requests=150",
+            "validation.jobs=1",
+            "final_eval.seeds=[1000]",
+            "final_eval.num_requests=150",
+            "env.compare.baselines=[vllm_prism]",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # multi-slo's cluster: only prefill_capacity differs between H100 and A100 (kv_capacity is equal), times
+    # the request features that vary in the episode (decode_phase never does) and the constant
+    active = re.search(r"bilinear residual: input gains from 1 training episodes, (\d+) weights active", result.stdout)
+    assert active and 2 <= int(active.group(1)) <= 6
+    assert "evolve 2/2: current" in result.stdout and "evolve: largest weights prefill_capacity×" in result.stdout
+    assert pd.read_csv(tmp_path / "evaluations.csv")["stage"].tolist() == ["start", "evolve"]
+    extractor = SavedModel(tmp_path).model.policy.features_extractor
+    names = [f.name for f in ENGINE_FEATURES]
+    moved = np.flatnonzero(np.abs(extractor.bilinear.detach().numpy()).sum(axis=1))
+    assert [names[j] for j in moved] == ["prefill_capacity"]  # the search moved the static descriptor only
+    assert extractor.engine_gain[names.index("prefill_capacity")] > 0 and extractor.engine_gain.count_nonzero() == 1
+    assert "learned head to head" in result.stdout
