@@ -68,10 +68,11 @@ class ResidualFeatures(SlotFeatures):
     labelled states, and able to say "requests with a tight TPOT target prefer the engines with the high
     prefill capacity", which PRISM's one target cannot. ``e`` is each engine feature minus its mean over
     the decision's present engines (a bonus common to all engines changes no decision), times
-    ``engine_gain``; ``r`` is ``[request features, 1]`` minus ``request_offset``, times ``request_gain``; both clipped to
-    ±``bonus_clip``; ``bonus_features`` names the engine features it reads (None: all). The gains (buffers, saved with the policy) start at 1 and are set once from routed
-    states by :meth:`set_bonus_gains`: then a weight of 1 moves its term's bonus by about one score unit on
-    typical states, whatever the feature's scale, and the clip keeps a load feature that explodes under a
+    ``engine_gain``; ``r`` is ``[request features, 1]`` minus ``request_offset``, times ``request_gain``;
+    both clipped to ±``bonus_clip``. ``bonus_features`` names the engine features it reads (None: all).
+    The gains (buffers, saved with the policy) start at 1 and are set once from routed states by
+    :meth:`set_bonus_gains`: then a weight of 1 moves its term's bonus by about one score unit on typical
+    states, whatever the feature's scale, and the clip keeps a load feature that explodes under a
     bad policy (a queue of 1,000 where PRISM keeps 10) from outvoting PRISM's bounded score."""
 
     def __init__(

@@ -128,5 +128,9 @@ def test_the_bilinear_bonus_reads_normalised_clipped_inputs():
         bonus = extractor.residual(flooded) / extractor.sharpness.exp()
     assert bonus.abs().max() <= 2.0 * 2.0 * active.sum() + 1e-6
     with pytest.raises(ValueError, match="unknown engine features"):
-        MaskablePPO(ResidualSlotPolicy, env, device="cpu", policy_kwargs={"features_extractor_kwargs": {
-            "residual": "bilinear", "bonus_features": ["gpu_colour"]}})
+        MaskablePPO(
+            ResidualSlotPolicy,
+            env,
+            device="cpu",
+            policy_kwargs={"features_extractor_kwargs": {"residual": "bilinear", "bonus_features": ["gpu_colour"]}},
+        )
