@@ -95,16 +95,13 @@ class ResidualFeatures(SlotFeatures):
             raise ValueError(f"bonus_features: unknown engine features {unknown}; the contract has {sorted(_COLUMN)}")
         super().__init__(observation_space, hidden)
         self.kind, self.bonus_clip = residual, float(bonus_clip)
+        # the engine features the bonus reads (None: all); the others' gains stay 0
+        named = set(_COLUMN if bonus_features is None else bonus_features)
+        self.bonus_mask = np.array([f.name in named for f in ENGINE_FEATURES])
         self.bilinear = None  # (no parameter for the mlp kind: its saved runs keep their state dict)
         if residual == "bilinear":
             self.bilinear = nn.Parameter(torch.zeros(self.per_engine, self.request + 1, dtype=torch.float64))
-            self.register_buffer("engine_gain", torch.ones(self.per_engine, dtype=torch.float64))
-        # the engine features the bonus reads (None: all); the others' gains stay 0
-        self.bonus_mask = np.ones(self.per_engine, bool)
-        if bonus_features is not None:
-            self.bonus_mask = np.array([f.name in set(bonus_features) for f in ENGINE_FEATURES])
-        if self.bilinear is not None:
-            self.engine_gain.mul_(torch.as_tensor(self.bonus_mask, dtype=torch.float64))
+            self.register_buffer("engine_gain", torch.as_tensor(self.bonus_mask, dtype=torch.float64))
             self.register_buffer("request_gain", torch.ones(self.request + 1, dtype=torch.float64))
             self.register_buffer("request_offset", torch.zeros(self.request + 1, dtype=torch.float64))
         self.zero_residual()
@@ -147,7 +144,11 @@ class ResidualFeatures(SlotFeatures):
             self.engine_gain.copy_(torch.as_tensor(gains[0]))
             self.request_gain.copy_(torch.as_tensor(gains[1]))
             self.request_offset.copy_(torch.as_tensor(offset * (gains[1] > 0)))
-        return np.outer(gains[0] > 0, gains[1] > 0)
+        return self.active_weights()
+
+    def active_weights(self) -> np.ndarray:
+        """The mask of the bilinear weights that can change a decision: both their inputs' gains nonzero."""
+        return np.outer(self.engine_gain.numpy() > 0, self.request_gain.numpy() > 0)
 
     def _bonus(self, observations: torch.Tensor) -> torch.Tensor:
         engines, request = self.bonus_inputs(observations)

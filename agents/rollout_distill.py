@@ -16,7 +16,7 @@ is the part of the advantage the observation predicts (the deployable part of th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +69,23 @@ class Labels:
         return self.spread() >= 1.0
 
 
+def roll_in(
+    env, act: Callable[[np.ndarray, np.ndarray], int], episodes: int, seed: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+    """Every decision of ``episodes`` episodes of ``env`` routed by ``act`` (observation, mask → action), as
+    ``(step in its episode, observation, mask, action)``, yielded *before* the environment takes the action
+    (so the caller may branch the state first). Episode ``k`` is reset with seed ``seed + k``."""
+    for k in range(episodes):
+        obs, info = env.reset(seed=seed + k)
+        done, step = False, 0
+        while not done:
+            mask = info["action_mask"]
+            action = int(act(obs, mask))
+            yield step, obs, mask, action
+            obs, _, terminated, truncated, info = env.step(action)
+            done, step = terminated or truncated, step + 1
+
+
 def collect(
     env,
     act: Callable[[np.ndarray, np.ndarray], int],
@@ -83,21 +100,14 @@ def collect(
     branch, then the drain). Episode ``k`` is reset with seed ``seed + k``: the same call gives the same labels."""
     size, slots = env.observation_space.shape[0], env.action_space.n
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
-    for k in range(episodes):
-        obs, info = env.reset(seed=seed + k)
-        done, step = False, 0
-        while not done:
-            mask = info["action_mask"]
-            action = int(act(obs, mask))
-            if step % label_every == 0:
-                values = env.rollout_values(decisions=decisions, jobs=jobs)
-                allowed = np.array(sorted(values))
-                worth = np.array([values[a] for a in allowed])
-                advantage = np.zeros(slots)
-                advantage[allowed] = worth - worth.mean()
-                rows.append((obs.copy(), mask.copy(), advantage, action))
-            obs, _, terminated, truncated, info = env.step(action)
-            done, step = terminated or truncated, step + 1
+    for step, obs, mask, action in roll_in(env, act, episodes, seed):
+        if step % label_every == 0:
+            values = env.rollout_values(decisions=decisions, jobs=jobs)
+            allowed = np.array(sorted(values))
+            worth = np.array([values[a] for a in allowed])
+            advantage = np.zeros(slots)
+            advantage[allowed] = worth - worth.mean()
+            rows.append((obs.copy(), mask.copy(), advantage, action))
     if not rows:
         return Labels.empty(size, slots)
     observations, masks, advantages, taken = zip(*rows, strict=True)

@@ -219,10 +219,7 @@ def distill(model, cfg: DictConfig, out_dir: Path, labels, logger, validate) -> 
     if labels is not None:
         refit("distill0", None, None, -1)
     env = gym.make(cfg.env.id, **env_kwargs(cfg)).unwrapped
-
-    def act(observation: np.ndarray, mask: np.ndarray) -> int:
-        return int(model.predict(observation, deterministic=True, action_masks=mask)[0])
-
+    act = greedy(model)
     for iteration in range(int(settings.iterations)):
         seed = int(cfg.seed) * 1_000 + 2_000_000 + iteration * int(settings.episodes)  # never a validation seed
         fresh = collect(
@@ -234,21 +231,24 @@ def distill(model, cfg: DictConfig, out_dir: Path, labels, logger, validate) -> 
     env.close()
 
 
+def greedy(model):
+    """The model's deterministic choice as an ``act(observation, mask) -> action`` function."""
+
+    def act(observation: np.ndarray, mask: np.ndarray) -> int:
+        return int(model.predict(observation, deterministic=True, action_masks=mask)[0])
+
+    return act
+
+
 def routed_observations(model, cfg: DictConfig, episodes: int) -> np.ndarray:
     """The observations of the policy's own decisions on ``episodes`` training episodes (seeds apart from
     every other stage's)."""
     import gymnasium as gym
+    from servegym.agents.rollout_distill import roll_in
 
     env = gym.make(cfg.env.id, **env_kwargs(cfg)).unwrapped
-    seen: list[np.ndarray] = []
-    for k in range(episodes):
-        obs, info = env.reset(seed=int(cfg.seed) * 1_000 + 4_000_000 + k)
-        done = False
-        while not done:
-            seen.append(obs.copy())
-            action = int(model.predict(obs, deterministic=True, action_masks=info["action_mask"])[0])
-            obs, _, terminated, truncated, info = env.step(action)
-            done = terminated or truncated
+    seed = int(cfg.seed) * 1_000 + 4_000_000
+    seen = [obs.copy() for _, obs, _, _ in roll_in(env, greedy(model), episodes, seed)]
     env.close()
     return np.stack(seen)
 
@@ -293,7 +293,7 @@ def evolve(model, cfg: DictConfig, logger, validate) -> None:
         request_offset=extractor.request_offset.tolist(),
         bonus_clip=extractor.bonus_clip,
     )
-    search.active = np.outer(extractor.engine_gain.numpy() > 0, extractor.request_gain.numpy() > 0)
+    search.active = extractor.active_weights()
     start = extractor.bilinear.detach().numpy().copy()
     gains: list[float] = []
     with worker_pool(int(settings.jobs)) as pool:

@@ -83,9 +83,10 @@ TINY = [
 ]
 
 
-def _multirun(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _train(*overrides: str, timeout: int = 300, multirun: bool = False) -> subprocess.CompletedProcess:
+    """``experiments/train.py`` on the tiny budget with these overrides, wandb disabled."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "experiments/train.py"), "-m", *TINY, *overrides],
+        [sys.executable, str(ROOT / "experiments/train.py"), *(["-m"] if multirun else []), *TINY, *overrides],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -93,30 +94,25 @@ def _multirun(*overrides: str, timeout: int = 300) -> subprocess.CompletedProces
     )
 
 
+def _multirun(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return _train(*overrides, timeout=timeout, multirun=True)
+
+
 def test_readme_main_command_on_a_small_budget(tmp_path):
     """`make run` is `python experiments/train.py`: the residual router (PRISM at the start), one round of
     rollout distillation, RL, the comparison and the head-to-head table."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments/train.py"),
-            *TINY,
-            "distill.iterations=1",
-            "distill.episodes=1",
-            "distill.label_every=16",
-            "distill.decisions=4",
-            "eval_every=128",
-            "validation.seeds=[990]",
-            "validation.num_requests=100",
-            "validation.jobs=1",
-            "env.compare.baselines=[vllm_rr,vllm_jsq]",
-            "final_eval.seeds=[1000,1001]",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "WANDB_MODE": "disabled"},
+    result = _train(
+        "distill.iterations=1",
+        "distill.episodes=1",
+        "distill.label_every=16",
+        "distill.decisions=4",
+        "eval_every=128",
+        "validation.seeds=[990]",
+        "validation.num_requests=100",
+        "validation.jobs=1",
+        "env.compare.baselines=[vllm_rr,vllm_jsq]",
+        "final_eval.seeds=[1000,1001]",
+        f"hydra.run.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "distill1: 2 states labelled" in result.stdout and "learned head to head" in result.stdout
@@ -217,32 +213,24 @@ def test_the_default_agent_is_the_residual_router_validated_before_rl(trained_ru
 def test_the_evolution_recipe_end_to_end(tmp_path):
     """`recipe=evolve_static`: the bonus's input gains from PRISM-routed episodes, two ES generations on
     whole windows, validation, the saved policy holding the searched weights and gains, and the comparison."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments/train.py"),
-            *TINY,
-            "recipe=evolve_static",
-            "scenario=multi-slo",
-            "total_timesteps=0",
-            "bonus_gain_episodes=1",
-            "evolve.generations=2",
-            "evolve.pairs=2",
-            "evolve.num_requests=150",
-            "evolve.jobs=1",
-            "eval_every=1",
-            "validation.seeds=[990]",
-            "validation.num_requests=150",
-            "validation.jobs=1",
-            "final_eval.seeds=[1000]",
-            "final_eval.num_requests=150",
-            "env.compare.baselines=[vllm_prism]",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
+    result = _train(
+        "recipe=evolve_static",
+        "scenario=multi-slo",
+        "total_timesteps=0",
+        "bonus_gain_episodes=1",
+        "evolve.generations=2",
+        "evolve.pairs=2",
+        "evolve.num_requests=150",
+        "evolve.jobs=1",
+        "eval_every=1",
+        "validation.seeds=[990]",
+        "validation.num_requests=150",
+        "validation.jobs=1",
+        "final_eval.seeds=[1000]",
+        "final_eval.num_requests=150",
+        "env.compare.baselines=[vllm_prism]",
+        f"hydra.run.dir={tmp_path}",
         timeout=600,
-        env={**os.environ, "WANDB_MODE": "disabled"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     # multi-slo's cluster: only prefill_capacity differs between H100 and A100 (kv_capacity is equal), times
