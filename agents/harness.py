@@ -28,7 +28,7 @@ from scipy import stats
 from servegym.agents import exported, run_dir
 from servegym.agents.configs import is_trace
 from servegym.envs.sim.cluster import Cluster
-from servegym.envs.sim.config import cluster_from, workload_from
+from servegym.envs.sim.config import cluster_from, workload_from, workload_parts
 from servegym.envs.sim.workload import scale_load
 
 METRICS = (
@@ -196,7 +196,7 @@ def warn_if_one_window(workloads: Mapping[str, Mapping[str, Any]], seeds: list[i
     if len(seeds) < 2:
         return
     for name, workload in workloads.items():
-        if is_trace(workload) and not workload.get("random_window", False):
+        if any(is_trace(part) and not part.get("random_window", False) for part in workload_parts(workload)):
             warnings.warn(
                 f"workload {name}: a trace replayed from one fixed window (random_window: false): the {len(seeds)} "
                 "seeds do not change the arrivals, only the simulator's step noise, so the intervals do not "

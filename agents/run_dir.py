@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from servegym.agents.configs import git_revision, is_trace
 from servegym.envs.features import FeatureSpec
 from servegym.envs.route_env import ACTION_MEANING as ROUTE_ACTION
+from servegym.envs.sim.config import MULTI_PART
 
 MODEL = "model.zip"
 VECNORMALIZE = "vecnormalize.pkl"
@@ -118,8 +119,10 @@ NOT_ENV_ARGUMENTS = ("id", "expert", "compare", "heuristics")  # the env group's
 
 
 def windowed(workload: dict[str, Any], window: dict[str, Any]) -> dict[str, Any]:
-    """``workload`` with a window's settings; ``random_window`` only where it means something (traces:
-    synthetic arrivals already differ per seed)."""
+    """``workload`` with a window's settings, on every part of a concatenation or a mixture; ``random_window``
+    only where it means something (traces: synthetic arrivals already differ per seed)."""
+    if workload.get("kind") in MULTI_PART:
+        return {**workload, "parts": [windowed(part, window) for part in workload["parts"]]}
     workload = {**workload, **window}
     if not is_trace(workload):
         workload.pop("random_window", None)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from servegym.envs.sim.config import MULTI_PART, workload_parts
 
 KINDS = {"route": "Route", "batch": "Batch", "pools": "Pools"}  # decision kind -> its environment's id stem
 ENTRY_POINTS = {
@@ -146,12 +147,11 @@ class Scenario:
     def window(self, requests: int | None = None, duration_s: float | None = None) -> dict[str, Any]:
         """The workload cut to windows of ``requests`` requests, or of ``duration_s`` seconds of arrivals
         (then the number of requests grows with the load, as a sustained load's backlog does); a trace's
-        seed picks where each window starts. A concatenation cuts every part."""
+        seed picks where each window starts. A concatenation or a mixture cuts every part."""
         if (requests is None) == (duration_s is None):
             raise ScenarioError("a window is a number of requests or a duration, one of the two")
         workload = copy.deepcopy(self.workload)
-        parts = workload["parts"] if workload.get("kind") == "concat" else [workload]
-        for part in parts:
+        for part in workload_parts(workload):
             part["num_requests"], part["duration_s"] = requests, duration_s
             if part.get("kind", "synthetic") == "trace":
                 part["random_window"] = True
@@ -182,7 +182,7 @@ def scaled(workload: dict[str, Any], load: float) -> dict[str, Any]:
     """A workload mapping at ``load`` times its rate (mirrors ``scale_load`` on the mapping, so a training
     run's config records the rate it trained at)."""
     workload = copy.deepcopy(workload)
-    if workload.get("kind") == "concat":
+    if workload.get("kind") in MULTI_PART:
         workload["parts"] = [scaled(part, load) for part in workload["parts"]]
     elif workload.get("kind", "synthetic") == "trace":
         if workload.get("target_rate"):
@@ -216,7 +216,7 @@ def load(name: str) -> Scenario:
     workload = _named("workload", data["workload"], where)
     workload.update(copy.deepcopy(data.get("workload_overrides") or {}))
     if data.get("slo"):
-        for part in workload["parts"] if workload.get("kind") == "concat" else [workload]:
+        for part in workload_parts(workload):
             part["slo"] = copy.deepcopy(data["slo"])
     decisions = {}
     if not isinstance(data["decisions"], Mapping) or not data["decisions"]:

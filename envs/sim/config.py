@@ -16,10 +16,12 @@ from servegym.envs.sim.errors import ClusterConfigError
 from servegym.envs.sim.workload import (
     ConcatWorkload,
     LengthSampler,
+    MixtureWorkload,
     RateSchedule,
     SloMix,
     SyntheticWorkload,
     TraceWorkload,
+    Workload,
     WorkloadError,
 )
 
@@ -88,13 +90,30 @@ def cluster_from(mapping: Mapping) -> ClusterConfig:
     )
 
 
-def workload_from(mapping: Mapping) -> SyntheticWorkload | TraceWorkload | ConcatWorkload:
-    """``{kind: trace, path, rate_scale, ...}`` or ``{kind: synthetic, arrivals: {...}, lengths: {...}, ...}``."""
+MULTI_PART = ("concat", "mixture")
+
+
+def workload_parts(mapping: Mapping) -> list:
+    """The single workloads of a workload mapping: a concatenation's or a mixture's parts, else itself (the
+    one place that knows which kinds hold parts, for code that windows, scales or edits every part)."""
+    return list(mapping["parts"]) if mapping.get("kind") in MULTI_PART else [mapping]
+
+
+def workload_from(mapping: Mapping) -> Workload:
+    """``{kind: trace, path, rate_scale, ...}``, ``{kind: synthetic, arrivals: {...}, lengths: {...}, ...}``,
+    or ``{kind: concat | mixture, parts: [...]}`` (a concatenation's ``gap_s``, a mixture's ``weights``)."""
     mapping = dict(_plain(mapping))
     kind = mapping.pop("kind", "synthetic")
-    if kind == "concat":
-        _check_keys(mapping, {"parts", "gap_s", "name"}, "workload", WorkloadError)
-        return ConcatWorkload(tuple(workload_from(part) for part in mapping["parts"]), float(mapping.get("gap_s", 0)))
+    if kind in MULTI_PART:
+        extra = "gap_s" if kind == "concat" else "weights"
+        _check_keys(mapping, {"parts", extra, "name"}, "workload", WorkloadError)
+        if not isinstance(mapping.get("parts"), (list, tuple)):
+            raise WorkloadError(f"a {kind} workload needs parts: a list of workloads")
+        parts = tuple(workload_from(part) for part in mapping["parts"])
+        if kind == "concat":
+            return ConcatWorkload(parts, float(mapping.get("gap_s", 0)))
+        weights = mapping.get("weights")
+        return MixtureWorkload(parts, None if weights is None else tuple(float(w) for w in weights))
     mapping.pop("name", None)
     slo = SloMix.from_config(mapping.pop("slo", None))
     if kind == "trace":
@@ -103,7 +122,7 @@ def workload_from(mapping: Mapping) -> SyntheticWorkload | TraceWorkload | Conca
             raise WorkloadError("workload.path is required for a trace workload (a built-in name or a file)")
         return TraceWorkload(**mapping, slo=slo)
     if kind != "synthetic":
-        raise WorkloadError(f"workload.kind must be 'trace', 'synthetic' or 'concat', got {kind!r}")
+        raise WorkloadError(f"workload.kind must be 'trace', 'synthetic', 'concat' or 'mixture', got {kind!r}")
     _check_keys(mapping, {"arrivals", "lengths", "num_requests", "duration_s", "sessions"}, "workload", WorkloadError)
     arrivals = dict(mapping.pop("arrivals", None) or {})
     _check_keys(

@@ -21,7 +21,7 @@ from servegym.envs.sim.request import Request, SloClass
 from servegym.envs.sim.traces import TRACE_DIR, Trace, TraceError, read_trace
 
 LENGTH_SAMPLES = {"arxiv": TRACE_DIR / "arxiv_summarization_lengths.csv.gz"}
-STREAMS = {"arrivals": 0, "lengths": 1, "slo": 2, "sessions": 3}
+STREAMS = {"arrivals": 0, "lengths": 1, "slo": 2, "sessions": 3, "mixture": 4}
 
 
 class WorkloadError(ValueError):
@@ -310,6 +310,38 @@ class ConcatWorkload:
         return out
 
 
+@dataclass(frozen=True)
+class MixtureWorkload:
+    """One of several workloads per window, drawn by the window's seed with ``weights``: training across
+    traces (a conversation window in one episode, a code window in the next) on one environment.
+
+    The draw has its own random stream, so a part's window for seed ``s`` is the same whether it is played
+    alone or drawn from the mixture; a load factor scales every part.
+    """
+
+    parts: tuple[SyntheticWorkload | TraceWorkload | ConcatWorkload, ...]
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise WorkloadError("a mixture workload needs at least one part")
+        if self.weights is not None:
+            if len(self.weights) != len(self.parts):
+                raise WorkloadError(
+                    f"a mixture's weights ({len(self.weights)}) must match its parts ({len(self.parts)})"
+                )
+            if any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise WorkloadError(f"a mixture's weights must be non-negative with a positive sum, got {self.weights}")
+
+    def part_index(self, seed: int) -> int:
+        """Which part window ``seed`` plays."""
+        weights = np.ones(len(self.parts)) if self.weights is None else np.asarray(self.weights, dtype=float)
+        return int(_rng(seed, "mixture").choice(len(self.parts), p=weights / weights.sum()))
+
+    def generate(self, seed: int) -> list[Request]:
+        return self.parts[self.part_index(seed)].generate(seed)
+
+
 def session_hashes(session_id: int, prompt_tokens: int) -> tuple[int, ...]:
     """Prefix hashes of a chat turn: every turn of a session shares its history's leading segments."""
     return tuple((session_id << 20) | k for k in range(-(-prompt_tokens // SEGMENT_TOKENS)))
@@ -375,18 +407,18 @@ def offered_load(requests: Sequence[Request]) -> dict[str, float]:
     }
 
 
-Workload = SyntheticWorkload | TraceWorkload | ConcatWorkload
+Workload = SyntheticWorkload | TraceWorkload | ConcatWorkload | MixtureWorkload
 
 
 def scale_load(workload: Workload, factor: float) -> Workload:
     """The workload at ``factor`` times its rate: a trace's ``rate_scale`` (or ``target_rate``), a synthetic
-    schedule's rates, every part of a concatenation. The one way loads are scaled (evaluation grids,
+    schedule's rates, every part of a concatenation or a mixture. The one way loads are scaled (evaluation grids,
     environments' ``load_range``), so "load x1.2" means the same arrivals 20% faster everywhere."""
     if factor <= 0 or not math.isfinite(factor):
         raise WorkloadError(f"a load factor must be positive and finite, got {factor}")
     if factor == 1.0:
         return workload
-    if isinstance(workload, ConcatWorkload):
+    if isinstance(workload, (ConcatWorkload, MixtureWorkload)):
         return replace(workload, parts=tuple(scale_load(part, factor) for part in workload.parts))
     if isinstance(workload, TraceWorkload):
         if workload.target_rate:

@@ -104,3 +104,57 @@ def test_scaling_a_workload_scales_its_rate_everywhere():
     assert [r.arrival_s for r in faster] == pytest.approx([r.arrival_s / 2 for r in base])
     with pytest.raises(WorkloadError, match="positive and finite"):
         scale_load(trace, 0.0)
+
+
+MIXTURE = {
+    "kind": "mixture",
+    "name": "conv_and_code",
+    "parts": [
+        {"kind": "trace", "path": "azure_conv", "rate_scale": 13.0, "num_requests": 40, "random_window": True},
+        {"kind": "trace", "path": "azure_code", "rate_scale": 6.5, "num_requests": 40, "random_window": True},
+    ],
+}
+
+
+def test_a_mixture_plays_one_part_per_seed_exactly_as_that_part_alone():
+    from servegym.envs.sim.config import workload_from
+
+    mixture = workload_from(MIXTURE)
+    picks = [mixture.part_index(seed) for seed in range(60)]
+    assert set(picks) == {0, 1}  # both traces get windows
+    for seed in range(6):
+        alone = mixture.parts[picks[seed]].generate(seed)
+        drawn = mixture.generate(seed)
+        assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in drawn] == [
+            (r.arrival_s, r.prompt_tokens, r.output_tokens) for r in alone
+        ]
+    assert [mixture.part_index(seed) for seed in range(60)] == picks  # deterministic
+
+
+def test_mixture_weights_set_how_often_each_part_plays_and_bad_weights_are_named():
+    from servegym.envs.sim.config import workload_from
+    from servegym.envs.sim.workload import scale_load
+
+    mostly_code = workload_from({**MIXTURE, "weights": [1, 3]})
+    share = np.mean([mostly_code.part_index(seed) for seed in range(2000)])
+    assert share == pytest.approx(0.75, abs=0.03)
+    assert {workload_from({**MIXTURE, "weights": [0, 1]}).part_index(s) for s in range(50)} == {1}
+    assert [p.rate_scale for p in scale_load(mostly_code, 2.0).parts] == [26.0, 13.0]
+    with pytest.raises(WorkloadError, match=r"weights \(2\) must match its parts \(3\)"):
+        workload_from({**MIXTURE, "parts": MIXTURE["parts"] + MIXTURE["parts"][:1], "weights": [1, 1]})
+    with pytest.raises(WorkloadError, match="non-negative with a positive sum"):
+        workload_from({**MIXTURE, "weights": [0, 0]})
+    with pytest.raises(WorkloadError, match="needs parts: a list"):
+        workload_from({"kind": "mixture", "parts": {"kind": "trace"}})
+
+
+def test_training_windows_cut_every_part_of_a_mixture():
+    from servegym.agents.run_dir import windowed
+    from servegym.envs.sim.config import workload_from
+
+    mixture = windowed(
+        {**MIXTURE, "parts": [dict(p, num_requests=None) for p in MIXTURE["parts"]]},
+        {"num_requests": 25, "random_window": True},
+    )
+    assert [p["num_requests"] for p in mixture["parts"]] == [25, 25]
+    assert all(len(workload_from(mixture).generate(seed)) == 25 for seed in range(4))
