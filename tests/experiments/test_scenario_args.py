@@ -50,3 +50,26 @@ def test_simulate_and_evaluate_take_a_scenario(tmp_path):
     assert table["load"].tolist() == [1.0, 1.0] and "slo_attainment_vs_ref" in table  # against PRISM
     more = _compose("evaluate", [*overrides, "jobs=1", "progress=false", "scenario_seeds=[7,8,9,10]"])
     assert set(evaluate.run(more, tmp_path / "more")["table"]["seeds"]) == {4}  # other windows than the scenario's
+
+
+def test_the_across_traces_recipe_trains_on_windows_of_both_traces():
+    """``recipe=across_traces``: every training window is a 1,000-request random window of the conversation
+    or the code trace, both drawn; validation windows are the mixture at its stated rates and above."""
+    import gymnasium as gym
+    from servegym.agents.run_dir import env_kwargs
+    from servegym.experiments.train import windows_at
+
+    cfg = _compose("train", ["recipe=across_traces"])
+    kwargs = env_kwargs(cfg)
+    assert kwargs["load_range"] == (0.6, 1.15)
+    assert [(p["path"], p["num_requests"], p["random_window"]) for p in kwargs["workload"]["parts"]] == [
+        ("azure_conv", 1000, True),
+        ("azure_code", 1000, True),
+    ]
+    env = gym.make(cfg.env.id, **kwargs)
+    mixture = env.unwrapped.workload
+    assert {mixture.part_index(seed) for seed in range(8)} == {0, 1}
+    env.close()
+    workload, load, name = windows_at(cfg, 2000, 20.0)
+    assert load == pytest.approx(20.0 / 17.0) and name == "conv_and_code x1.17647"
+    assert all(p["num_requests"] == 2000 and p["random_window"] for p in workload["parts"])
