@@ -192,11 +192,18 @@ def routing_reference(scenario: Scenario) -> str:
 
 
 def scenario_headroom(
-    scenario: Scenario, load_factor: float, seeds: Sequence[int], num_requests: int = 1000, **kwargs: Any
+    scenario: Scenario,
+    load_factor: float,
+    seeds: Sequence[int],
+    num_requests: int = 1000,
+    policy: str | None = None,
+    **kwargs: Any,
 ) -> Headroom:
-    """:func:`headroom` over a scenario's routing reference, on its cluster and windows of its workload (its
-    SLO classes included), with an engine slot for every instance; ``kwargs`` go to :func:`headroom`."""
-    reference = routing_reference(scenario)
+    """:func:`headroom` over ``policy`` (a conf/policy name; None: the scenario's routing reference — the
+    issue's bound is over the *best* heuristic, which on a scenario may be another) on its cluster and
+    windows of its workload (its SLO classes included), with an engine slot for every instance; ``kwargs``
+    go to :func:`headroom`."""
+    reference = routing_reference(scenario) if policy is None else policy
     return headroom(
         scenario.cluster,
         scenario.window(num_requests),

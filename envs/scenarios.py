@@ -202,8 +202,13 @@ def load(name: str) -> Scenario:
     """``conf/scenario/<name>.yaml``, checked; an unknown name lists the known ones."""
     if not isinstance(name, str) or not (scenario_dir() / f"{name}.yaml").is_file():
         raise ScenarioError(f"unknown scenario {name!r}; known: {', '.join(names())}")
+    return parse(_read(scenario_dir() / f"{name}.yaml"), name)
+
+
+def parse(data: Mapping[str, Any], name: str) -> Scenario:
+    """A scenario from its file's mapping (or that mapping as hydra merged it, overrides included), checked."""
     where = f"scenario {name}"
-    data = _read(scenario_dir() / f"{name}.yaml")
+    data = copy.deepcopy(dict(data))
     unknown = set(data) - FIELDS
     if unknown:
         raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(FIELDS)}")
@@ -262,9 +267,17 @@ def load(name: str) -> Scenario:
 def from_config(cfg: Mapping[str, Any]) -> Scenario | None:
     """The scenario an entry point's ``scenario=NAME`` chose, or None. ``conf/scenario`` is a hydra config
     group, so hydra merged the file under the ``scenario`` key (and named an unknown one); it is loaded and
-    checked here by its name."""
+    checked here — with any ``scenario.*`` overrides the command line gave (``scenario.loads.validation=[1.3]``),
+    which loading the file by its name would silently drop."""
     chosen = cfg.get("scenario")
-    return load(chosen["name"]) if chosen else None
+    if not chosen:
+        return None
+    load(chosen.get("name"))  # an unknown name lists the known ones
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(chosen, DictConfig):  # as hydra merged it: plain containers, interpolations resolved
+        chosen = OmegaConf.to_container(chosen, resolve=True)
+    return parse(chosen, chosen["name"])
 
 
 def make(scenario: str, kind: str, **kwargs: Any):

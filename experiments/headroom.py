@@ -8,6 +8,7 @@ over the seeds.
     python experiments/headroom.py --policy vllm_lor --seeds 0-9 --every 4 --samples 2
     python -m servegym.experiments.headroom --cluster h100x8 --rate-scale 20
     python experiments/headroom.py --scenario multi-slo --load 18        # a scenario's cluster, workload, reference
+    python experiments/headroom.py --scenario prefix-chat --policy vllm_prefix   # over another heuristic
 
 The library function is :func:`servegym.agents.lookahead.headroom`. Lookahead children are forked
 (Linux); they run the simulator and the base heuristic only.
@@ -38,12 +39,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--scenario",
         default=None,
         help="a conf/scenario name: its cluster, workload and reference router "
-        "(then --cluster, --workload, --policy and --rate-scale are ignored)",
+        "(then --cluster, --workload and --rate-scale are ignored, and --policy only when not given)",
     )
     parser.add_argument("--load", type=float, default=None, help="with --scenario: the load (default: its test load)")
     parser.add_argument("--cluster", default="hetero_h100_a100", help="a conf/cluster name")
     parser.add_argument("--workload", default="azure_conv", help="a conf/workload name")
-    parser.add_argument("--policy", default="vllm_prism", help="the base heuristic, a conf/policy name")
+    parser.add_argument("--policy", default=None, help="the base heuristic, a conf/policy name (default: PRISM)")
     parser.add_argument(
         "--rate-scale", type=float, default=17.0, help="trace speed (load factor = this / the config's)"
     )
@@ -59,11 +60,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with exit_on_user_error():
         if args.scenario:
             scenario = scenarios.load(args.scenario)
-            name = routing_reference(scenario)
+            name = args.policy or routing_reference(scenario)
             load_factor = scenario.loads["test"] if args.load is None else args.load
             what = f"scenario {args.scenario} at load x{load_factor:g}"
         else:
-            name = args.policy
+            name = args.policy or "vllm_prism"
             cluster = named_configs("cluster", [args.cluster])[args.cluster]
             workload = named_configs("workload", [args.workload])[args.workload]
             policy = named_configs("policy", [name])[name]
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             progress=True,
         )
         if args.scenario:
-            result = scenario_headroom(scenario, load_factor, seeds, **options)
+            result = scenario_headroom(scenario, load_factor, seeds, policy=name, **options)
         else:
             result = headroom(cluster, workload, policy, load_factor, seeds, **options)
     rows = result.table()

@@ -86,3 +86,18 @@ def test_an_unknown_scenario_lists_the_known_ones():
     with pytest.raises(scenarios.ScenarioError, match=r"unknown scenario 'nope'; known: bursty-conv, .*hetero-conv"):
         scenarios.load("nope")
     assert servegym  # registration ran on import
+
+
+def test_command_line_overrides_of_a_scenario_are_kept_and_checked():
+    """``scenario.loads.validation=[1.3]`` reaches the entry points (it was dropped when the file was reloaded
+    by name), the file's own values without overrides, and a bad override is named."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        plain = compose("train", overrides=["scenario=prefix-chat"])
+        changed = compose("train", overrides=["scenario=prefix-chat", "scenario.loads.validation=[1.3]"])
+        swapped = compose("train", overrides=["scenario=prefix-chat", "scenario.seeds.validation=[1000]"])
+    assert scenarios.from_config(plain) == scenarios.load("prefix-chat")
+    assert scenarios.from_config(changed).loads["validation"] == [1.3]
+    with pytest.raises(scenarios.ScenarioError, match="seeds must be disjoint"):
+        scenarios.from_config(swapped)
