@@ -357,11 +357,16 @@ def make_logger(cfg: DictConfig, out_dir: Path, wandb_run: Any):
     from stable_baselines3.common.logger import KVWriter, Logger, TensorBoardOutputFormat
 
     class WandbOutputFormat(KVWriter):
-        """SB3's key-values as wandb scalars, at SB3's step."""
+        """SB3's key-values as wandb scalars, at SB3's step — never below the last one logged: the stages
+        count steps differently (evolve and distill by generation, then validation at 0 timesteps), and wandb
+        drops a record whose step went back."""
+
+        last_step = 0
 
         def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
             scalars = {k: float(v) for k, v in key_values.items() if isinstance(v, int | float | np.number)}
-            wandb_run.log(scalars, step=int(step))
+            self.last_step = max(self.last_step, int(step))
+            wandb_run.log(scalars, step=self.last_step)
 
         def close(self) -> None:
             """The wandb run is finished by ``run`` after the last figures."""

@@ -245,3 +245,29 @@ def test_the_evolution_recipe_end_to_end(tmp_path):
     assert [names[j] for j in moved] == ["prefill_capacity"]  # the search moved the static descriptor only
     assert extractor.engine_gain[names.index("prefill_capacity")] > 0 and extractor.engine_gain.count_nonzero() == 1
     assert "learned head to head" in result.stdout
+
+
+def test_wandb_keeps_figures_logged_at_an_earlier_stage_step(tmp_path):
+    """Evolve logs by generation (1..12), then validation at 0 timesteps: wandb drops a record whose step went
+    back, so the logger holds the step at the last one and every figure arrives."""
+    from omegaconf import OmegaConf
+    from servegym.experiments.train import log_figures, make_logger
+
+    class Run:
+        def __init__(self) -> None:
+            self.logged: list[tuple[dict, int]] = []
+
+        def log(self, scalars: dict, step: int) -> None:
+            assert not self.logged or step >= self.logged[-1][1], "wandb would drop this record"
+            self.logged.append((scalars, step))
+
+    run = Run()
+    logger = make_logger(OmegaConf.create({"logger": {"kind": "wandb"}}), tmp_path, run)
+    log_figures(logger, {"evolve/current": 0.9}, 12)
+    log_figures(logger, {"eval/learned": 0.95}, 0)
+    log_figures(logger, {"rollout/ep_rew_mean": 1.0}, 2048)
+    assert [(list(s), step) for s, step in run.logged] == [
+        (["evolve/current"], 12),
+        (["eval/learned"], 12),
+        (["rollout/ep_rew_mean"], 2048),
+    ]
