@@ -305,10 +305,12 @@ def evolve(model, cfg: DictConfig, logger, validate) -> None:
             int(settings.windows),
             int(cfg.seed) * 1_000 + 3_000_000,  # never a validation or final-evaluation seed
             pool,
+            float(settings.shortfall_weight),
         )
 
         def logged(candidates, generation):
             # PRISM (no bonus) on the generation's windows too: the current bonus's gain is then a paired figure
+            # (of the fitness: with evolve.shortfall_weight, net of the penalty, which PRISM never pays)
             *values, prism = fitness([*candidates, np.zeros_like(candidates[0])], generation)
             values = np.asarray(values)
             gains.append(values[-1] - prism)

@@ -3,6 +3,7 @@ ranks ignore outliers and ties, and a candidate router decides exactly as the re
 weights does, so what the search scores is what training saves."""
 
 import numpy as np
+import pytest
 import torch
 from sb3_contrib import MaskablePPO
 from servegym.agents.configs import named_configs
@@ -91,3 +92,24 @@ def test_window_fitness_scores_candidates_on_shared_windows():
     values = fitness([zero, zero], 0)
     assert values[0] == values[1] and 0.0 < values[0] <= 1.0  # the same windows for every candidate
     assert candidate_spec(zero, {"slo_tpot_s": 0.1}, 8)["router"]["bilinear"] == zero.tolist()
+
+
+def test_the_shortfall_penalty_charges_a_loss_against_prism_and_leaves_prism_alone():
+    """``shortfall_weight`` λ: fitness − λ × max(0, PRISM − candidate) per setting; PRISM pays nothing."""
+    workload = {
+        "kind": "synthetic",
+        "num_requests": 150,
+        "arrivals": {"rate": 60.0},
+        "lengths": {"kind": "empirical", "source": "azure_conv"},
+    }
+    cluster = named_configs("cluster", ["hetero_h100_a100"])["hetero_h100_a100"]
+    zero, herd = np.zeros((19, 7)), np.zeros((19, 7))
+    herd[6, 6] = 100.0  # `outstanding` x 1: every request to the engine with the most outstanding
+    args = ([(workload, 1.0)], cluster, {"slo_tpot_s": 0.1}, 8)
+    plain_zero, plain_herd = window_fitness(*args, windows=2, seed=7)([zero, herd], 0)
+    penalised_zero, penalised_herd = window_fitness(*args, windows=2, seed=7, shortfall_weight=2.0)([zero, herd], 0)
+    assert plain_herd < plain_zero, "herding onto the busiest engine should lose to PRISM"
+    assert penalised_zero == plain_zero
+    assert penalised_herd == pytest.approx(plain_herd - 2.0 * (plain_zero - plain_herd))
+    with pytest.raises(ValueError, match="shortfall_weight"):
+        window_fitness(*args, windows=2, seed=7, shortfall_weight=-1.0)
