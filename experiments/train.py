@@ -418,6 +418,8 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     apply_scenario(cfg)
     if cfg.imitation.expert:  # a bad name fails now, also where the agent does not clone (clone: false)
         named_configs("policy", [cfg.imitation.expert])
+    if not float(cfg.evolve.shortfall_weight) >= 0:  # now, not after the bonus's gain episodes
+        raise ConfigError(f"evolve.shortfall_weight must be >= 0, got {cfg.evolve.shortfall_weight!r}")
     save_config(out_dir, cfg)
     wandb_run = make_wandb(cfg, out_dir)
     logger = make_logger(cfg, out_dir, wandb_run)

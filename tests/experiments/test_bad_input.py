@@ -17,6 +17,10 @@ CASES = {
         ["distill.labels={tmp}/missing.npz", "eval_every=0", "progress=false"],
         "error: distill.labels: {tmp}/missing.npz is not a labels file written by Labels.save",
     ),
+    "train-evolve": (
+        ["evolve.shortfall_weight=-1", "progress=false"],
+        "error: evolve.shortfall_weight must be >= 0, got -1",
+    ),
     "export": (["run={tmp}/missing"], "error: {tmp}/missing: no model.zip"),
     "leaderboard": (["scenarios=[nope]"], "error: unknown scenario 'nope'; known: bursty-conv, h100x64,"),
     "reproduce": (["nope"], "error: unknown reproduction 'nope'; known: synergysched, arrow, sal_larry, all"),

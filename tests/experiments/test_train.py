@@ -222,6 +222,7 @@ def test_the_evolution_recipe_end_to_end(tmp_path):
         "evolve.pairs=2",
         "evolve.num_requests=150",
         "evolve.jobs=1",
+        "evolve.shortfall_weight=2.0",  # the per-load penalty: multi-slo's fitness windows are at two loads
         "eval_every=1",
         "validation.seeds=[990]",
         "validation.num_requests=150",
