@@ -182,7 +182,10 @@ def window_fitness(
 
     def fitness(candidates: list[np.ndarray], generation: int) -> np.ndarray:
         everyone = list(candidates)
-        if shortfall_weight > 0:
+        # PRISM is the zero bonus: one among the candidates (train.py passes it for its paired figure) serves
+        prism = next((k for k, c in enumerate(candidates) if not np.any(c)), None)
+        if shortfall_weight > 0 and prism is None:
+            prism = len(everyone)
             everyone.append(np.zeros_like(np.asarray(candidates[0], dtype=float)))
         specs = {f"c{k}": candidate_spec(c, base, max_instances) for k, c in enumerate(everyone)}
         seeds = [seed + generation * windows + w for w in range(windows)]
@@ -197,8 +200,8 @@ def window_fitness(
         if shortfall_weight == 0:
             return values
         means = np.array([[np.mean(by_setting[name, w]) for w in workloads] for name in specs])
-        shortfall = np.clip(means[-1] - means, 0.0, None).mean(axis=1)
-        return (values - shortfall_weight * shortfall)[:-1]
+        shortfall = np.clip(means[prism] - means, 0.0, None).mean(axis=1)
+        return (values - shortfall_weight * shortfall)[: len(candidates)]
 
     return fitness
 

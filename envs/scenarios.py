@@ -198,11 +198,16 @@ def scaled(workload: dict[str, Any], load: float) -> dict[str, Any]:
     return workload
 
 
-def load(name: str) -> Scenario:
-    """``conf/scenario/<name>.yaml``, checked; an unknown name lists the known ones."""
+def _file(name: Any) -> Path:
+    """``conf/scenario/<name>.yaml``; an unknown name lists the known ones."""
     if not isinstance(name, str) or not (scenario_dir() / f"{name}.yaml").is_file():
         raise ScenarioError(f"unknown scenario {name!r}; known: {', '.join(names())}")
-    return parse(_read(scenario_dir() / f"{name}.yaml"), name)
+    return scenario_dir() / f"{name}.yaml"
+
+
+def load(name: str) -> Scenario:
+    """``conf/scenario/<name>.yaml``, checked; an unknown name lists the known ones."""
+    return parse(_read(_file(name)), name)
 
 
 def parse(data: Mapping[str, Any], name: str) -> Scenario:
@@ -272,7 +277,7 @@ def from_config(cfg: Mapping[str, Any]) -> Scenario | None:
     chosen = cfg.get("scenario")
     if not chosen:
         return None
-    load(chosen.get("name"))  # an unknown name lists the known ones
+    _file(chosen.get("name"))  # an unknown name lists the known ones
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(chosen, DictConfig):  # as hydra merged it: plain containers, interpolations resolved

@@ -79,15 +79,21 @@ def test_a_candidate_router_decides_as_the_policy_with_its_weights():
     assert moved > 10, "the weights hardly moved the policy from PRISM: agreement would prove little"
 
 
-def test_window_fitness_scores_candidates_on_shared_windows():
+def _fitness_setting(rate: float) -> tuple[list, dict, dict, int]:
+    """``window_fitness``'s leading arguments: one setting of 150 requests of the conversation trace's
+    lengths at ``rate`` req/s, on the default cluster, PRISM's TPOT target, 8 engine slots."""
     workload = {
         "kind": "synthetic",
         "num_requests": 150,
-        "arrivals": {"rate": 40.0},
+        "arrivals": {"rate": rate},
         "lengths": {"kind": "empirical", "source": "azure_conv"},
     }
     cluster = named_configs("cluster", ["hetero_h100_a100"])["hetero_h100_a100"]
-    fitness = window_fitness([(workload, 1.0)], cluster, {"slo_tpot_s": 0.1}, 8, windows=2, seed=7)
+    return [(workload, 1.0)], cluster, {"slo_tpot_s": 0.1}, 8
+
+
+def test_window_fitness_scores_candidates_on_shared_windows():
+    fitness = window_fitness(*_fitness_setting(40.0), windows=2, seed=7)
     zero = np.zeros((19, 7))
     values = fitness([zero, zero], 0)
     assert values[0] == values[1] and 0.0 < values[0] <= 1.0  # the same windows for every candidate
@@ -96,20 +102,16 @@ def test_window_fitness_scores_candidates_on_shared_windows():
 
 def test_the_shortfall_penalty_charges_a_loss_against_prism_and_leaves_prism_alone():
     """``shortfall_weight`` λ: fitness − λ × max(0, PRISM − candidate) per setting; PRISM pays nothing."""
-    workload = {
-        "kind": "synthetic",
-        "num_requests": 150,
-        "arrivals": {"rate": 60.0},
-        "lengths": {"kind": "empirical", "source": "azure_conv"},
-    }
-    cluster = named_configs("cluster", ["hetero_h100_a100"])["hetero_h100_a100"]
     zero, herd = np.zeros((19, 7)), np.zeros((19, 7))
     herd[6, 6] = 100.0  # `outstanding` x 1: every request to the engine with the most outstanding
-    args = ([(workload, 1.0)], cluster, {"slo_tpot_s": 0.1}, 8)
+    args = _fitness_setting(60.0)
     plain_zero, plain_herd = window_fitness(*args, windows=2, seed=7)([zero, herd], 0)
     penalised_zero, penalised_herd = window_fitness(*args, windows=2, seed=7, shortfall_weight=2.0)([zero, herd], 0)
     assert plain_herd < plain_zero, "herding onto the busiest engine should lose to PRISM"
     assert penalised_zero == plain_zero
     assert penalised_herd == pytest.approx(plain_herd - 2.0 * (plain_zero - plain_herd))
+    # without PRISM among the candidates it runs as an extra one, with the same figure
+    (alone,) = window_fitness(*args, windows=2, seed=7, shortfall_weight=2.0)([herd], 0)
+    assert alone == penalised_herd
     with pytest.raises(ValueError, match="shortfall_weight"):
         window_fitness(*args, windows=2, seed=7, shortfall_weight=-1.0)
