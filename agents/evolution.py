@@ -7,7 +7,7 @@ elsewhere; a single deviation moves about 0.2 requests (docs/training.md). Evolu
 al., 2017) score whole policies instead: each candidate bonus ``W`` routes whole training windows, its fitness
 is their mean SLO attainment, and ``W`` follows the antithetic, rank-normalised estimate of the fitness
 gradient. All candidates of a generation run on the same windows (common random numbers: arrivals and step
-noise), each generation on fresh ones; 19 × 7 weights keep the search small enough for a few hundred
+noise), each generation on fresh ones; 20 × 7 weights keep the search small enough for a few hundred
 windows.
 The bonus reads its inputs centred, scaled and clipped
 (:meth:`servegym.agents.residual_policy.ResidualFeatures.set_bonus_gains`), so one ``sigma`` fits every weight —
@@ -115,7 +115,8 @@ def centered_ranks(values: np.ndarray) -> np.ndarray:
 @dataclass
 class Evolution:
     """OpenAI-ES with antithetic pairs, centred ranks and Adam on the flat ``W``; weights outside ``active``
-    (a boolean mask of ``shape``; None: all) are neither perturbed nor moved."""
+    (a boolean mask of ``shape``; None: all) are neither perturbed nor moved, and draw no random numbers (a
+    feature added to the contract, or left out of ``bonus_features``, leaves the search of the others as it was)."""
 
     shape: tuple[int, int]
     pairs: int = 8
@@ -137,7 +138,8 @@ class Evolution:
         if active.size != theta.size:
             raise ValueError(f"active has {active.size} entries, the weights {theta.size}")
         for generation in range(generations):
-            noise = rng.standard_normal((self.pairs, theta.size)) * active
+            noise = np.zeros((self.pairs, theta.size))  # only the active weights draw: a weight no input
+            noise[:, active] = rng.standard_normal((self.pairs, int(active.sum())))  # feeds costs no randomness
             candidates = [theta + self.sigma * e for e in noise] + [theta - self.sigma * e for e in noise] + [theta]
             values = np.asarray(fitness([c.reshape(self.shape) for c in candidates], generation), dtype=float)
             ranks = centered_ranks(values[:-1])

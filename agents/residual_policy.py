@@ -9,7 +9,7 @@ with the residual's last layer initialised to zero: the untrained policy's greed
 (tests/agents/test_residual_policy.py checks every step), and training moves only where it finds a reason.
 ``sharpness`` is a learned scalar (the inverse temperature): lowering exploration never reorders engines.
 
-PRISM's score comes from the observation contract alone (:mod:`servegym.envs.features`, version 4 added
+PRISM's score comes from the observation contract alone (:mod:`servegym.envs.features`; version 4 added
 the affinity window) — ``predicted_step_ms``, ``pending_prefill_s``, ``next_step_tokens`` and ``affinity`` —
 so the same graph runs in training, evaluation, the ONNX export and the router service. The observation
 must not be normalised by VecNormalize (``conf/agent/maskable_ppo_residual.yaml`` sets
@@ -64,7 +64,7 @@ class ResidualFeatures(SlotFeatures):
 
     ``residual="mlp"``: the shared scorer's output, added to the logits. ``residual="bilinear"``: a score
     bonus ``e · W · r`` added to PRISM's score *before* sharpening (so ``W`` reads in PRISM's units: a bonus
-    of 1 is worth as much as the whole latency term), 19 × 7 weights — few enough to fit from a few hundred
+    of 1 is worth as much as the whole latency term), 20 × 7 weights — few enough to fit from a few hundred
     labelled states, and able to say "requests with a tight TPOT target prefer the engines with the high
     prefill capacity", which PRISM's one target cannot. ``e`` is each engine feature minus its mean over
     the decision's present engines (a bonus common to all engines changes no decision), times

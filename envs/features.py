@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from servegym.envs.sim.prefix_index import PrefixIndex, capacity_segments
 from servegym.envs.sim.view import ClusterView, EngineInfo, EngineSnapshot, LocalCorrection, RequestInfo
 from servegym.perfmodel.batch import StepBatch
 from servegym.perfmodel.capacity import predict_ttft, ttft_steps
@@ -28,7 +29,8 @@ from servegym.perfmodel.structural import StructuralModel, structural_model
 # 3: pending prefill, decodes, their KV, step time and next step from the router tap (live, router-side,
 #    the same in the simulator and the router service); no corrected pending; tokens_per_step -> next_step_tokens;
 # 4: affinity within AFFINITY_WINDOW_S (PRISM's s_kv), so PRISM's whole score is a function of the observation
-FEATURE_VERSION = 4
+# 5: prefix_match from the router's prefix index (what PrefixAware and llm-d's scorer route on)
+FEATURE_VERSION = 5
 AFFINITY_WINDOW_S = 300.0  # a session routed here longer ago than this has no affinity (PRISM's window)
 
 
@@ -64,6 +66,7 @@ ENGINE_FEATURES: tuple[Feature, ...] = (
     Feature("prefill_capacity", "tokens/s", 100_000.0, 10.0, "static: prefill tokens/s at full budget"),
     Feature("kv_capacity", "tokens", 1_000_000.0, 10.0, "static: KV cache capacity"),
     Feature("affinity", "flag", 1.0, 1.0, "the request's session was last routed here, within 300 s"),
+    Feature("prefix_match", "fraction", 1.0, 1.0, "share of the prompt's prefix segments this router sent here (LRU)"),
 )
 REQUEST_FEATURES: tuple[Feature, ...] = (
     Feature("prompt_tokens", "tokens", 8192.0, 16.0, "the request's prompt length"),
@@ -143,19 +146,23 @@ class EngineModels:
 
 @dataclass
 class FeatureContext:
-    """Router-side state the features need: engine models, session table, output estimate."""
+    """Router-side state the features need: engine models, session table, prefix index, output estimate."""
 
     output_mean: float = 256.0
     engines: EngineModels = field(default_factory=EngineModels)
     sessions: dict[int, tuple[int, float]] = field(default_factory=dict)  # session -> (engine, when routed)
 
     correction: LocalCorrection = field(default_factory=LocalCorrection)  # requests sent since each scrape
+    prefixes: PrefixIndex = field(default_factory=PrefixIndex)  # prompt segments sent to each engine
 
     def observe_route(self, request: RequestInfo, engine: int, view: ClusterView) -> None:
-        """Record a placement: the session table and what was sent since the engine's gauges were scraped."""
+        """Record a placement: the session table, the prefix index and what was sent since the engine's
+        gauges were scraped."""
         self.correction.record(view, engine, request)
         if request.session_id >= 0:
             self.sessions[request.session_id] = (engine, view.now_s)
+        if request.hash_ids:
+            self.prefixes.add(engine, request.hash_ids, capacity_segments(view, engine))
 
     def observe_completion(self, output_tokens: int) -> None:
         self.output_mean += 0.01 * (output_tokens - self.output_mean)
@@ -204,6 +211,8 @@ class FeatureSpec:
         last = context.sessions.get(request.session_id) if request.session_id >= 0 else None
         affine = last[0] if last is not None and view.now_s - last[1] <= AFFINITY_WINDOW_S else None
         ttft_ms, tpot = context.engines.routed_latency_many(engines, snapshots, request.prompt_tokens)
+        hashes = request.hash_ids
+        share = 1.0 / len(hashes) if hashes else 0.0
         outstanding, outstanding_prompt, correction = (
             view.outstanding_requests,
             view.outstanding_prompt_tokens,
@@ -233,6 +242,7 @@ class FeatureSpec:
                 capacity,
                 info.kv_capacity_tokens,
                 float(affine == i),
+                context.prefixes.match(i, hashes) * share if hashes else 0.0,
             ))  # fmt: skip
         slo = request.slo
         req = np.array(

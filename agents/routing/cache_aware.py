@@ -1,52 +1,15 @@
 """Prefix-cache-aware routers: llm-d's weighted scorer and SGLang's cache-aware policy.
 
-Both keep the router's own approximate index of which prompt segments each engine holds — the hashes it
-sent there, least recently used dropped first once the engine's KV capacity is covered — as llm-d's
-prefix scorer and SGLang's router tree do, without reading the engines' caches.
+Both keep the router's own approximate index of which prompt segments each engine holds
+(:class:`servegym.envs.sim.prefix_index.PrefixIndex`, the one the observation contract's ``prefix_match``
+reads), as llm-d's prefix scorer and SGLang's router tree do, without reading the engines' caches.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from servegym.agents.routing.classic import LeastResidentDecode, argmin
+from servegym.envs.sim.prefix_index import PrefixIndex, capacity_segments
 from servegym.envs.sim.view import ClusterView, RequestInfo
-
-SEGMENT_TOKENS = 512
-
-
-class PrefixIndex:
-    """Per-engine LRU sets of prompt-segment hashes sent there."""
-
-    def __init__(self) -> None:
-        self._sets: dict[int, OrderedDict[int, None]] = {}
-
-    def match(self, engine: int, hashes: tuple[int, ...]) -> int:
-        """Leading segments of ``hashes`` this router believes ``engine`` holds."""
-        held = self._sets.get(engine)
-        count = 0
-        if held is None:
-            return 0
-        for h in hashes:
-            if h not in held:
-                break
-            count += 1
-        return count
-
-    def size(self, engine: int) -> int:
-        return len(self._sets.get(engine, ()))
-
-    def add(self, engine: int, hashes: tuple[int, ...], capacity_segments: int) -> None:
-        held = self._sets.setdefault(engine, OrderedDict())
-        for h in hashes:
-            held[h] = None
-            held.move_to_end(h)
-        while len(held) > capacity_segments:
-            held.popitem(last=False)
-
-
-def _capacity_segments(view: ClusterView, engine: int) -> int:
-    return max(1, view.engines[engine].kv_capacity_tokens // SEGMENT_TOKENS)
 
 
 class WeightedScorer(LeastResidentDecode):
@@ -75,7 +38,7 @@ class WeightedScorer(LeastResidentDecode):
     def route(self, request: RequestInfo, view: ClusterView) -> int:
         scores = self.scores(request, view)
         choice = argmin(list(scores), lambda i: -scores[i])
-        self.index.add(choice, request.hash_ids, _capacity_segments(view, choice))
+        self.index.add(choice, request.hash_ids, capacity_segments(view, choice))
         return choice
 
 
@@ -106,5 +69,5 @@ class PrefixAware(LeastResidentDecode):
                 choice = best
             else:
                 choice = argmin(candidates, lambda i: (self.index.size(i), load[i]))
-        self.index.add(choice, request.hash_ids, _capacity_segments(view, choice))
+        self.index.add(choice, request.hash_ids, capacity_segments(view, choice))
         return choice

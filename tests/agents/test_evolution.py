@@ -10,6 +10,7 @@ from servegym.agents.configs import named_configs
 from servegym.agents.evolution import BonusRouter, Evolution, candidate_spec, centered_ranks, window_fitness
 from servegym.agents.residual_policy import ResidualSlotPolicy
 from servegym.agents.routing.predictive import Prism
+from servegym.envs.features import ENGINE_FEATURES
 from servegym.envs.route_env import RouteEnv
 
 KWARGS = {"policy_kwargs": {"features_extractor_kwargs": {"residual": "bilinear", "slo_tpot_s": 0.1}}}
@@ -42,6 +43,10 @@ def test_weights_outside_the_active_mask_are_neither_perturbed_nor_moved():
     found = Evolution((2, 3), pairs=4, sigma=0.2, learning_rate=0.1, seed=0, active=active).run(fitness, 40, start)
     assert all(np.array_equal(c[~active], start[~active]) for c in seen)
     assert np.array_equal(found[~active], start[~active]) and np.all(np.abs(found[active] - 1.0) < 0.1)
+    # an inactive row more (a feature added to the contract that the bonus does not read) draws no random
+    # numbers: the same search of the others (to BLAS's summation order, ~1e-16)
+    grown = Evolution((3, 3), pairs=4, sigma=0.2, learning_rate=0.1, seed=0, active=np.vstack([active, [False] * 3]))
+    assert np.allclose(grown.run(fitness, 40, np.full((3, 3), 0.5))[:2], found, rtol=0.0, atol=1e-12)
 
 
 def test_a_candidate_router_decides_as_the_policy_with_its_weights():
@@ -94,7 +99,7 @@ def _fitness_setting(rate: float) -> tuple[list, dict, dict, int]:
 
 def test_window_fitness_scores_candidates_on_shared_windows():
     fitness = window_fitness(*_fitness_setting(40.0), windows=2, seed=7)
-    zero = np.zeros((19, 7))
+    zero = np.zeros((len(ENGINE_FEATURES), 7))
     values = fitness([zero, zero], 0)
     assert values[0] == values[1] and 0.0 < values[0] <= 1.0  # the same windows for every candidate
     assert candidate_spec(zero, {"slo_tpot_s": 0.1}, 8)["router"]["bilinear"] == zero.tolist()
@@ -102,7 +107,7 @@ def test_window_fitness_scores_candidates_on_shared_windows():
 
 def test_the_shortfall_penalty_charges_a_loss_against_prism_and_leaves_prism_alone():
     """``shortfall_weight`` λ: fitness − λ × max(0, PRISM − candidate) per setting; PRISM pays nothing."""
-    zero, herd = np.zeros((19, 7)), np.zeros((19, 7))
+    zero, herd = np.zeros((len(ENGINE_FEATURES), 7)), np.zeros((len(ENGINE_FEATURES), 7))
     herd[6, 6] = 100.0  # `outstanding` x 1: every request to the engine with the most outstanding
     args = _fitness_setting(60.0)
     plain_zero, plain_herd = window_fitness(*args, windows=2, seed=7)([zero, herd], 0)

@@ -11,6 +11,8 @@ from servegym.agents.routing.classic import (
     TokenAware,
 )
 from servegym.agents.routing.predictive import BlockPredictive, Prism, SloPartitionPrism
+from servegym.envs.features import ENGINE_FEATURES, FeatureContext, FeatureSpec
+from servegym.envs.sim.prefix_index import capacity_segments
 from servegym.envs.sim.request import SloClass
 from servegym.envs.sim.view import RequestInfo
 from viewkit import info, request, snap, view
@@ -91,6 +93,22 @@ def test_prefix_aware_follows_the_prefix_unless_load_is_imbalanced():
     assert first == 1  # no match yet: the smaller believed cache (both empty) and fewer outstanding
     assert router.route(request(hashes=(7, 8, 5)), view([snap(), snap()], outstanding=[0, 3])) == 1  # 2/3 match
     assert router.route(request(hashes=(7, 8, 9)), view([snap(), snap()], outstanding=[0, 9])) == 0  # imbalanced
+
+
+def test_the_contracts_prefix_match_is_the_share_of_the_prompt_the_router_sent_there_as_llmd_scores_it():
+    spec, context, scorer = FeatureSpec(3), FeatureContext(), WeightedScorer(queue_weight=0.0, kv_weight=0.0)
+    small = [info(0), info(1), info(2, kv_tokens=1024)]  # engine 2's cache covers two 512-token segments
+    v = view([snap(), snap(), snap()], infos=small)
+    for hashes, engine in (((1, 2, 3, 4), 1), ((1, 2, 3, 4), 2), ((9,), 0)):
+        context.observe_route(request(hashes=hashes), engine, v)
+        scorer.index.add(engine, hashes, capacity_segments(v, engine))
+    column = [f.name for f in ENGINE_FEATURES].index("prefix_match")
+    asked = request(hashes=(1, 2, 7, 8))
+    rows, _ = spec.raw(v, asked, context)
+    assert list(rows[:, column]) == [0.0, 0.5, 0.0]  # engine 2 forgot 1 and 2 (it holds 3 and 4)
+    assert list(rows[:, column]) == [scorer.scores(asked, v)[i] / 2.0 for i in range(3)]  # llm-d's prefix term
+    rows, _ = spec.raw(v, request(), context)
+    assert not rows[:, column].any()  # a prompt without hashes matches nothing
 
 
 def test_prism_scores_latency_load_mode_and_affinity():
