@@ -68,8 +68,8 @@ class BatchEnv(ServeGymEnv):
     {common}
 
     ## Version history
-    - v0, observation contract 3; episodes in simulated time (``horizon_s``, ``warmup_s``) and fixed
-      ``windows`` with cached reference runs since 2026-12-02.
+    - v0, observation contract 5 (docs/environments.md has the contract's history); episodes in simulated
+      time (``horizon_s``, ``warmup_s``) and fixed ``windows`` with cached reference runs since 2026-12-02.
     """
 
     decision_kinds = (DecisionKind.BATCH,)

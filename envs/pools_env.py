@@ -83,8 +83,9 @@ class PoolsEnv(ServeGymEnv):
     {common}
 
     ## Version history
-    - v0, observation contract 3 (the decode instances' step time is the router's EWMA of relayed
-      inter-token gaps); episodes in simulated time and fixed ``windows`` since 2026-12-02.
+    - v0, observation contract 5 (docs/environments.md has the contract's history; since contract 3 the
+      decode instances' step time is the router's EWMA of relayed inter-token gaps); episodes in simulated
+      time and fixed ``windows`` since 2026-12-02.
     """
 
     decision_kinds = (DecisionKind.POOLS,)

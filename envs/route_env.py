@@ -41,7 +41,8 @@ class RouteEnv(ServeGymEnv):
     {common}
 
     ## Version history
-    - v0, observation contract 4 (affinity within PRISM's 300 s window, so PRISM's whole score is a
+    - v0, observation contract 5 (``prefix_match``: the share of the prompt's prefix segments the router
+      sent to each engine); contract 4 bounded affinity by PRISM's 300 s window (PRISM's whole score is a
       function of the observation); contract 3 made the tap fields router-side and live; contract 2 added
       the requests sent since the gauges' scrape; contract 1 the first feature set.
     """
