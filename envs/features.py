@@ -29,7 +29,7 @@ from servegym.perfmodel.structural import StructuralModel, structural_model
 # 3: pending prefill, decodes, their KV, step time and next step from the router tap (live, router-side,
 #    the same in the simulator and the router service); no corrected pending; tokens_per_step -> next_step_tokens;
 # 4: affinity within AFFINITY_WINDOW_S (PRISM's s_kv), so PRISM's whole score is a function of the observation
-# 5: prefix_match from the router's prefix index (what PrefixAware and llm-d's scorer route on)
+# 5: prefix_match and cache_fill from the router's prefix index (what PrefixAware and llm-d's scorer route on)
 FEATURE_VERSION = 5
 AFFINITY_WINDOW_S = 300.0  # a session routed here longer ago than this has no affinity (PRISM's window)
 
@@ -67,6 +67,7 @@ ENGINE_FEATURES: tuple[Feature, ...] = (
     Feature("kv_capacity", "tokens", 1_000_000.0, 10.0, "static: KV cache capacity"),
     Feature("affinity", "flag", 1.0, 1.0, "the request's session was last routed here, within 300 s"),
     Feature("prefix_match", "fraction", 1.0, 1.0, "share of the prompt's prefix segments this router sent here (LRU)"),
+    Feature("cache_fill", "fraction", 1.0, 1.0, "prefix segments this router believes cached here / KV capacity"),
 )
 REQUEST_FEATURES: tuple[Feature, ...] = (
     Feature("prompt_tokens", "tokens", 8192.0, 16.0, "the request's prompt length"),
@@ -243,6 +244,7 @@ class FeatureSpec:
                 info.kv_capacity_tokens,
                 float(affine == i),
                 context.prefixes.match(i, hashes) * share if hashes else 0.0,
+                context.prefixes.size(i) / capacity_segments(view, i),
             ))  # fmt: skip
         slo = request.slo
         req = np.array(

@@ -109,6 +109,9 @@ def test_the_contracts_prefix_match_is_the_share_of_the_prompt_the_router_sent_t
     assert list(rows[:, column]) == [scorer.scores(asked, v)[i] / 2.0 for i in range(3)]  # llm-d's prefix term
     rows, _ = spec.raw(v, request(), context)
     assert not rows[:, column].any()  # a prompt without hashes matches nothing
+    fill = rows[:, [f.name for f in ENGINE_FEATURES].index("cache_fill")]  # what PrefixAware's fallback reads
+    assert list(fill) == [1 / 781, 4 / 781, 2 / 2]  # 400,000 KV tokens hold 781 segments; engine 2 holds 2
+    assert list(fill) == [scorer.index.size(i) / capacity_segments(v, i) for i in range(3)]
 
 
 def test_prism_scores_latency_load_mode_and_affinity():
