@@ -1,4 +1,5 @@
-"""Prefix-cache-aware routers: llm-d's weighted scorer and SGLang's cache-aware policy.
+"""Prefix-cache-aware routers: llm-d's weighted scorer, SGLang's cache-aware policy, and PRISM with both
+of their signals.
 
 Both keep the router's own approximate index of which prompt segments each engine holds
 (:class:`servegym.envs.sim.prefix_index.PrefixIndex`, the one the observation contract's ``prefix_match``
@@ -8,6 +9,7 @@ reads), as llm-d's prefix scorer and SGLang's router tree do, without reading th
 from __future__ import annotations
 
 from servegym.agents.routing.classic import LeastResidentDecode, argmin
+from servegym.agents.routing.predictive import Prism
 from servegym.envs.sim.prefix_index import PrefixIndex, capacity_segments
 from servegym.envs.sim.view import ClusterView, RequestInfo
 
@@ -69,5 +71,47 @@ class PrefixAware(LeastResidentDecode):
                 choice = best
             else:
                 choice = argmin(candidates, lambda i: (self.index.size(i), load[i]))
+        self.index.add(choice, request.hash_ids, capacity_segments(view, choice))
+        return choice
+
+
+class PrismCacheBalance(Prism):
+    """PRISM plus the two signals of the router's prefix index, each centred over the candidates:
+    ``prefix_weight`` × the share of the prompt's segments the engine is believed to hold (llm-d's prefix
+    scorer) minus ``fill_weight`` × how full of this router's prefixes its cache is believed to be (SGLang's
+    fallback for a prompt nothing matches: the smallest cache).
+
+    Not from the literature: written for prefix-chat (docs/training.md) after a probe of these two terms on
+    windows outside the test seeds. In multi-turn chat a session's later turns follow its first, so where a
+    new session starts is where its future load goes; PRISM places it by the present load alone, the fill
+    term spreads the sessions. It is the hand-written reference the learned routers there are held against;
+    both terms are contract features (``prefix_match``, ``cache_fill``, contract v5), so a residual router
+    can learn the same.
+    """
+
+    def __init__(
+        self,
+        slo_tpot_s: float = 0.1,
+        prefix_weight: float = 3.0,
+        fill_weight: float = 3.0,
+        affinity_window_s: float = 300.0,
+        weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+    ) -> None:
+        super().__init__(slo_tpot_s, affinity_window_s, weights)
+        self.prefix_weight, self.fill_weight = float(prefix_weight), float(fill_weight)
+        self.index = PrefixIndex()
+
+    def scores(self, request: RequestInfo, view: ClusterView) -> dict[int, float]:
+        out = super().scores(request, view)
+        hashes = request.hash_ids
+        match = {i: self.index.match(i, hashes) / len(hashes) if hashes else 0.0 for i in out}
+        fill = {i: self.index.size(i) / capacity_segments(view, i) for i in out}
+        mean_match, mean_fill = sum(match.values()) / len(out), sum(fill.values()) / len(out)
+        for i in out:
+            out[i] += self.prefix_weight * (match[i] - mean_match) - self.fill_weight * (fill[i] - mean_fill)
+        return out
+
+    def route(self, request: RequestInfo, view: ClusterView) -> int:
+        choice = super().route(request, view)
         self.index.add(choice, request.hash_ids, capacity_segments(view, choice))
         return choice

@@ -1,7 +1,7 @@
 """Each router's decision rule pinned on small hand-built states."""
 
 import pytest
-from servegym.agents.routing.cache_aware import PrefixAware, WeightedScorer
+from servegym.agents.routing.cache_aware import PrefixAware, PrismCacheBalance, WeightedScorer
 from servegym.agents.routing.classic import (
     JoinShortestQueue,
     LeastKvUsage,
@@ -112,6 +112,18 @@ def test_the_contracts_prefix_match_is_the_share_of_the_prompt_the_router_sent_t
     fill = rows[:, [f.name for f in ENGINE_FEATURES].index("cache_fill")]  # what PrefixAware's fallback reads
     assert list(fill) == [1 / 781, 4 / 781, 2 / 2]  # 400,000 KV tokens hold 781 segments; engine 2 holds 2
     assert list(fill) == [scorer.index.size(i) / capacity_segments(v, i) for i in range(3)]
+
+
+def test_prism_cache_balance_follows_the_prefix_and_starts_new_sessions_on_the_emptiest_cache():
+    router, prism = PrismCacheBalance(prefix_weight=3.0, fill_weight=3.0), Prism(slo_tpot_s=0.1)
+    v = view([snap(), snap(), snap()], infos=[info(0, kv_tokens=2048), info(1, kv_tokens=2048), info(2)])
+    assert router.scores(request(), v) == prism.scores(request(), v)  # an empty index: PRISM's scores
+    assert router.route(request(hashes=(1, 2)), v) == 0  # a tie: the lowest index, as PRISM
+    assert router.route(request(hashes=(1, 2, 3)), v) == 0  # two of three segments held: follow them
+    # engine 0's four-segment cache is now 3/4 full: a new prompt goes to an empty one
+    assert router.route(request(hashes=(7,)), v) == 1 and router.index.size(0) == 3  # 1 and 2 tie at 0
+    loaded = view([snap(pending=200_000), snap(), snap()], infos=v.engines)  # PRISM's load term outvotes a match
+    assert router.route(request(hashes=(1, 2, 3)), loaded) != 0
 
 
 def test_prism_scores_latency_load_mode_and_affinity():
