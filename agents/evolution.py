@@ -7,7 +7,7 @@ elsewhere; a single deviation moves about 0.2 requests (docs/training.md). Evolu
 al., 2017) score whole policies instead: each candidate bonus ``W`` routes whole training windows, its fitness
 is their mean SLO attainment, and ``W`` follows the antithetic, rank-normalised estimate of the fitness
 gradient. All candidates of a generation run on the same windows (common random numbers: arrivals and step
-noise), each generation on fresh ones; 20 × 7 weights keep the search small enough for a few hundred
+noise), each generation on fresh ones; 21 × 7 weights keep the search small enough for a few hundred
 windows.
 The bonus reads its inputs centred, scaled and clipped
 (:meth:`servegym.agents.residual_policy.ResidualFeatures.set_bonus_gains`), so one ``sigma`` fits every weight —

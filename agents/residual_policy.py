@@ -64,7 +64,7 @@ class ResidualFeatures(SlotFeatures):
 
     ``residual="mlp"``: the shared scorer's output, added to the logits. ``residual="bilinear"``: a score
     bonus ``e · W · r`` added to PRISM's score *before* sharpening (so ``W`` reads in PRISM's units: a bonus
-    of 1 is worth as much as the whole latency term), 20 × 7 weights — few enough to fit from a few hundred
+    of 1 is worth as much as the whole latency term), 21 × 7 weights — few enough to fit from a few hundred
     labelled states, and able to say "requests with a tight TPOT target prefer the engines with the high
     prefill capacity", which PRISM's one target cannot. ``e`` is each engine feature minus its mean over
     the decision's present engines (a bonus common to all engines changes no decision), times
