@@ -6,11 +6,12 @@ in an 8-way vector environment.
     python -m servegym.envs.bench --windows-only --router servegym.agents.routing.predictive.Prism \
         --router-arg slo_tpot_s=0.1
 
-``--windows-only`` measures the counterfactual windows alone: as today (every episode simulates its warm-up,
-its reference run and a drain), and branched from warm snapshots (``branches=16``: warm-up and reference
-once per snapshot, each episode a forked worker; with the drain ending once every awaited request's outcome
-is decided). ``--router`` (a dotted class path, imported by name: envs never import agents) sets the inline
-and reference heuristic.
+``--windows-only`` measures the counterfactual windows alone: as today (every episode simulates its
+warm-up, its reference run and a drain), and branched from warm snapshots (``branches=16``: warm-up and
+reference once per snapshot, each episode a forked worker; with the drain ending once every awaited
+request's outcome is decided). ``--split`` says where a branched window's time goes (the agent's steps, the
+truncating steps with their drains, the resets with their forks and snapshots). ``--router`` (a dotted
+class path, imported by name: envs never import agents) sets the inline and reference heuristic.
 
 Figures are printed, never asserted: they belong to the machine they ran on.
 """
@@ -86,6 +87,35 @@ def windows(steps: int, router=None, branches: int = 16) -> dict[str, float]:
     return rates
 
 
+def window_split(steps: int, router=None, branches: int = 16) -> dict[str, float]:
+    """Seconds spent in the agent's ordinary steps, in the truncating steps (each runs the drain) and in
+    resets (a fork from the snapshot, or a new snapshot: warm-up and reference), on branched windows with
+    ``drain_until="decided"``: what bounds the agent steps/s of :func:`windows`."""
+    workload = dict(WORKLOAD, num_requests=1000, rate_scale=13.0)
+    env = gym.make(
+        "servegym/Route-v0", workload=workload, router=router, branches=branches, drain_until="decided", **WINDOWS
+    )
+    spent = {"steps": 0.0, "drains": 0.0, "resets": 0.0}
+    try:
+        rng = np.random.default_rng(0)
+        started = time.perf_counter()
+        env.reset(seed=0)
+        spent["resets"] += time.perf_counter() - started
+        for _ in range(steps):
+            mask = env.unwrapped.action_masks()
+            started = time.perf_counter()
+            _, _, terminated, truncated, _ = env.step(int(rng.choice(np.flatnonzero(mask))))
+            ended = terminated or truncated
+            spent["drains" if ended else "steps"] += time.perf_counter() - started
+            if ended:
+                started = time.perf_counter()
+                env.reset()
+                spent["resets"] += time.perf_counter() - started
+    finally:
+        env.close()
+    return spent
+
+
 def _router(path: str | None, arguments: list[str]):
     if path is None:
         return None
@@ -104,7 +134,17 @@ def main() -> None:
     parser.add_argument("--router", default=None, help="inline/reference router class (dotted path)")
     parser.add_argument("--router-arg", action="append", default=[], help="KEY=VALUE for the router")
     parser.add_argument("--branches", type=int, default=16, help="episodes per warm snapshot")
+    parser.add_argument("--split", action="store_true", help="where a branched window's time goes")
     args = parser.parse_args()
+    if args.split:
+        spent = window_split(args.steps // 2, _router(args.router, args.router_arg), args.branches)
+        total = sum(spent.values())
+        print(
+            f"servegym/Route-v0 branched windows ({args.branches} per snapshot, drain until decided), "
+            f"{args.steps // 2:,} agent steps in {total:.2f} s ({args.steps // 2 / total:,.0f} steps/s): "
+            + ", ".join(f"{name} {seconds:.2f} s ({seconds / total:.0%})" for name, seconds in spent.items())
+        )
+        return
     if args.windows_only:
         rates = windows(args.steps // 4, _router(args.router, args.router_arg), args.branches)
         print(

@@ -98,3 +98,20 @@ def test_the_environment_benchmark_prints_its_figures():
     for env_id in ("Route-v0", "Batch-v0", "Pools-v0"):
         assert f"servegym/{env_id}:" in done.stdout and "steps/s" in done.stdout
     assert "counterfactual windows" in done.stdout
+
+
+def test_the_window_split_accounts_for_every_step_it_was_asked_for():
+    """The split's three parts are each spent (a window of 64 decisions truncates within 130 steps, so there are
+    drains and resets beyond the first) and the command prints them with the steps/s they add up to."""
+    from servegym.envs import bench
+
+    spent = bench.window_split(130, branches=2)
+    assert set(spent) == {"steps", "drains", "resets"} and all(seconds > 0 for seconds in spent.values())
+    done = subprocess.run(
+        [sys.executable, "-m", "servegym.envs.bench", "--split", "--steps", "260", "--branches", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "130 agent steps" in done.stdout and "drains" in done.stdout and "steps/s" in done.stdout
