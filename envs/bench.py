@@ -39,6 +39,7 @@ WORKLOAD = {
 # The training recipe's episodes (conf/env/route.yaml): 400 warm-up decisions, 64 for the agent, a drain;
 # each reset also runs the relative reward's reference simulation.
 WINDOWS = {"reward": "relative", "horizon": 64, "warmup": 400, "drain": True, "load_range": (0.8, 1.5)}
+WINDOW_WORKLOAD = dict(WORKLOAD, num_requests=1000, rate_scale=13.0)
 
 
 def single(env_id: str, steps: int, workload: dict = WORKLOAD, **kwargs) -> float:
@@ -50,16 +51,27 @@ def single(env_id: str, steps: int, workload: dict = WORKLOAD, **kwargs) -> floa
 
 
 def _steps_per_s(env: gym.Env, steps: int) -> float:
+    return steps / sum(_time_random_steps(env, steps).values())
+
+
+def _time_random_steps(env: gym.Env, steps: int) -> dict[str, float]:
+    """Seconds spent in ``steps`` random masked actions (the mask and the draw included) after a first
+    ``reset(seed=0)``: in the ordinary steps, in the steps that end an episode (a counterfactual window's
+    truncation runs its drain), and in the resets that follow them."""
     env.reset(seed=0)
     rng = np.random.default_rng(0)
-    started, done = time.perf_counter(), 0
-    while done < steps:
+    spent = {"steps": 0.0, "drains": 0.0, "resets": 0.0}
+    for _ in range(steps):
+        started = time.perf_counter()
         mask = env.unwrapped.action_masks()
         _, _, terminated, truncated, _ = env.step(int(rng.choice(np.flatnonzero(mask))))
-        done += 1
-        if terminated or truncated:
+        ended = terminated or truncated
+        spent["drains" if ended else "steps"] += time.perf_counter() - started
+        if ended:
+            started = time.perf_counter()
             env.reset()
-    return done / (time.perf_counter() - started)
+            spent["resets"] += time.perf_counter() - started
+    return spent
 
 
 def vector(env_id: str, steps: int, n: int = 8) -> float:
@@ -76,44 +88,32 @@ def windows(steps: int, router=None, branches: int = 16) -> dict[str, float]:
     """Agent steps/s on the training recipe's counterfactual windows: as every reset simulating its own
     warm-up, reference and drain (``per_reset``), and branched from warm snapshots (``branched``, and
     ``branched_decided`` with ``drain_until="decided"``)."""
-    workload = dict(WORKLOAD, num_requests=1000, rate_scale=13.0)
     rates = {}
     for name, extra in (
         ("per_reset", {}),
         ("branched", {"branches": branches}),
         ("branched_decided", {"branches": branches, "drain_until": "decided"}),
     ):
-        rates[name] = single("servegym/Route-v0", steps, workload, router=router, **WINDOWS, **extra)
+        rates[name] = single("servegym/Route-v0", steps, WINDOW_WORKLOAD, router=router, **WINDOWS, **extra)
     return rates
 
 
 def window_split(steps: int, router=None, branches: int = 16) -> dict[str, float]:
     """Seconds spent in the agent's ordinary steps, in the truncating steps (each runs the drain) and in
     resets (a fork from the snapshot, or a new snapshot: warm-up and reference), on branched windows with
-    ``drain_until="decided"``: what bounds the agent steps/s of :func:`windows`."""
-    workload = dict(WORKLOAD, num_requests=1000, rate_scale=13.0)
+    ``drain_until="decided"``: what bounds the agent steps/s of :func:`windows` (the same steps, timed in parts)."""
     env = gym.make(
-        "servegym/Route-v0", workload=workload, router=router, branches=branches, drain_until="decided", **WINDOWS
+        "servegym/Route-v0",
+        workload=WINDOW_WORKLOAD,
+        router=router,
+        branches=branches,
+        drain_until="decided",
+        **WINDOWS,
     )
-    spent = {"steps": 0.0, "drains": 0.0, "resets": 0.0}
     try:
-        rng = np.random.default_rng(0)
-        started = time.perf_counter()
-        env.reset(seed=0)
-        spent["resets"] += time.perf_counter() - started
-        for _ in range(steps):
-            mask = env.unwrapped.action_masks()
-            started = time.perf_counter()
-            _, _, terminated, truncated, _ = env.step(int(rng.choice(np.flatnonzero(mask))))
-            ended = terminated or truncated
-            spent["drains" if ended else "steps"] += time.perf_counter() - started
-            if ended:
-                started = time.perf_counter()
-                env.reset()
-                spent["resets"] += time.perf_counter() - started
+        return _time_random_steps(env, steps)
     finally:
         env.close()
-    return spent
 
 
 def _router(path: str | None, arguments: list[str]):
@@ -159,8 +159,7 @@ def main() -> None:
             f"{env_id}: {single(env_id, steps):,.0f} steps/s single, "
             f"{vector(env_id, steps):,.0f} steps/s in 8 synchronous copies (one core)"
         )
-    workload = dict(WORKLOAD, num_requests=1000, rate_scale=13.0)
-    rate = single("servegym/Route-v0", args.steps // 4, workload, **WINDOWS)
+    rate = single("servegym/Route-v0", args.steps // 4, WINDOW_WORKLOAD, **WINDOWS)
     print(f"servegym/Route-v0 counterfactual windows (the training recipe's episodes): {rate:,.0f} agent steps/s")
 
 
